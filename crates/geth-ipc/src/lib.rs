@@ -1,0 +1,2 @@
+//! geth-ipc (work in progress).
+#![forbid(unsafe_code)]

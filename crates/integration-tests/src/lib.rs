@@ -1,0 +1,2 @@
+//! integration-tests (work in progress).
+#![forbid(unsafe_code)]

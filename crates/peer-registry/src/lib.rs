@@ -1,0 +1,2 @@
+//! peer-registry (work in progress).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! reconcile-core (work in progress).
+#![forbid(unsafe_code)]

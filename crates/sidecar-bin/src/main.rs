@@ -1,0 +1,4 @@
+//! geth-peer-sidecar (work in progress).
+#![forbid(unsafe_code)]
+
+fn main() {}
