@@ -19,12 +19,14 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly"
 need() { command -v "$1" >/dev/null 2>&1 || { echo "provision: '$1' is required: $2" >&2; exit 1; }; }
 need go "install Go >= 1.26 (https://go.dev/doc/install)"
 need ip "apt-get install iproute2 (network namespaces for per-node IPs)"
+need setpriv "apt-get install util-linux (children die with the test process: --pdeathsig)"
+need openssl "apt-get install openssl (service-account signing keys)"
 
 log() { printf '[provision %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# build NAME VERSION MODULE_DIR PACKAGE [LDFLAGS]
+# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS]
 build() {
-  local name=$1 version=$2 mod=$3 pkg=$4 ldflags=${5:-}
+  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-}
   local dest="$cache/$name-$version"
   local stamp
   stamp=$(cat "$here/go/$mod/go.mod" "$here/go/$mod/go.sum" <(echo "$ldflags") | sha256sum | cut -c1-16)
@@ -35,6 +37,12 @@ build() {
     local t0=$SECONDS
     mkdir -p "$dest"
     (cd "$here/go/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$dest/$name.tmp" "$pkg")
+    # Refuse a binary that does not report the pinned version (go get once
+    # resolved a newer release behind our back).
+    if ! "$dest/$name.tmp" --version 2>&1 | head -3 | grep -qE "$want"; then
+      echo "provision: $name reports '$("$dest/$name.tmp" --version 2>&1 | head -1)', expected $version" >&2
+      exit 1
+    fi
     mv -f "$dest/$name.tmp" "$dest/$name"
     echo "$stamp" > "$dest/.stamp"
     log "$name $version: built in $((SECONDS - t0)) s"
@@ -48,9 +56,9 @@ k8s_ldflags="-X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION \
 -X k8s.io/component-base/version/verflag.programName=kube-apiserver"
 
 t_all=$SECONDS
-build geth "$GETH_VERSION" geth github.com/ethereum/go-ethereum/cmd/geth
-build etcd "$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3
-build kube-apiserver "$KUBERNETES_VERSION" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
+build geth "$GETH_VERSION" geth github.com/ethereum/go-ethereum/cmd/geth "Version: ${GETH_VERSION#v}"
+build etcd "$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3 "Version: ${ETCD_VERSION#v}"
+build kube-apiserver "$KUBERNETES_VERSION" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBERNETES_VERSION\$" "$k8s_ldflags"
 
 cat > "$cache/versions.env" <<VERS
 GETH_VERSION=$GETH_VERSION
