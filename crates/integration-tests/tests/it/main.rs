@@ -1,1 +1,10 @@
-//! Integration tests against the real test bed.
+//! End-to-end tests on the real test bed. One binary, a module per area; shared
+//! fixtures live in the `integration_tests` library.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+mod testbed;

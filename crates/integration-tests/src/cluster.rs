@@ -1,0 +1,402 @@
+//! etcd + kube-apiserver with RBAC on, and per-test namespaces whose identity is
+//! the project's own ServiceAccount/Role/RoleBinding from `deploy/`.
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use crate::{Error, Proc, Result, TestContext, eventually, io_err, testbed, workspace_root};
+
+/// The name of the ServiceAccount, Role and RoleBinding in `deploy/base/rbac.yaml`.
+pub const SERVICE_ACCOUNT: &str = "geth-peer-sidecar";
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("bind a free port"))?;
+    Ok(l.local_addr().map_err(io_err("local_addr"))?.port())
+}
+
+fn random_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}{:08x}", h.finish(), std::process::id())
+}
+
+fn run_cmd(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(io_err(format!("run {}", args[0])))?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// A throwaway Kubernetes control plane: etcd and kube-apiserver with RBAC,
+/// token authentication and service-account tokens. No controller-manager: no
+/// default ServiceAccounts, no namespace deletion, no garbage collection.
+pub struct Cluster {
+    ctx: TestContext,
+    dir: PathBuf,
+    address: Ipv4Addr,
+    port: u16,
+    etcd_port: u16,
+    admin_token: String,
+    apiserver: Option<Proc>,
+    _etcd: Proc,
+    admin: Option<Client>,
+}
+
+impl Cluster {
+    /// Starts etcd and kube-apiserver listening on `address` (127.0.0.1, or a
+    /// [`crate::Bridge`]'s host address so node namespaces can reach it) and waits
+    /// for `/readyz`.
+    pub async fn start(ctx: &TestContext, address: Ipv4Addr) -> Result<Cluster> {
+        let tb = testbed();
+        let dir = ctx.path("cluster");
+        std::fs::create_dir_all(&dir).map_err(io_err("create cluster dir"))?;
+        let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        run_cmd(&["openssl", "genrsa", "-out", &d("sa.key"), "2048"])?;
+        run_cmd(&[
+            "openssl",
+            "rsa",
+            "-in",
+            &d("sa.key"),
+            "-pubout",
+            "-out",
+            &d("sa.pub"),
+        ])?;
+        let admin_token = random_token();
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{admin_token},admin,admin,system:masters\n"),
+        )
+        .map_err(io_err("write tokens.csv"))?;
+
+        let etcd_port = free_port()?;
+        let etcd_peer = free_port()?;
+        let client_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        let etcd = Proc::spawn(
+            ctx,
+            "etcd",
+            None,
+            &tb.bin("etcd"),
+            [
+                "--name",
+                "gps",
+                "--data-dir",
+                &d("etcd"),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("gps={peer_url}"),
+                "--unsafe-no-fsync",
+                "--log-level",
+                "warn",
+            ],
+            &[],
+        )?;
+        let mut cluster = Cluster {
+            ctx: ctx.clone(),
+            dir,
+            address,
+            port: free_port()?,
+            etcd_port,
+            admin_token,
+            apiserver: None,
+            _etcd: etcd,
+            admin: None,
+        };
+        cluster.start_apiserver().await?;
+        Ok(cluster)
+    }
+
+    /// Starts (or restarts) kube-apiserver on the same address and port and
+    /// waits for `/readyz`.
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        let tb = testbed();
+        let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+        let addr = self.address.to_string();
+        let proc = Proc::spawn(
+            &self.ctx,
+            "kube-apiserver",
+            None,
+            &tb.bin("kube-apiserver"),
+            [
+                format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
+                format!("--bind-address={addr}"),
+                format!("--advertise-address={addr}"),
+                format!("--secure-port={}", self.port),
+                format!("--cert-dir={}", d("certs")),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--authorization-mode=RBAC".into(),
+                format!("--token-auth-file={}", d("tokens.csv")),
+                format!("--service-account-issuer=https://{addr}:{}", self.port),
+                format!("--service-account-key-file={}", d("sa.pub")),
+                format!("--service-account-signing-key-file={}", d("sa.key")),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--allow-privileged=true".into(),
+                "--enable-priority-and-fairness=false".into(),
+                // 1.37 refuses a loopback advertise address with the default
+                // lease reconciler; there are no Endpoints consumers here.
+                "--endpoint-reconciler-type=none".into(),
+                "--v=1".into(),
+            ],
+            &[],
+        )?;
+        self.apiserver = Some(proc);
+        let cert = self.dir.join("certs/apiserver.crt");
+        for _ in 0..1200 {
+            if cert.is_file() {
+                break;
+            }
+            self.check_apiserver_alive()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let admin = self
+            .client_for(&self.admin_token.clone(), "default")
+            .await?;
+        eventually("apiserver /readyz", Duration::from_secs(90), || {
+            let admin = admin.clone();
+            async move {
+                let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                admin
+                    .request_text(req)
+                    .await
+                    .ok()
+                    .filter(|t| t.trim() == "ok")
+            }
+        })
+        .await
+        .map_err(|e| self.check_apiserver_alive().err().unwrap_or(e))?;
+        self.admin = Some(admin);
+        Ok(())
+    }
+
+    fn check_apiserver_alive(&mut self) -> Result<()> {
+        let Some(p) = self.apiserver.as_mut() else {
+            return Err(Error::Setup("kube-apiserver is stopped".into()));
+        };
+        if p.is_running() {
+            return Ok(());
+        }
+        Err(Error::Setup(format!(
+            "kube-apiserver exited:\n{}",
+            TestContext::tail(p.log(), 5)
+        )))
+    }
+
+    /// Stops kube-apiserver (SIGTERM, then SIGKILL); etcd keeps the data.
+    pub async fn stop_apiserver(&mut self) {
+        if let Some(mut p) = self.apiserver.take() {
+            p.terminate(Duration::from_secs(10)).await;
+        }
+    }
+
+    /// The API server URL.
+    pub fn server_url(&self) -> String {
+        format!("https://{}:{}", self.address, self.port)
+    }
+
+    /// The apiserver's address.
+    pub fn address(&self) -> IpAddr {
+        IpAddr::V4(self.address)
+    }
+
+    /// A client with cluster-admin rights (for fixtures only; code under test
+    /// never runs as admin).
+    pub fn admin(&self) -> Client {
+        self.admin.clone().expect("apiserver is running")
+    }
+
+    fn kubeconfig_yaml(&self, token: &str, namespace: &str) -> Result<String> {
+        let ca = std::fs::read(self.dir.join("certs/apiserver.crt"))
+            .map_err(io_err("read apiserver.crt"))?;
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n    namespace: {namespace}\ncurrent-context: test\n",
+            self.server_url()
+        ))
+    }
+
+    async fn client_for(&self, token: &str, namespace: &str) -> Result<Client> {
+        let yaml = self.kubeconfig_yaml(token, namespace)?;
+        let kc =
+            Kubeconfig::from_yaml(&yaml).map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// A fresh namespace with the project's ServiceAccount, Role and RoleBinding
+    /// applied from `deploy/base/rbac.yaml`, a token minted for that account with
+    /// the TokenRequest API, and a kubeconfig for it.
+    pub async fn namespace(&self, hint: &str) -> Result<TestNamespace> {
+        let admin = self.admin();
+        let short: String = hint
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(30)
+            .collect();
+        let name = format!("{}-{}", short.trim_matches('-'), &random_token()[..6]);
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(admin.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        apply_rbac(&admin, &name).await?;
+        let sa = Api::<ServiceAccount>::namespaced(admin.clone(), &name);
+        let tr = sa
+            .create_token_request(
+                SERVICE_ACCOUNT,
+                &PostParams::default(),
+                &TokenRequest {
+                    spec: Some(TokenRequestSpec {
+                        expiration_seconds: Some(3600),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let token = tr
+            .status
+            .and_then(|s| s.token)
+            .ok_or_else(|| Error::Setup("TokenRequest returned no token".into()))?;
+        let kubeconfig = self.ctx.path(&format!("kubeconfig-{name}"));
+        std::fs::write(&kubeconfig, self.kubeconfig_yaml(&token, &name)?)
+            .map_err(io_err("write kubeconfig"))?;
+        let client = self.client_for(&token, &name).await?;
+        // The RBAC authorizer caches: wait until the new binding is in force.
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), &name);
+        eventually("RoleBinding in force", Duration::from_secs(15), || {
+            let cms = cms.clone();
+            async move {
+                cms.get_opt("geth-shared-static-nodes")
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await?;
+        Ok(TestNamespace {
+            name,
+            kubeconfig,
+            token,
+            client,
+            server_url: self.server_url(),
+        })
+    }
+}
+
+async fn apply_rbac(admin: &Client, ns: &str) -> Result<()> {
+    let path = workspace_root().join("deploy/base/rbac.yaml");
+    let text =
+        std::fs::read_to_string(&path).map_err(io_err(format!("read {}", path.display())))?;
+    let pp = PostParams::default();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let bad = |e: serde_yaml::Error| Error::Setup(format!("{}: {kind}: {e}", path.display()));
+        match kind.as_str() {
+            "ServiceAccount" => {
+                let o: ServiceAccount = serde_yaml::from_value(value).map_err(bad)?;
+                Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+                    .create(&pp, &o)
+                    .await?;
+            }
+            "Role" => {
+                let o: Role = serde_yaml::from_value(value).map_err(bad)?;
+                Api::<Role>::namespaced(admin.clone(), ns)
+                    .create(&pp, &o)
+                    .await?;
+            }
+            "RoleBinding" => {
+                let mut o: RoleBinding = serde_yaml::from_value(value).map_err(bad)?;
+                for s in o.subjects.iter_mut().flatten() {
+                    s.namespace = Some(ns.to_owned());
+                }
+                Api::<RoleBinding>::namespaced(admin.clone(), ns)
+                    .create(&pp, &o)
+                    .await?;
+            }
+            other => {
+                return Err(Error::Setup(format!(
+                    "{}: unexpected kind {other:?}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+use serde::Deserialize as _;
+
+/// A namespace in a [`Cluster`] with the sidecar's service-account identity.
+pub struct TestNamespace {
+    /// The namespace name.
+    pub name: String,
+    /// A kubeconfig file for the service account (namespace set as default).
+    pub kubeconfig: PathBuf,
+    /// The service account's bearer token.
+    pub token: String,
+    /// A client authenticated as the service account.
+    pub client: Client,
+    server_url: String,
+}
+
+impl TestNamespace {
+    /// A new client for the service account with its own connection pool.
+    pub async fn new_client(&self) -> Result<Client> {
+        let yaml = std::fs::read_to_string(&self.kubeconfig).map_err(io_err("read kubeconfig"))?;
+        let kc =
+            Kubeconfig::from_yaml(&yaml).map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// The apiserver URL.
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+}

@@ -1,0 +1,217 @@
+//! One network namespace per node ("pod"), joined by a per-test bridge.
+//!
+//! Addresses come from 198.18.0.0/15 (RFC 2544, reserved for benchmarking
+//! networks): each test gets its own /24 and its own bridge. The root namespace
+//! holds `.1` on the bridge, which is where the test's apiserver listens, so a
+//! process in a node's namespace reaches it exactly as a pod reaches the API.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::{Error, Result};
+
+fn run(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| Error::Setup(format!("run {}: {e}", args.join(" "))))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Setup(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn unique_id() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{:x}", std::process::id() % 0xfff, n)
+}
+
+/// The names of every network namespace that currently exists.
+pub fn list_netns() -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A per-test Linux bridge in the root namespace with its own /24.
+pub struct Bridge {
+    name: String,
+    id: String,
+    prefix: [u8; 3],
+}
+
+impl Bridge {
+    /// Creates a bridge on a free 198.18.0.0/15 subnet and gives the root
+    /// namespace address `.1` on it.
+    pub fn create() -> Result<Bridge> {
+        static ALLOC: Mutex<()> = Mutex::new(());
+        let _guard = ALLOC.lock().unwrap_or_else(|e| e.into_inner());
+        let used = Command::new("ip")
+            .args(["-4", "-o", "addr", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let start = (std::process::id() as usize * 7) % 512;
+        let prefix = (0..512)
+            .map(|i| (start + i) % 512)
+            .map(|k| [198u8, 18 + (k / 256) as u8, (k % 256) as u8])
+            .find(|p| !used.contains(&format!(" {}.{}.{}.", p[0], p[1], p[2])))
+            .ok_or_else(|| Error::Setup("no free 198.18.0.0/15 subnet".into()))?;
+        let id = unique_id();
+        let name = format!("gpsb{id}");
+        run(&["ip", "link", "add", &name, "type", "bridge"])?;
+        let bridge = Bridge { name, id, prefix };
+        let cidr = format!("{}/24", bridge.ip(1));
+        run(&["ip", "addr", "add", &cidr, "dev", &bridge.name])?;
+        run(&["ip", "link", "set", &bridge.name, "up"])?;
+        Ok(bridge)
+    }
+
+    /// The address `.host` on this bridge's subnet.
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], host)
+    }
+
+    /// The root namespace's address on the bridge (where the apiserver listens).
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.ip(1)
+    }
+
+    /// The bridge's interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Creates a network namespace attached to this bridge with address `ip`.
+    pub fn netns(&self, label: &str, ip: Ipv4Addr) -> Result<Netns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let ns = Netns {
+            name: format!("gps{}{label}", self.id),
+            veth: format!("gpsv{}x{n}", self.id),
+            ip: Mutex::new(ip),
+        };
+        run(&["ip", "netns", "add", &ns.name])?;
+        // Construct first so Drop cleans up whatever follows.
+        run(&[
+            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns.name,
+        ])?;
+        run(&["ip", "link", "set", &ns.veth, "master", &self.name, "up"])?;
+        run(&["ip", "-n", &ns.name, "link", "set", "lo", "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "link", "del", &self.name]);
+    }
+}
+
+/// A network namespace with one interface (`eth0`) on a [`Bridge`]: a pod's network.
+pub struct Netns {
+    name: String,
+    veth: String,
+    ip: Mutex<Ipv4Addr>,
+}
+
+impl Netns {
+    /// The namespace name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current address.
+    pub fn ip(&self) -> Ipv4Addr {
+        *self.ip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the namespace to a new address (the old one is removed).
+    pub fn set_ip(&self, new: Ipv4Addr) -> Result<()> {
+        let old = self.ip();
+        run(&[
+            "ip",
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{new}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &self.name,
+            "addr",
+            "del",
+            &format!("{old}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        *self.ip.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        Ok(())
+    }
+
+    /// Cuts the link (the namespace keeps its address; nothing gets in or out).
+    pub fn cut(&self) -> Result<()> {
+        run(&["ip", "link", "set", &self.veth, "down"])
+    }
+
+    /// Restores a cut link.
+    pub fn restore(&self) -> Result<()> {
+        run(&["ip", "link", "set", &self.veth, "up"])
+    }
+
+    /// Writes `/etc/netns/<name>/hosts`, which `ip netns exec` bind-mounts over
+    /// `/etc/hosts` for processes started in this namespace afterwards.
+    pub fn write_hosts(&self, entries: &[(Ipv4Addr, String)]) -> Result<()> {
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Setup(format!("create {}: {e}", dir.display())))?;
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (ip, name) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        std::fs::write(dir.join("hosts"), text)
+            .map_err(|e| Error::Setup(format!("write hosts: {e}")))
+    }
+
+    fn etc_dir(&self) -> PathBuf {
+        PathBuf::from("/etc/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+        let _ = run(&["ip", "link", "del", &self.veth]);
+        let _ = std::fs::remove_dir_all(self.etc_dir());
+    }
+}

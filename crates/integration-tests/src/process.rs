@@ -1,0 +1,149 @@
+//! Child processes that cannot outlive their test.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::{Error, Result, TestContext, io_err};
+
+/// A running child process.
+///
+/// It runs in its own process group under `setpriv --pdeathsig KILL` (so it dies
+/// if the test process dies), writes stdout and stderr to a log file registered
+/// with the [`TestContext`], and is killed (whole process group) on drop.
+pub struct Proc {
+    name: String,
+    child: tokio::process::Child,
+    pid: i32,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `program args...`, optionally inside network namespace `netns`.
+    pub fn spawn<I, S>(
+        ctx: &TestContext,
+        name: &str,
+        netns: Option<&str>,
+        program: &Path,
+        args: I,
+        envs: &[(&str, &str)],
+    ) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let log = ctx.path(&format!("logs/{name}.log"));
+        ctx.register_log(log.clone());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io_err(format!("open log {}", log.display())))?;
+        let err = out.try_clone().map_err(io_err("clone log handle"))?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "setpriv", "--pdeathsig", "KILL", "--"]);
+                c.arg(program);
+                c
+            }
+            None => {
+                let mut c = tokio::process::Command::new("setpriv");
+                c.args(["--pdeathsig", "KILL", "--"]);
+                c.arg(program);
+                c
+            }
+        };
+        cmd.args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(io_err(format!("spawn {name} ({})", program.display())))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::Setup(format!("{name} exited at once")))?
+            as i32;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            pid,
+            log,
+        })
+    }
+
+    /// The process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// The process name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends a signal to the process (not its group).
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid), sig);
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for exit up to `timeout`.
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+    }
+
+    /// SIGTERM, then SIGKILL (whole group) if it has not exited within `grace`.
+    /// Returns the exit status when it exited by itself.
+    pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.signal(Signal::SIGTERM);
+        match self.wait_timeout(grace).await {
+            Some(status) => {
+                self.kill_group();
+                Some(status)
+            }
+            None => {
+                self.kill().await;
+                None
+            }
+        }
+    }
+
+    /// SIGKILL to the whole process group, and reap.
+    pub async fn kill(&mut self) {
+        self.kill_group();
+        let _ = self.wait_timeout(Duration::from_secs(10)).await;
+    }
+
+    fn kill_group(&self) {
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_group();
+        let _ = self.child.start_kill();
+        let _ = self.child.try_wait();
+    }
+}
