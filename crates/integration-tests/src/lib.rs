@@ -13,20 +13,24 @@
 
 mod cluster;
 mod context;
+mod fixtures;
 mod geth;
 mod net;
 mod process;
 mod rpc;
+mod sidecar;
 mod testbed;
 
 pub use net::list_netns;
 
 pub use cluster::{Cluster, SERVICE_ACCOUNT, TestNamespace};
 pub use context::TestContext;
+pub use fixtures::{test_enode, test_member};
 pub use geth::{GethNet, GethNode, HTTP_PORT, NodeSpec, P2P_PORT, WS_PORT};
 pub use net::{Bridge, Netns};
 pub use process::Proc;
 pub use rpc::ipc_call;
+pub use sidecar::{SIDECAR_HTTP_PORT, Sidecar, http_get, sidecar_bin};
 pub use testbed::{Testbed, testbed, workspace_root};
 
 /// The harness's error type.

@@ -1,0 +1,229 @@
+//! Command line and environment configuration.
+//!
+//! Every option has an environment variable; the seed's names (`LOGGING`,
+//! `IPC_PATH`, `CONFIGMAP_NAME`, `NAMESPACE`) are kept.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Keeps every geth of a private network peered with every other, through a
+/// shared ConfigMap and geth's admin API over IPC.
+#[derive(Debug, Parser)]
+#[command(name = "geth-peer-sidecar", version, about, long_about = None)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+
+    #[command(flatten)]
+    pub(crate) common: Common,
+
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+/// Subcommands; without one the sidecar runs.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Print a table of the registry's members (and, with --ipc-path reachable,
+    /// whether this geth is connected to each), then exit.
+    Status,
+}
+
+/// Options shared by the sidecar and `status`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Common {
+    /// geth's IPC socket (a path), or an http:// or ws:// endpoint for testing.
+    /// geth creates the socket 0600: run the sidecar as geth's user.
+    #[arg(long, env = "IPC_PATH", default_value = "/data/geth.ipc", global = true)]
+    pub(crate) ipc_path: String,
+
+    /// Name of the shared registry ConfigMap.
+    #[arg(long, env = "CONFIGMAP_NAME", default_value = "geth-shared-static-nodes", global = true)]
+    pub(crate) configmap_name: String,
+
+    /// Namespace of the ConfigMap. Default: the pod's service-account namespace,
+    /// else the kubeconfig's namespace.
+    #[arg(long, env = "NAMESPACE", global = true)]
+    pub(crate) namespace: Option<String>,
+
+    /// Kubeconfig file. Default: in-cluster service account, else $KUBECONFIG or
+    /// ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG", global = true)]
+    pub(crate) kubeconfig: Option<PathBuf>,
+
+    /// Log level: DEBUG, INFO, WARNING or ERROR (also TRACE).
+    #[arg(long, env = "LOGGING", default_value = "INFO", global = true)]
+    pub(crate) logging: String,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub(crate) log_format: LogFormat,
+
+    /// Timeout of each geth RPC call.
+    #[arg(long, env = "RPC_TIMEOUT", value_parser = parse_duration, default_value = "5s", global = true)]
+    pub(crate) rpc_timeout: Duration,
+}
+
+/// Options of the running sidecar.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// This pod's name (Downward API metadata.name): the member's key.
+    #[arg(long, env = "POD_NAME")]
+    pub(crate) pod_name: Option<String>,
+
+    /// This pod's IP (Downward API status.podIP).
+    #[arg(long, env = "POD_IP")]
+    pub(crate) pod_ip: Option<String>,
+
+    /// This pod's UID (Downward API metadata.uid): tells a replaced pod apart.
+    #[arg(long, env = "POD_UID")]
+    pub(crate) pod_uid: Option<String>,
+
+    /// Which address to publish in the enode. Default: pod-ip when POD_IP is set,
+    /// else what geth reports (a 127.0.0.1 enode is refused with an explanation).
+    #[arg(long, env = "ADVERTISE", value_enum)]
+    pub(crate) advertise: Option<Advertise>,
+
+    /// DNS name template for --advertise dns. Placeholders: {pod}, {service},
+    /// {namespace}. geth >= 1.15 re-resolves it at every dial.
+    #[arg(
+        long,
+        env = "DNS_TEMPLATE",
+        default_value = "{pod}.{service}.{namespace}.svc.cluster.local"
+    )]
+    pub(crate) dns_template: String,
+
+    /// Headless Service name for the {service} placeholder.
+    #[arg(long, env = "SERVICE_NAME", default_value = "geth")]
+    pub(crate) service_name: String,
+
+    /// TCP port to publish. Default: the listener port geth reports.
+    #[arg(long, env = "P2P_PORT")]
+    pub(crate) p2p_port: Option<u16>,
+
+    /// Also mark every member trusted (admin_addTrustedPeer), so maxpeers never
+    /// refuses a mesh member.
+    #[arg(long, env = "TRUSTED_PEERS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) trusted: bool,
+
+    /// Safety-net resync period (jittered by up to 20%). Changes are handled at
+    /// once from watch and peer events; this only catches what was missed.
+    #[arg(long, env = "RESYNC_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub(crate) resync_interval: Duration,
+
+    /// A member whose p2p endpoint has been unreachable from here continuously
+    /// this long, and is not connected to this geth, may be removed.
+    #[arg(long, env = "DEAD_AFTER", value_parser = parse_duration, default_value = "120s")]
+    pub(crate) dead_after: Duration,
+
+    /// How often unreachable-looking members are probed (TCP connect).
+    #[arg(long, env = "PROBE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub(crate) probe_interval: Duration,
+
+    /// Address of the HTTP server for /healthz, /readyz and /metrics.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9090")]
+    pub(crate) listen: SocketAddr,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What address the published enode carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Advertise {
+    /// The pod IP (POD_IP).
+    PodIp,
+    /// A stable DNS name from --dns-template (StatefulSet + headless Service).
+    Dns,
+    /// Exactly what geth's admin_nodeInfo reports.
+    Geth,
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` or a plain number of seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Maps the seed's `LOGGING` values (Python level names) to a tracing filter.
+pub(crate) fn level_filter(logging: &str) -> Result<&'static str, String> {
+    match logging.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => Ok("trace"),
+        "DEBUG" => Ok("debug"),
+        "INFO" => Ok("info"),
+        "WARNING" | "WARN" => Ok("warn"),
+        "ERROR" | "CRITICAL" => Ok("error"),
+        other => Err(format!(
+            "LOGGING={other:?} is not a level: use DEBUG, INFO, WARNING or ERROR"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_units_and_plain_seconds() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+        assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn seed_logging_levels_map_to_filters() {
+        assert_eq!(level_filter("WARNING").unwrap(), "warn");
+        assert_eq!(level_filter("debug").unwrap(), "debug");
+        assert!(level_filter("LOUD").unwrap_err().contains("LOUD"));
+    }
+
+    #[test]
+    fn every_option_documents_its_env_var() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for env in [
+            "IPC_PATH",
+            "CONFIGMAP_NAME",
+            "NAMESPACE",
+            "LOGGING",
+            "POD_NAME",
+            "POD_IP",
+            "POD_UID",
+            "ADVERTISE",
+            "TRUSTED_PEERS",
+            "RESYNC_INTERVAL",
+            "DEAD_AFTER",
+            "LISTEN_ADDR",
+        ] {
+            assert!(help.contains(&format!("env: {env}")), "{env} missing from --help");
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// A label naming an error kind or an action.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub(crate) kind: String,
+}
+
+/// Every metric the sidecar exports.
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) members: Gauge,
+    pub(crate) desired_peers: Gauge,
+    pub(crate) connected_peers: Gauge,
+    pub(crate) missing_peers: Gauge,
+    pub(crate) unusable_peers: Gauge,
+    pub(crate) reconciles: Counter,
+    pub(crate) reconcile_errors: Family<KindLabel, Counter>,
+    pub(crate) reconcile_duration: Histogram,
+    pub(crate) registry_writes: Family<KindLabel, Counter>,
+    pub(crate) registry_errors: Family<KindLabel, Counter>,
+    pub(crate) geth_actions: Family<KindLabel, Counter>,
+    pub(crate) geth_rpc_errors: Family<KindLabel, Counter>,
+    pub(crate) geth_restarts: Counter,
+    pub(crate) last_sync: Gauge<f64, AtomicU64>,
+    pub(crate) suspected_partition: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("geth_peer_sidecar");
+        let m = Self {
+            members: Gauge::default(),
+            desired_peers: Gauge::default(),
+            connected_peers: Gauge::default(),
+            missing_peers: Gauge::default(),
+            unusable_peers: Gauge::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Histogram::new(
+                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0].into_iter(),
+            ),
+            registry_writes: Family::default(),
+            registry_errors: Family::default(),
+            geth_actions: Family::default(),
+            geth_rpc_errors: Family::default(),
+            geth_restarts: Counter::default(),
+            last_sync: Gauge::default(),
+            suspected_partition: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("members", "Members in the shared registry", m.members.clone());
+        registry.register(
+            "desired_peers",
+            "Peers this geth should have (members but self, plus external peers)",
+            m.desired_peers.clone(),
+        );
+        registry.register(
+            "connected_peers",
+            "Desired peers this geth is connected to (admin_peers)",
+            m.connected_peers.clone(),
+        );
+        registry.register(
+            "missing_peers",
+            "Desired peers this geth is not connected to",
+            m.missing_peers.clone(),
+        );
+        registry.register(
+            "unusable_peers",
+            "Peers that connect and are then dropped (network id, genesis or fork mismatch)",
+            m.unusable_peers.clone(),
+        );
+        registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile passes that failed, by error kind",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "registry_writes",
+            "Registry writes (upsert, remove)",
+            m.registry_writes.clone(),
+        );
+        registry.register(
+            "registry_errors",
+            "Registry operations that failed, by kind (conflict retries exhausted, forbidden, unavailable...)",
+            m.registry_errors.clone(),
+        );
+        registry.register(
+            "geth_actions",
+            "admin_* calls made to geth, by action",
+            m.geth_actions.clone(),
+        );
+        registry.register(
+            "geth_rpc_errors",
+            "Failed geth RPC calls, by error kind",
+            m.geth_rpc_errors.clone(),
+        );
+        registry.register(
+            "geth_reconnects",
+            "Times geth's connection was (re)established and every peer re-applied",
+            m.geth_restarts.clone(),
+        );
+        registry.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of the last reconcile pass that completed without error",
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "suspected_partition",
+            "1 while most members look unreachable from here, so nobody is removed",
+            m.suspected_partition.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub(crate) fn kind(kind: &str) -> KindLabel {
+        KindLabel {
+            kind: kind.to_owned(),
+        }
+    }
+
+    /// The text exposition.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric_with_the_prefix() {
+        let m = Metrics::new();
+        m.geth_actions.get_or_create(&Metrics::kind("add_peer")).inc();
+        let text = m.encode();
+        for name in [
+            "geth_peer_sidecar_members",
+            "geth_peer_sidecar_connected_peers",
+            "geth_peer_sidecar_unusable_peers",
+            "geth_peer_sidecar_reconcile_duration_seconds",
+            "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"} 1",
+            "geth_peer_sidecar_last_successful_sync_timestamp_seconds",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+    }
+}
