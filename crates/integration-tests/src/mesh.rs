@@ -1,0 +1,151 @@
+//! A whole deployment on the test bed: apiserver, N geth nodes, N sidecars.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+
+use crate::{
+    Bridge, Cluster, GethNet, NodeSpec, Result, Sidecar, TestContext, TestNamespace, eventually,
+};
+
+/// The registry ConfigMap's name in tests (the default).
+pub const CONFIGMAP: &str = "geth-shared-static-nodes";
+
+/// Apiserver, geth nodes and one sidecar per node, as pods would run them.
+pub struct Mesh {
+    /// Geth nodes (index = pod ordinal).
+    pub net: GethNet,
+    /// Sidecars by node index (`None` while stopped).
+    pub sidecars: Vec<Option<Sidecar>>,
+    /// The namespace and service-account identity.
+    pub ns: TestNamespace,
+    /// The control plane.
+    pub cluster: Cluster,
+    /// Environment every sidecar gets (on top of the fixture's defaults).
+    pub env: Vec<(String, String)>,
+    starts: usize,
+    /// The test context (logs).
+    pub ctx: TestContext,
+}
+
+impl Mesh {
+    /// Starts the control plane and `n` nodes, then their sidecars.
+    pub async fn start(name: &str, n: usize, env: &[(&str, &str)]) -> Result<Mesh> {
+        let ctx = TestContext::new(name);
+        let bridge = Arc::new(Bridge::create()?);
+        let cluster = Cluster::start(&ctx, bridge.host_ip()).await?;
+        let ns = cluster.namespace(name).await?;
+        let net = GethNet::start(&ctx, bridge, n).await?;
+        let mut mesh = Mesh {
+            net,
+            sidecars: Vec::new(),
+            ns,
+            cluster,
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            starts: 0,
+            ctx,
+        };
+        for i in 0..n {
+            mesh.start_sidecar(i)?;
+        }
+        Ok(mesh)
+    }
+
+    /// Starts (or restarts) node `i`'s sidecar.
+    pub fn start_sidecar(&mut self, i: usize) -> Result<()> {
+        self.starts += 1;
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let sc = Sidecar::start(&self.ctx, self.net.node(i), &self.ns, &format!("{}", self.starts), &env)?;
+        if self.sidecars.len() <= i {
+            self.sidecars.resize_with(i + 1, || None);
+        }
+        self.sidecars[i] = Some(sc);
+        Ok(())
+    }
+
+    /// Adds nodes with sidecars; returns their indices.
+    pub async fn add_nodes(&mut self, specs: Vec<NodeSpec>) -> Result<Vec<usize>> {
+        let idx = self.net.add_nodes(specs).await?;
+        for &i in &idx {
+            self.start_sidecar(i)?;
+        }
+        Ok(idx)
+    }
+
+    /// Takes node `i`'s sidecar out (to terminate or kill it).
+    pub fn take_sidecar(&mut self, i: usize) -> Option<Sidecar> {
+        self.sidecars.get_mut(i).and_then(Option::take)
+    }
+
+    /// Node ids of nodes `members`, by index.
+    pub fn ids(&self, members: &[usize]) -> BTreeMap<usize, String> {
+        members.iter().map(|&i| (i, self.net.node(i).node_id())).collect()
+    }
+
+    /// Waits until every node in `members` is connected to every other one.
+    pub async fn wait_full_mesh(&self, members: &[usize], timeout: Duration) -> Result<()> {
+        let ids = self.ids(members);
+        eventually(&format!("full mesh of nodes {members:?}"), timeout, || {
+            let ids = ids.clone();
+            async move {
+                for (&i, _) in &ids {
+                    let peers: BTreeSet<String> =
+                        self.net.node(i).peer_ids().await.ok()?.into_iter().collect();
+                    for (&j, id) in &ids {
+                        if i != j && !peers.contains(id) {
+                            return None;
+                        }
+                    }
+                }
+                Some(())
+            }
+        })
+        .await
+    }
+
+    /// The registry's raw data (as admin), empty when the ConfigMap is missing.
+    pub async fn registry_data(&self) -> BTreeMap<String, String> {
+        Api::<ConfigMap>::namespaced(self.cluster.admin(), &self.ns.name)
+            .get_opt(CONFIGMAP)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.data)
+            .unwrap_or_default()
+    }
+
+    /// Pod names registered (keys `member.<pod>`).
+    pub async fn registered_pods(&self) -> BTreeSet<String> {
+        self.registry_data()
+            .await
+            .keys()
+            .filter_map(|k| k.strip_prefix("member.").map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until the registered pods are exactly those of `members`.
+    pub async fn wait_registered(&self, members: &[usize], timeout: Duration) -> Result<()> {
+        let want: BTreeSet<String> = members
+            .iter()
+            .map(|&i| self.net.node(i).name().to_owned())
+            .collect();
+        eventually(&format!("registry to hold exactly {want:?}"), timeout, || {
+            let want = want.clone();
+            async move { (self.registered_pods().await == want).then_some(()) }
+        })
+        .await
+    }
+
+    /// A metric's value from node `i`'s sidecar (`None` if absent or unreachable).
+    pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let sc = self.sidecars.get(i)?.as_ref()?;
+        let (_, body) = sc.get("/metrics").await.ok()?;
+        body.lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
