@@ -84,6 +84,11 @@ impl Cluster {
             "-out",
             &d("sa.pub"),
         ])?;
+        std::fs::write(
+            dir.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )
+        .map_err(io_err("write audit policy"))?;
         let admin_token = random_token();
         std::fs::write(
             dir.join("tokens.csv"),
@@ -165,6 +170,9 @@ impl Cluster {
                 // 1.37 refuses a loopback advertise address with the default
                 // lease reconciler; there are no Endpoints consumers here.
                 "--endpoint-reconciler-type=none".into(),
+                format!("--audit-policy-file={}", d("audit-policy.yaml")),
+                format!("--audit-log-path={}", d("audit.log")),
+                "--audit-log-mode=blocking".into(),
                 "--v=1".into(),
             ],
             &[],
@@ -216,6 +224,21 @@ impl Cluster {
         if let Some(mut p) = self.apiserver.take() {
             p.terminate(Duration::from_secs(10)).await;
         }
+    }
+
+    /// Requests the apiserver completed for `user` (e.g.
+    /// `system:serviceaccount:NS:geth-peer-sidecar`), from the audit log: one
+    /// entry per request, a watch counting once. Returns (verb, resource, name).
+    pub fn audited_requests(&self, user: &str) -> Vec<(String, String, String)> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
+            .map(|e| {
+                let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+                (s(&e["verb"]), s(&e["objectRef"]["resource"]), s(&e["objectRef"]["name"]))
+            })
+            .collect()
     }
 
     /// The API server URL.
