@@ -1,9 +1,30 @@
 //! The shared peer registry: a trait and its Kubernetes ConfigMap implementation.
 //!
 //! Without the default `kube` feature this crate is only the record types
-//! ([`MemberRecord`], [`Snapshot`]) and the schema: no kube, no tokio, no I/O.
+//! ([`MemberRecord`], [`Snapshot`]) and the [`schema`] codec: no kube, no tokio,
+//! no I/O. With it: the [`PeerRegistry`] trait, its [`ConfigMapRegistry`]
+//! implementation (compare-and-swap writes that never lose an entry under
+//! concurrent writers) and the crate [`Error`]. With `test-utils`: the mockall
+//! mock `MockPeerRegistry`.
 #![forbid(unsafe_code)]
 
 mod record;
+pub mod schema;
+
+#[cfg(feature = "kube")]
+mod configmap;
+#[cfg(feature = "kube")]
+mod error;
+#[cfg(feature = "kube")]
+mod registry;
 
 pub use record::{MemberRecord, Snapshot};
+
+#[cfg(feature = "kube")]
+pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy};
+#[cfg(feature = "kube")]
+pub use error::{Error, Result};
+#[cfg(any(test, feature = "test-utils"))]
+pub use registry::MockPeerRegistry;
+#[cfg(feature = "kube")]
+pub use registry::PeerRegistry;

@@ -1,0 +1,477 @@
+//! The registry as one Kubernetes ConfigMap, updated by compare-and-swap.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::record::{MemberRecord, Snapshot};
+use crate::registry::PeerRegistry;
+use crate::schema;
+
+/// The default name of the registry ConfigMap (the original sidecar's).
+pub const DEFAULT_NAME: &str = "geth-shared-static-nodes";
+
+/// How conflicting writes are retried: exponential backoff with full jitter.
+///
+/// Attempt `n` (from 1) that meets a conflict sleeps a uniformly random time in
+/// `0 ..= min(max_delay, base_delay * 2^(n-1))` before re-reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts (read, compute, conditional write) before giving up with
+    /// [`Error::Conflict`].
+    pub max_attempts: u32,
+    /// The first backoff's upper bound.
+    pub base_delay: Duration,
+    /// The largest backoff's upper bound.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 20 attempts, 20 ms base, 1 s cap.
+    fn default() -> Self {
+        Self {
+            max_attempts: 20,
+            base_delay: Duration::from_millis(20),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The upper bound of the backoff after failed attempt `attempt` (from 1).
+    pub fn delay_cap(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(20);
+        self.base_delay.saturating_mul(factor).min(self.max_delay)
+    }
+
+    /// A random backoff (full jitter) after failed attempt `attempt` (from 1).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let cap = u64::try_from(self.delay_cap(attempt).as_micros()).unwrap_or(u64::MAX);
+        Duration::from_micros(rand::random_range(0..=cap))
+    }
+}
+
+/// The four calls the compare-and-swap loop needs, on the one named object.
+#[async_trait::async_trait]
+trait Store: Send + Sync {
+    async fn get(&self) -> Result<Option<ConfigMap>, kube::Error>;
+    async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error>;
+    /// A PUT carrying `metadata.resourceVersion`: fails with 409 if it changed.
+    async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error>;
+}
+
+struct KubeStore {
+    api: Api<ConfigMap>,
+    name: String,
+}
+
+#[async_trait::async_trait]
+impl Store for KubeStore {
+    async fn get(&self) -> Result<Option<ConfigMap>, kube::Error> {
+        self.api.get_opt(&self.name).await
+    }
+
+    async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+        self.api.create(&PostParams::default(), cm).await
+    }
+
+    async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+        self.api.replace(&self.name, &PostParams::default(), cm).await
+    }
+}
+
+/// Logging state shared by the CAS loop and the watch: warns once per new
+/// problem and once per crossing of the size warning threshold.
+struct Observer {
+    namespace: String,
+    name: String,
+    above_warn: AtomicBool,
+    problems: Mutex<Vec<String>>,
+}
+
+impl Observer {
+    fn size(&self, bytes: usize) {
+        let above = bytes > schema::WARN_BYTES;
+        if self.above_warn.swap(above, Ordering::Relaxed) != above {
+            if above {
+                warn!(
+                    namespace = %self.namespace, configmap = %self.name, bytes,
+                    "the registry configmap is over {} KiB; writes that grow it past {} KiB are \
+                     refused (Kubernetes limit: 1 MiB): remove stale members or unknown keys",
+                    schema::WARN_BYTES / 1024,
+                    schema::MAX_BYTES / 1024
+                );
+            } else {
+                info!(namespace = %self.namespace, configmap = %self.name, bytes,
+                      "the registry configmap is back under the size warning threshold");
+            }
+        }
+    }
+
+    fn problems(&self, snap: &Snapshot) {
+        let Ok(mut seen) = self.problems.lock() else {
+            return;
+        };
+        if *seen == snap.problems {
+            return;
+        }
+        for p in snap.problems.iter().filter(|p| !seen.contains(p)) {
+            warn!(namespace = %self.namespace, configmap = %self.name, "registry data: {p}");
+        }
+        seen.clone_from(&snap.problems);
+    }
+
+    /// Decodes an object (or its absence), logging what is new.
+    fn observe(&self, cm: Option<&ConfigMap>) -> Snapshot {
+        let Some(cm) = cm else {
+            return Snapshot::default();
+        };
+        let data = cm.data.clone().unwrap_or_default();
+        self.size(object_size(&data, cm));
+        let rv = Some(cm.metadata.resource_version.clone().unwrap_or_default());
+        let snap = schema::decode(&data, rv);
+        self.problems(&snap);
+        snap
+    }
+}
+
+/// The size Kubernetes counts against the 1 MiB limit: data and binaryData.
+fn object_size(data: &BTreeMap<String, String>, cm: &ConfigMap) -> usize {
+    let binary: usize = cm
+        .binary_data
+        .iter()
+        .flatten()
+        .map(|(k, v)| k.len() + v.0.len())
+        .sum();
+    schema::encoded_size(data) + binary
+}
+
+fn is_retryable(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists() || s.is_not_found())
+}
+
+/// The compare-and-swap engine, over any [`Store`].
+struct Core<S> {
+    store: S,
+    retry: RetryPolicy,
+    observer: Arc<Observer>,
+}
+
+impl<S: Store> Core<S> {
+    fn err(&self, e: kube::Error, verb: &'static str) -> Error {
+        Error::from_kube(e, verb, &self.observer.namespace, &self.observer.name)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+        Ok(self.observer.observe(cm.as_ref()))
+    }
+
+    /// Read, compute, conditional write; again on conflicts. `change` gives the
+    /// new member set, or `None` when there is nothing to do.
+    async fn modify<F>(&self, op: &'static str, mut change: F) -> Result<Snapshot>
+    where
+        F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
+    {
+        let max = self.retry.max_attempts.max(1);
+        for attempt in 1..=max {
+            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let snap = self.observer.observe(cm.as_ref());
+            let Some(members) = change(&snap) else {
+                return Ok(snap);
+            };
+            let old = cm
+                .as_ref()
+                .and_then(|c| c.data.clone())
+                .unwrap_or_default();
+            let new = schema::encode(&old, &members);
+            let result = match cm {
+                Some(_) if new == old => return Ok(snap),
+                Some(mut cm) => {
+                    let (old_size, new_size) = (object_size(&old, &cm), object_size(&new, &cm));
+                    if new_size > schema::MAX_BYTES && new_size > old_size {
+                        return Err(Error::TooLarge { bytes: new_size });
+                    }
+                    cm.data = Some(new);
+                    // Unset: the server keeps them. resourceVersion stays: the CAS.
+                    cm.metadata.managed_fields = None;
+                    self.store.replace(&cm).await.map(|w| (w, "update"))
+                }
+                None => {
+                    let cm = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(self.observer.name.clone()),
+                            labels: Some(BTreeMap::from([(
+                                "app.kubernetes.io/managed-by".to_owned(),
+                                "geth-peer-sidecar".to_owned(),
+                            )])),
+                            ..ObjectMeta::default()
+                        },
+                        data: Some(new),
+                        ..ConfigMap::default()
+                    };
+                    let size = object_size(cm.data.as_ref().unwrap_or(&old), &cm);
+                    if size > schema::MAX_BYTES {
+                        return Err(Error::TooLarge { bytes: size });
+                    }
+                    self.store.create(&cm).await.map(|w| (w, "create"))
+                }
+            };
+            match result {
+                Ok((written, verb)) => {
+                    if verb == "create" {
+                        info!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                              op, "created the registry configmap");
+                    } else {
+                        debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                               op, attempt, "updated the registry configmap");
+                    }
+                    return Ok(self.observer.observe(Some(&written)));
+                }
+                Err(e) if is_retryable(&e) => {
+                    if attempt < max {
+                        let delay = self.retry.delay(attempt);
+                        debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                               op, attempt, ?delay, error = %e,
+                               "concurrent write to the registry; re-reading and retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                Err(e) => {
+                    let verb = if snap.exists() { "update" } else { "create" };
+                    return Err(self.err(e, verb));
+                }
+            }
+        }
+        Err(Error::Conflict {
+            attempts: max,
+            name: self.observer.name.clone(),
+            namespace: self.observer.namespace.clone(),
+        })
+    }
+
+    async fn upsert(&self, record: MemberRecord) -> Result<Snapshot> {
+        if let Some(reason) = schema::invalid_pod_name(&record.pod) {
+            return Err(Error::InvalidRecord {
+                pod: record.pod,
+                reason: reason.to_owned(),
+            });
+        }
+        if record.node_id != record.enode.node_id() {
+            return Err(Error::InvalidRecord {
+                reason: format!(
+                    "nodeId {} is not the enode's node id {}",
+                    record.node_id,
+                    record.enode.node_id()
+                ),
+                pod: record.pod,
+            });
+        }
+        self.modify("upsert", |snap| {
+            let mut members = snap.members.clone();
+            let keep = members.get(&record.pod).is_some_and(|stored| {
+                stored.same_registration(&record) && stored.sidecar_version == record.sidecar_version
+            });
+            if !keep {
+                members.insert(record.pod.clone(), record.clone());
+            }
+            Some(members)
+        })
+        .await
+    }
+
+    async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
+        self.modify("remove", |snap| {
+            let mut members = snap.members.clone();
+            let mut removed = false;
+            for exp in &expected {
+                if members
+                    .get(&exp.pod)
+                    .is_some_and(|stored| stored.same_registration(exp))
+                {
+                    members.remove(&exp.pod);
+                    removed = true;
+                }
+            }
+            removed.then_some(members)
+        })
+        .await
+    }
+}
+
+/// The [`PeerRegistry`] kept in one ConfigMap (schema: [`crate::schema`]).
+///
+/// Reads are a GET of the one named object (never a list of the namespace).
+/// Writes are a replace carrying the resourceVersion they were computed from (a
+/// true compare-and-swap), retried on conflicts per [`RetryPolicy`]; a missing
+/// ConfigMap is created (losing the creation race is normal). When the computed
+/// data equals the stored data nothing is written.
+///
+/// ```no_run
+/// use peer_registry::{ConfigMapRegistry, PeerRegistry, DEFAULT_NAME};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = kube::Client::try_default().await?;
+/// let registry = ConfigMapRegistry::new(client, "chain", DEFAULT_NAME);
+/// let snap = registry.snapshot().await?;
+/// for (pod, member) in &snap.members {
+///     println!("{pod}: {}", member.enode);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct ConfigMapRegistry {
+    api: Api<ConfigMap>,
+    core: Core<KubeStore>,
+}
+
+impl ConfigMapRegistry {
+    /// A registry in ConfigMap `name` of `namespace`, with the default
+    /// [`RetryPolicy`].
+    pub fn new(client: Client, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        let name = name.into();
+        let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+        Self {
+            core: Core {
+                store: KubeStore {
+                    api: api.clone(),
+                    name: name.clone(),
+                },
+                retry: RetryPolicy::default(),
+                observer: Arc::new(Observer {
+                    namespace,
+                    name,
+                    above_warn: AtomicBool::new(false),
+                    problems: Mutex::new(Vec::new()),
+                }),
+            },
+            api,
+        }
+    }
+
+    /// Replaces the retry policy.
+    #[must_use]
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.core.retry = retry;
+        self
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.core.retry
+    }
+
+    /// The ConfigMap's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.core.observer.namespace
+    }
+
+    /// The ConfigMap's name.
+    pub fn name(&self) -> &str {
+        &self.core.observer.name
+    }
+}
+
+impl std::fmt::Debug for ConfigMapRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigMapRegistry")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .field("retry", &self.core.retry)
+            .finish()
+    }
+}
+
+/// Turns watcher events for the one object into snapshots, dropping repeats.
+#[derive(Default)]
+struct WatchState {
+    /// The object seen during a (re-)list, until `InitDone`.
+    listed: Option<ConfigMap>,
+    /// The resourceVersion of the last snapshot emitted (`Some(None)`: absent).
+    last: Option<Option<String>>,
+}
+
+impl WatchState {
+    fn on_event(&mut self, event: watcher::Event<ConfigMap>, observer: &Observer) -> Option<Snapshot> {
+        let snap = match event {
+            watcher::Event::Init => {
+                self.listed = None;
+                return None;
+            }
+            watcher::Event::InitApply(cm) => {
+                if cm.metadata.name.as_deref() == Some(observer.name.as_str()) {
+                    self.listed = Some(cm);
+                }
+                return None;
+            }
+            watcher::Event::InitDone => observer.observe(self.listed.take().as_ref()),
+            watcher::Event::Apply(cm) => {
+                if cm.metadata.name.as_deref() != Some(observer.name.as_str()) {
+                    return None;
+                }
+                observer.observe(Some(&cm))
+            }
+            watcher::Event::Delete(cm) => {
+                if cm.metadata.name.as_deref() != Some(observer.name.as_str()) {
+                    return None;
+                }
+                info!(namespace = %observer.namespace, configmap = %observer.name,
+                      "the registry configmap was deleted; it is recreated on the next registration");
+                Snapshot::default()
+            }
+        };
+        if self.last.as_ref() == Some(&snap.resource_version) {
+            return None;
+        }
+        self.last = Some(snap.resource_version.clone());
+        Some(snap)
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerRegistry for ConfigMapRegistry {
+    async fn snapshot(&self) -> Result<Snapshot> {
+        self.core.snapshot().await
+    }
+
+    async fn upsert(&self, record: MemberRecord) -> Result<Snapshot> {
+        self.core.upsert(record).await
+    }
+
+    async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
+        self.core.remove(expected).await
+    }
+
+    fn watch(&self) -> BoxStream<'static, Result<Snapshot>> {
+        let observer = Arc::clone(&self.core.observer);
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", observer.name));
+        let mut state = WatchState::default();
+        watcher(self.api.clone(), config)
+            .default_backoff()
+            .filter_map(move |event| {
+                let item = match event {
+                    Ok(event) => state.on_event(event, &observer).map(Ok),
+                    Err(e) => {
+                        let e = Error::from_watcher(e, &observer.namespace, &observer.name);
+                        debug!(error = %e, "registry watch error; the watcher retries with backoff");
+                        Some(Err(e))
+                    }
+                };
+                futures::future::ready(item)
+            })
+            .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests;

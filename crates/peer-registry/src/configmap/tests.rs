@@ -1,0 +1,535 @@
+//! The CAS loop against an in-memory fake of the ConfigMap API.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::core::Status;
+
+use super::*;
+use crate::registry::MockPeerRegistry;
+use crate::schema::tests::member;
+
+/// An in-memory ConfigMap API for one object, with apiserver semantics:
+/// resourceVersion bumps on every write, replace is conditional on it.
+#[derive(Default)]
+struct FakeState {
+    cm: Option<ConfigMap>,
+    rv: u64,
+    gets: u32,
+    writes: u32,
+    conflicts: u32,
+    /// Errors returned by the next write calls, in order.
+    fail_writes: VecDeque<kube::Error>,
+    /// Errors returned by the next get calls, in order.
+    fail_gets: VecDeque<kube::Error>,
+    /// Run before each write is applied: a third party acting in between.
+    meddle: Option<Box<dyn FnMut(&mut Option<ConfigMap>) -> bool + Send>>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<FakeState>>);
+
+fn api_err(code: u16, reason: &str) -> kube::Error {
+    kube::Error::Api(Status::failure("fake", reason).with_code(code).boxed())
+}
+
+impl Fake {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.lock().unwrap()
+    }
+
+    fn writes(&self) -> u32 {
+        self.state().writes
+    }
+
+    fn data(&self) -> BTreeMap<String, String> {
+        self.state()
+            .cm
+            .as_ref()
+            .and_then(|c| c.data.clone())
+            .unwrap_or_default()
+    }
+
+    /// A third-party write (bumps the resourceVersion).
+    fn admin_set(&self, f: impl FnOnce(&mut ConfigMap)) {
+        let mut s = self.state();
+        s.rv += 1;
+        let rv = s.rv;
+        let cm = s.cm.get_or_insert_with(ConfigMap::default);
+        f(cm);
+        cm.metadata.resource_version = Some(rv.to_string());
+    }
+
+    fn admin_delete(&self) {
+        self.state().cm = None;
+    }
+
+    fn core(&self, retry: RetryPolicy) -> Core<Fake> {
+        Core {
+            store: self.clone(),
+            retry,
+            observer: Arc::new(Observer {
+                namespace: "ns".into(),
+                name: DEFAULT_NAME.into(),
+                above_warn: AtomicBool::new(false),
+                problems: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn write(&self, cm: &ConfigMap, create: bool) -> Result<ConfigMap, kube::Error> {
+        let mut s = self.state();
+        if let Some(e) = s.fail_writes.pop_front() {
+            return Err(e);
+        }
+        let mut meddle = s.meddle.take();
+        if let Some(m) = meddle.as_mut() {
+            if m(&mut s.cm) {
+                s.rv += 1;
+                let rv = s.rv.to_string();
+                if let Some(c) = s.cm.as_mut() {
+                    c.metadata.resource_version = Some(rv);
+                }
+            }
+        }
+        s.meddle = meddle;
+        match (&s.cm, create) {
+            (Some(_), true) => {
+                s.conflicts += 1;
+                return Err(api_err(409, "AlreadyExists"));
+            }
+            (None, false) => return Err(api_err(404, "NotFound")),
+            (Some(cur), false) if cur.metadata.resource_version != cm.metadata.resource_version => {
+                s.conflicts += 1;
+                return Err(api_err(409, "Conflict"));
+            }
+            _ => {}
+        }
+        if create && cm.metadata.resource_version.is_some() {
+            return Err(api_err(400, "BadRequest"));
+        }
+        s.rv += 1;
+        s.writes += 1;
+        let mut stored = cm.clone();
+        stored.metadata.resource_version = Some(s.rv.to_string());
+        s.cm = Some(stored.clone());
+        Ok(stored)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Fake {
+    async fn get(&self) -> Result<Option<ConfigMap>, kube::Error> {
+        tokio::task::yield_now().await;
+        let r = {
+            let mut s = self.state();
+            s.gets += 1;
+            match s.fail_gets.pop_front() {
+                Some(e) => Err(e),
+                None => Ok(s.cm.clone()),
+            }
+        };
+        // Let others interleave between the read and the write.
+        tokio::task::yield_now().await;
+        r
+    }
+
+    async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+        tokio::task::yield_now().await;
+        self.write(cm, true)
+    }
+
+    async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+        tokio::task::yield_now().await;
+        self.write(cm, false)
+    }
+}
+
+fn fast() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 200,
+        base_delay: Duration::from_micros(200),
+        max_delay: Duration::from_millis(5),
+    }
+}
+
+fn pods(s: &Snapshot) -> BTreeSet<String> {
+    s.members.keys().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_registrants_never_lose_an_entry() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core(fast()));
+    for round in 0..10u32 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let tasks: Vec<_> = (0..20u32)
+            .map(|i| {
+                let core = Arc::clone(&core);
+                let barrier = Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    core.upsert(member(&format!("geth-{i}"), round * 100 + i)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let snap = core.snapshot().await.unwrap();
+        assert_eq!(snap.members.len(), 20, "round {round}: {:?}", pods(&snap));
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        let list: Vec<String> =
+            serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+        assert_eq!(list.len(), 20, "round {round}");
+        fake.admin_delete();
+    }
+    assert!(fake.state().conflicts > 0, "the test must exercise conflicts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core(fast()));
+    let old: Vec<_> = (0..10).map(|i| member(&format!("old-{i}"), i)).collect();
+    for m in &old {
+        core.upsert(m.clone()).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for m in old.iter().take(5).cloned() {
+        let core = Arc::clone(&core);
+        tasks.push(tokio::spawn(async move { core.remove(vec![m]).await.map(|_| ()) }));
+    }
+    for i in 0..10u32 {
+        let core = Arc::clone(&core);
+        let m = member(&format!("new-{i}"), 100 + i);
+        tasks.push(tokio::spawn(async move { core.upsert(m).await.map(|_| ()) }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let want: BTreeSet<String> = (5..10)
+        .map(|i| format!("old-{i}"))
+        .chain((0..10).map(|i| format!("new-{i}")))
+        .collect();
+    assert_eq!(pods(&core.snapshot().await.unwrap()), want);
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_writes() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let rec = member("geth-0", 0);
+    let first = core.upsert(rec.clone()).await.unwrap();
+    assert_eq!(fake.writes(), 1);
+    let mut later = rec.clone();
+    later.updated_at = "2030-01-01T00:00:00Z".parse().unwrap();
+    later.registered_at = later.updated_at;
+    let again = core.upsert(later).await.unwrap();
+    assert_eq!(fake.writes(), 1, "timestamps alone never cause a write");
+    assert_eq!(again, first);
+    assert_eq!(again.members["geth-0"], rec, "the stored record is kept");
+    // A new sidecar version is written.
+    let mut upgraded = rec.clone();
+    upgraded.sidecar_version = "0.2.0".into();
+    core.upsert(upgraded).await.unwrap();
+    assert_eq!(fake.writes(), 2);
+}
+
+#[tokio::test]
+async fn upsert_returns_the_snapshot_as_written() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let snap = core.upsert(member("geth-0", 0)).await.unwrap();
+    assert_eq!(snap.resource_version.as_deref(), Some("1"));
+    assert_eq!(pods(&snap), BTreeSet::from(["geth-0".to_owned()]));
+    let data = fake.data();
+    assert_eq!(data[schema::SCHEMA_VERSION_KEY], "1");
+    assert!(fake.state().cm.as_ref().unwrap().metadata.labels.is_some());
+}
+
+#[tokio::test]
+async fn a_removal_does_not_delete_a_member_that_re_registered_meanwhile() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let before = member("geth-0", 0);
+    core.upsert(before.clone()).await.unwrap();
+    let mut moved = before.clone();
+    moved.enode = moved.enode.with_host("198.19.9.9".parse().unwrap());
+    moved.pod_ip = Some("198.19.9.9".into());
+    core.upsert(moved.clone()).await.unwrap();
+    let writes = fake.writes();
+    let snap = core.remove(vec![before]).await.unwrap();
+    assert!(snap.members["geth-0"].same_registration(&moved));
+    assert_eq!(fake.writes(), writes, "nothing to do: no write");
+    let snap = core.remove(vec![moved]).await.unwrap();
+    assert!(snap.members.is_empty());
+    assert_eq!(fake.writes(), writes + 1);
+}
+
+#[tokio::test]
+async fn removing_from_a_missing_configmap_does_not_create_it() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let snap = core.remove(vec![member("geth-0", 0)]).await.unwrap();
+    assert!(!snap.exists());
+    assert_eq!(fake.writes(), 0);
+    assert!(fake.state().cm.is_none());
+}
+
+#[tokio::test]
+async fn missing_configmap_snapshot_is_empty() {
+    let fake = Fake::default();
+    let snap = fake.core(fast()).snapshot().await.unwrap();
+    assert_eq!(snap, Snapshot::default());
+}
+
+#[tokio::test]
+async fn losing_the_creation_race_is_normal() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    // Someone else creates the object between our GET and our create.
+    let other = member("geth-1", 1);
+    let other2 = other.clone();
+    fake.state().meddle = Some(Box::new(move |cm| {
+        if cm.is_none() {
+            let data = schema::encode(&BTreeMap::new(), &BTreeMap::from([(other2.pod.clone(), other2.clone())]));
+            *cm = Some(ConfigMap {
+                data: Some(data),
+                ..ConfigMap::default()
+            });
+            true
+        } else {
+            false
+        }
+    }));
+    let snap = core.upsert(member("geth-0", 0)).await.unwrap();
+    assert_eq!(pods(&snap), BTreeSet::from(["geth-0".to_owned(), "geth-1".to_owned()]));
+}
+
+#[tokio::test]
+async fn a_deleted_configmap_is_recreated_on_the_next_upsert() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    fake.admin_delete();
+    assert!(!core.snapshot().await.unwrap().exists());
+    let snap = core.upsert(member("geth-0", 0)).await.unwrap();
+    assert!(snap.exists());
+    assert!(snap.members.contains_key("geth-0"));
+    // Deleted between our GET and our replace: 404, re-read, create.
+    fake.state().meddle = Some(Box::new(|cm| {
+        let was = cm.is_some();
+        *cm = None;
+        was
+    }));
+    let snap = core.upsert(member("geth-1", 1)).await.unwrap();
+    assert_eq!(pods(&snap), BTreeSet::from(["geth-1".to_owned()]));
+}
+
+#[tokio::test]
+async fn conflicts_exhaust_into_a_clear_error() {
+    let fake = Fake::default();
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        ..fast()
+    };
+    let core = fake.core(retry);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    // A third party writes before each of our writes, forever.
+    fake.state().meddle = Some(Box::new(|_| true));
+    let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
+    assert_eq!(err.kind(), "conflict");
+    assert!(err.to_string().contains("3 attempts"), "{err}");
+    assert_eq!(fake.state().gets, 1 + 3);
+}
+
+#[tokio::test]
+async fn a_concurrent_third_party_edit_is_merged_not_overwritten() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    let mut once = true;
+    fake.state().meddle = Some(Box::new(move |cm| {
+        if std::mem::take(&mut once) {
+            if let Some(cm) = cm.as_mut() {
+                cm.data
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert("operator-note".into(), "keep me".into());
+            }
+            true
+        } else {
+            false
+        }
+    }));
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    let data = fake.data();
+    assert_eq!(data["operator-note"], "keep me");
+    assert!(data.contains_key("member.geth-0") && data.contains_key("member.geth-1"));
+}
+
+#[tokio::test]
+async fn metadata_unknown_keys_and_garbage_survive_and_heal() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    fake.admin_set(|cm| {
+        cm.metadata.annotations = Some(BTreeMap::from([("a".into(), "b".into())]));
+        let d = cm.data.get_or_insert_with(BTreeMap::new);
+        d.insert(schema::STATIC_NODES_KEY.into(), "{{{ not json".into());
+        d.insert("member.broken".into(), "not a record".into());
+        d.insert("member.geth-0".into(), "{\"pod\": 42}".into());
+        d.insert("operator-note".into(), "keep me".into());
+        d.insert(schema::EXTERNAL_PEERS_KEY.into(), "[1, 2]".into());
+    });
+    let snap = core.snapshot().await.unwrap();
+    assert!(snap.members.is_empty());
+    assert!(snap.problems.iter().any(|p| p.contains("member.broken")));
+    let snap = core.upsert(member("geth-0", 0)).await.unwrap();
+    assert_eq!(pods(&snap), BTreeSet::from(["geth-0".to_owned()]));
+    let data = fake.data();
+    let list: Vec<String> = serde_json::from_str(&data[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(data["operator-note"], "keep me");
+    assert_eq!(data[schema::EXTERNAL_PEERS_KEY], "[1, 2]");
+    assert_eq!(data["member.broken"], "not a record");
+    let cm = fake.state().cm.clone().unwrap();
+    assert_eq!(cm.metadata.annotations.unwrap()["a"], "b");
+}
+
+#[tokio::test]
+async fn a_write_past_the_size_limit_is_refused_and_nothing_is_lost() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    fake.admin_set(|cm| {
+        cm.data
+            .get_or_insert_with(BTreeMap::new)
+            .insert("operator-filler".into(), "x".repeat(950 * 1024));
+    });
+    let writes = fake.writes();
+    let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
+    assert_eq!(err.kind(), "too_large");
+    assert!(err.to_string().contains("KiB"), "{err}");
+    assert_eq!(fake.writes(), writes);
+    assert!(core.snapshot().await.unwrap().members.contains_key("geth-0"));
+    // Shrinking writes are still allowed.
+    let snap = core.remove(vec![member("geth-0", 0)]).await.unwrap();
+    assert!(snap.members.is_empty());
+}
+
+#[tokio::test]
+async fn errors_are_classified() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    fake.state().fail_writes.push_back(api_err(403, "Forbidden"));
+    let err = core.upsert(member("geth-0", 0)).await.unwrap_err();
+    assert_eq!(err.kind(), "forbidden");
+    let msg = err.to_string();
+    assert!(msg.contains("create") && msg.contains("configmaps"), "{msg}");
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    fake.state().fail_writes.push_back(api_err(403, "Forbidden"));
+    let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
+    assert!(err.to_string().contains("configmaps/update"), "{err}");
+    fake.state().fail_gets.push_back(api_err(503, "ServiceUnavailable"));
+    assert_eq!(core.snapshot().await.unwrap_err().kind(), "unavailable");
+    fake.state().fail_gets.push_back(api_err(403, "Forbidden"));
+    let err = core.snapshot().await.unwrap_err();
+    assert!(err.to_string().contains("configmaps/get"), "{err}");
+    fake.state().fail_writes.push_back(api_err(422, "Invalid"));
+    assert_eq!(core.upsert(member("geth-2", 2)).await.unwrap_err().kind(), "kube");
+}
+
+#[tokio::test]
+async fn invalid_records_are_refused() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let mut rec = member("geth/0", 0);
+    assert_eq!(core.upsert(rec.clone()).await.unwrap_err().kind(), "invalid_record");
+    rec.pod = "geth-0".into();
+    rec.node_id = member("x", 1).node_id;
+    let err = core.upsert(rec).await.unwrap_err();
+    assert_eq!(err.kind(), "invalid_record");
+    assert_eq!(fake.writes(), 0);
+}
+
+#[test]
+fn retry_policy_bounds() {
+    let p = RetryPolicy::default();
+    assert_eq!(p.max_attempts, 20);
+    assert_eq!(p.delay_cap(1), Duration::from_millis(20));
+    assert_eq!(p.delay_cap(2), Duration::from_millis(40));
+    assert_eq!(p.delay_cap(6), Duration::from_millis(640));
+    assert_eq!(p.delay_cap(7), Duration::from_secs(1));
+    assert_eq!(p.delay_cap(1000), Duration::from_secs(1));
+    for attempt in 1..30 {
+        assert!(p.delay(attempt) <= p.delay_cap(attempt));
+    }
+}
+
+fn observer() -> Observer {
+    Observer {
+        namespace: "ns".into(),
+        name: DEFAULT_NAME.into(),
+        above_warn: AtomicBool::new(false),
+        problems: Mutex::new(Vec::new()),
+    }
+}
+
+fn cm(rv: &str, members: &[MemberRecord]) -> ConfigMap {
+    let set = members.iter().map(|m| (m.pod.clone(), m.clone())).collect();
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(DEFAULT_NAME.into()),
+            resource_version: Some(rv.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(schema::encode(&BTreeMap::new(), &set)),
+        ..ConfigMap::default()
+    }
+}
+
+#[test]
+fn watch_events_become_snapshots() {
+    use watcher::Event;
+    let obs = observer();
+    let mut st = WatchState::default();
+    // Absent at init: an empty snapshot.
+    assert!(st.on_event(Event::Init, &obs).is_none());
+    let s = st.on_event(Event::InitDone, &obs).unwrap();
+    assert!(!s.exists());
+    // Created.
+    let s = st.on_event(Event::Apply(cm("5", &[member("a", 0)])), &obs).unwrap();
+    assert_eq!(s.resource_version.as_deref(), Some("5"));
+    assert!(s.members.contains_key("a"));
+    // A re-list (410 Gone, reconnect) showing the same version: no repeat.
+    assert!(st.on_event(Event::Init, &obs).is_none());
+    assert!(st.on_event(Event::InitApply(cm("5", &[member("a", 0)])), &obs).is_none());
+    assert!(st.on_event(Event::InitDone, &obs).is_none());
+    // Changed while disconnected: the re-list reports it.
+    assert!(st.on_event(Event::Init, &obs).is_none());
+    assert!(st.on_event(Event::InitApply(cm("9", &[member("b", 1)])), &obs).is_none());
+    let s = st.on_event(Event::InitDone, &obs).unwrap();
+    assert_eq!(pods(&s), BTreeSet::from(["b".to_owned()]));
+    // Deleted.
+    let s = st.on_event(Event::Delete(cm("9", &[])), &obs).unwrap();
+    assert_eq!(s, Snapshot::default());
+    // Deleted while disconnected, then a re-list: no repeat of the empty one.
+    assert!(st.on_event(Event::Init, &obs).is_none());
+    assert!(st.on_event(Event::InitDone, &obs).is_none());
+    // Other objects are ignored.
+    let mut other = cm("10", &[]);
+    other.metadata.name = Some("other".into());
+    assert!(st.on_event(Event::Apply(other), &obs).is_none());
+}
+
+#[tokio::test]
+async fn the_mock_is_usable() {
+    let mut mock = MockPeerRegistry::new();
+    mock.expect_snapshot().returning(|| Ok(Snapshot::default()));
+    mock.expect_watch()
+        .returning(|| futures::stream::iter(vec![Ok(Snapshot::default())]).boxed());
+    let reg: &dyn PeerRegistry = &mock;
+    assert!(!reg.snapshot().await.unwrap().exists());
+    assert_eq!(reg.watch().count().await, 1);
+}

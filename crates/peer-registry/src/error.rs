@@ -1,0 +1,185 @@
+//! The registry's error type: one enum whose messages say what to do.
+
+use kube::runtime::watcher;
+
+/// What went wrong talking to the registry. Each message names the object and
+/// what to do; [`Error::kind`] gives a short metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The apiserver refused the request (HTTP 403): an RBAC rule is missing.
+    #[error(
+        "forbidden: the sidecar's service account may not {verb} configmaps {name:?} in \
+         namespace {namespace:?}: the Role must grant configmaps/{verb}{scope} (see the Role in \
+         deploy/base/rbac.yaml and the RoleBinding to the pod's service account): {message}",
+        scope = verb_scope(verb)
+    )]
+    Forbidden {
+        /// The verb refused: get, list, watch, create or update.
+        verb: &'static str,
+        /// The ConfigMap's name.
+        name: String,
+        /// The namespace.
+        namespace: String,
+        /// The apiserver's message.
+        message: String,
+    },
+    /// Every compare-and-swap attempt met a concurrent write (HTTP 409).
+    #[error(
+        "conflict: configmap {name:?} in namespace {namespace:?} changed under each of {attempts} \
+         attempts to update it; too many concurrent writers (or a controller rewriting it): the \
+         caller retries later"
+    )]
+    Conflict {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The ConfigMap's name.
+        name: String,
+        /// The namespace.
+        namespace: String,
+    },
+    /// The apiserver is down, unreachable, overloaded (429) or failing (5xx).
+    #[error(
+        "unavailable: cannot {verb} configmap {name:?} in namespace {namespace:?}: the Kubernetes \
+         apiserver is unreachable or failing ({source}); check the apiserver and the pod's \
+         network; the sidecar retries with backoff"
+    )]
+    Unavailable {
+        /// The verb that failed.
+        verb: &'static str,
+        /// The ConfigMap's name.
+        name: String,
+        /// The namespace.
+        namespace: String,
+        /// The underlying error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The write would make the ConfigMap larger than this crate accepts.
+    #[error(
+        "too large: the registry configmap would grow to {bytes} bytes ({kib} KiB), over the \
+         {max_kib} KiB size this sidecar writes (Kubernetes refuses more than 1 MiB); remove \
+         stale member.* keys or large unknown keys from the configmap",
+        kib = bytes / 1024,
+        max_kib = crate::schema::MAX_BYTES / 1024
+    )]
+    TooLarge {
+        /// The encoded size the write would have produced.
+        bytes: usize,
+    },
+    /// The record given to `upsert` cannot be stored.
+    #[error("invalid member record for pod {pod:?}: {reason}")]
+    InvalidRecord {
+        /// The record's pod name.
+        pod: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Any other Kubernetes API error.
+    #[error("kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn verb_scope(verb: &str) -> &'static str {
+    if verb == "create" {
+        " (create cannot be restricted by resourceNames)"
+    } else {
+        " on the registry's name"
+    }
+}
+
+impl Error {
+    /// A short, stable label for metrics: `forbidden`, `conflict`, `unavailable`,
+    /// `too_large`, `invalid_record` or `kube`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Forbidden { .. } => "forbidden",
+            Error::Conflict { .. } => "conflict",
+            Error::Unavailable { .. } => "unavailable",
+            Error::TooLarge { .. } => "too_large",
+            Error::InvalidRecord { .. } => "invalid_record",
+            Error::Kube(_) => "kube",
+        }
+    }
+
+    /// Classifies a kube error from `verb` on the ConfigMap `namespace/name`.
+    pub(crate) fn from_kube(err: kube::Error, verb: &'static str, namespace: &str, name: &str) -> Self {
+        let unavailable = match &err {
+            kube::Error::Api(status) if status.is_forbidden() => {
+                return Error::Forbidden {
+                    verb,
+                    name: name.to_owned(),
+                    namespace: namespace.to_owned(),
+                    message: status.message.clone(),
+                };
+            }
+            kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                true
+            }
+            _ => false,
+        };
+        if unavailable {
+            Error::Unavailable {
+                verb,
+                name: name.to_owned(),
+                namespace: namespace.to_owned(),
+                source: err,
+            }
+        } else {
+            Error::Kube(err)
+        }
+    }
+
+    /// Classifies a watcher error on the ConfigMap `namespace/name`.
+    pub(crate) fn from_watcher(err: watcher::Error, namespace: &str, name: &str) -> Self {
+        match err {
+            watcher::Error::InitialListFailed(e) => Self::from_kube(e, "list", namespace, name),
+            watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+                Self::from_kube(e, "watch", namespace, name)
+            }
+            watcher::Error::WatchError(status) => {
+                Self::from_kube(kube::Error::Api(status), "watch", namespace, name)
+            }
+            watcher::Error::NoResourceVersion => Error::Kube(kube::Error::Api(
+                kube::core::Status::failure(
+                    "no metadata.resourceVersion in a watch result",
+                    "NoResourceVersion",
+                )
+                .boxed(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api(code: u16, reason: &str) -> kube::Error {
+        kube::Error::Api(Status::failure("msg", reason).with_code(code).boxed())
+    }
+
+    #[test]
+    fn classification_and_messages() {
+        let e = Error::from_kube(api(403, "Forbidden"), "create", "ns", "cm");
+        assert_eq!(e.kind(), "forbidden");
+        let msg = e.to_string();
+        assert!(msg.contains("configmaps/create"), "{msg}");
+        assert!(msg.contains("deploy/"), "{msg}");
+        assert_eq!(Error::from_kube(api(503, ""), "get", "ns", "cm").kind(), "unavailable");
+        assert_eq!(Error::from_kube(api(429, ""), "get", "ns", "cm").kind(), "unavailable");
+        assert_eq!(Error::from_kube(api(422, "Invalid"), "update", "ns", "cm").kind(), "kube");
+        let e = Error::from_watcher(watcher::Error::WatchError(Status::failure("m", "Forbidden").with_code(403).boxed()), "ns", "cm");
+        assert!(e.to_string().contains("configmaps/watch"), "{e}");
+        let big = Error::TooLarge { bytes: 1_000_000 };
+        assert!(big.to_string().contains("KiB"));
+        assert!(big.to_string().contains("size"));
+        let c = Error::Conflict { attempts: 20, name: "cm".into(), namespace: "ns".into() };
+        assert!(c.to_string().contains("20 attempts"));
+        assert_eq!(c.kind(), "conflict");
+    }
+}

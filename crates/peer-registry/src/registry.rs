@@ -1,0 +1,38 @@
+//! The registry trait.
+
+use futures::stream::BoxStream;
+
+use crate::error::Result;
+use crate::record::{MemberRecord, Snapshot};
+
+/// The shared registry of mesh members.
+///
+/// Every write is a compare-and-swap on the stored version, retried on
+/// conflicts: concurrent writers never lose each other's entries.
+#[cfg_attr(any(test, feature = "test-utils"), mockall::automock)]
+#[async_trait::async_trait]
+pub trait PeerRegistry: Send + Sync {
+    /// Fresh read (GET of the one named object). Missing object => `Ok` with a
+    /// snapshot whose `resource_version` is `None`.
+    async fn snapshot(&self) -> Result<Snapshot>;
+
+    /// Registers or updates one member (keyed by `record.pod`). Compare-and-swap
+    /// loop; creates the registry if missing. Returns the snapshot as written.
+    ///
+    /// A stored record that is the [same registration](MemberRecord::same_registration)
+    /// with the same `sidecar_version` is kept as stored (timestamps alone never
+    /// cause a write), so at steady state an upsert makes no write at all.
+    async fn upsert(&self, record: MemberRecord) -> Result<Snapshot>;
+
+    /// Removes each given record, only if the stored record for that pod is still
+    /// the [same registration](MemberRecord::same_registration). Compare-and-swap
+    /// loop. Returns the snapshot as written, or as read when there was nothing
+    /// to remove (then nothing is written).
+    async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot>;
+
+    /// Follows changes: a fresh snapshot after every change (a deleted registry
+    /// gives an empty snapshot with `resource_version` `None`), surviving watch
+    /// timeouts, `410 Gone` and apiserver restarts. Errors are yielded as items and
+    /// the stream goes on (with backoff); it does not end.
+    fn watch(&self) -> BoxStream<'static, Result<Snapshot>>;
+}

@@ -1,0 +1,526 @@
+//! The registry's on-the-wire schema: how a [`Snapshot`] is stored in the
+//! `data` of one ConfigMap. Pure functions, no I/O: available without the `kube`
+//! feature.
+//!
+//! | key | content | written by |
+//! |---|---|---|
+//! | `member.<pod>` | one [`MemberRecord`] as JSON (camelCase fields) | the member's sidecar |
+//! | `static-nodes.json` | JSON array of all members' enode URLs, sorted | derived on every write |
+//! | `external-peers.json` | JSON array of enode URLs outside the cluster | the operator only |
+//! | `schema-version` | `"1"` | set when absent |
+//! | anything else | preserved byte-for-byte | third parties |
+//!
+//! [`decode`] never fails: whatever is malformed is skipped and described in
+//! [`Snapshot::problems`]. [`encode`] computes the next `data` from the current
+//! one and the new member set, preserving everything it does not own.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use geth_ipc::Enode;
+
+use crate::record::{MemberRecord, Snapshot};
+
+/// Prefix of the per-member keys: `member.<pod-name>`.
+pub const MEMBER_KEY_PREFIX: &str = "member.";
+/// The derived key, kept for the original sidecar's consumers: a JSON array of
+/// every member's enode URL, sorted.
+pub const STATIC_NODES_KEY: &str = "static-nodes.json";
+/// The operator-maintained key: a JSON array of enode URLs outside the cluster.
+/// Read by every sidecar, never written by one.
+pub const EXTERNAL_PEERS_KEY: &str = "external-peers.json";
+/// The key holding the schema version.
+pub const SCHEMA_VERSION_KEY: &str = "schema-version";
+/// The schema version this crate writes.
+pub const SCHEMA_VERSION: &str = "1";
+/// Above this encoded size (bytes) a warning is logged, once per crossing.
+pub const WARN_BYTES: usize = 512 * 1024;
+/// A write that would grow the encoded size above this (bytes) is refused.
+/// Kubernetes refuses ConfigMaps whose data exceeds 1 MiB.
+pub const MAX_BYTES: usize = 900 * 1024;
+/// Longest pod name that still makes a valid ConfigMap key (253 minus the prefix).
+pub const MAX_POD_NAME_LEN: usize = 253 - MEMBER_KEY_PREFIX.len();
+
+/// The ConfigMap key of a member: `member.<pod>`.
+pub fn member_key(pod: &str) -> String {
+    format!("{MEMBER_KEY_PREFIX}{pod}")
+}
+
+/// Why a pod name cannot be a member key, or `None` when it can.
+///
+/// ConfigMap keys must match `[-._a-zA-Z0-9]+` and be at most 253 characters.
+pub fn invalid_pod_name(pod: &str) -> Option<&'static str> {
+    if pod.is_empty() {
+        Some("the pod name is empty")
+    } else if pod.len() > MAX_POD_NAME_LEN {
+        Some("the pod name is longer than 246 characters")
+    } else if !pod
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        Some("a pod name may contain only letters, digits, '-', '.' and '_'")
+    } else {
+        None
+    }
+}
+
+/// The encoded size of a ConfigMap's `data`, as Kubernetes counts it against its
+/// 1 MiB limit: the sum of the lengths of every key and value.
+pub fn encoded_size(data: &BTreeMap<String, String>) -> usize {
+    data.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+fn truncated(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.chars().count() <= MAX {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(MAX).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Decodes one `member.<pod>` value, checking it against its key.
+fn decode_member(key: &str, pod: &str, value: &str) -> Result<MemberRecord, String> {
+    let rec: MemberRecord = serde_json::from_str(value).map_err(|e| {
+        format!(
+            "key {key:?}: not a valid member record ({e}); skipped. Its sidecar rewrites it \
+             on its next registration; delete the key if no such pod exists"
+        )
+    })?;
+    if rec.pod != pod {
+        return Err(format!(
+            "key {key:?}: the record names pod {:?}, not {pod:?}; skipped. Delete the key \
+             unless the pod {pod:?} exists (its sidecar then rewrites it)",
+            truncated(&rec.pod)
+        ));
+    }
+    if rec.node_id != rec.enode.node_id() {
+        return Err(format!(
+            "key {key:?}: the record's nodeId {} is not the enode's node id {}; skipped. \
+             Its sidecar rewrites it on its next registration",
+            rec.node_id,
+            rec.enode.node_id()
+        ));
+    }
+    Ok(rec)
+}
+
+/// Decodes the external peers, skipping malformed entries.
+fn decode_external(value: &str, problems: &mut Vec<String>) -> Vec<Enode> {
+    let entries: Vec<serde_json::Value> = match serde_json::from_str(value) {
+        Ok(serde_json::Value::Array(entries)) => entries,
+        Ok(_) | Err(_) => {
+            problems.push(format!(
+                "key {EXTERNAL_PEERS_KEY:?}: not a JSON array of enode URL strings; ignored \
+                 (no external peers used). Fix it: [\"enode://<128 hex>@<host>:<port>\", ...]"
+            ));
+            return Vec::new();
+        }
+    };
+    let mut out: Vec<Enode> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let parsed = match entry {
+            serde_json::Value::String(s) => s.parse::<Enode>().map_err(|e| e.to_string()),
+            _ => Err("not a string".to_owned()),
+        };
+        match parsed {
+            Ok(enode) => {
+                if !out.iter().any(|e| e.identical(&enode)) {
+                    out.push(enode);
+                }
+            }
+            Err(e) => problems.push(format!(
+                "key {EXTERNAL_PEERS_KEY:?}: entry {i} ({}) skipped: {e}",
+                truncated(&entry.to_string())
+            )),
+        }
+    }
+    out
+}
+
+/// Decodes a ConfigMap's `data` into a [`Snapshot`]. Never fails: malformed
+/// member records, a garbage `static-nodes.json`, malformed external peers and an
+/// unknown schema version are reported in [`Snapshot::problems`], each naming the
+/// key (and entry) and what to do.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use peer_registry::schema;
+///
+/// let mut data = BTreeMap::new();
+/// data.insert(
+///     "external-peers.json".to_owned(),
+///     r#"["enode://6f8a80d14311c39f35f516fa664deaaaa13e85b2f7493f37f6144d86991ec012937307647bd3b9a82abe2974e1407241d54947bbb39763a4cac9f77166ad92a0@203.0.113.7:30303", "nonsense"]"#.to_owned(),
+/// );
+/// data.insert("member.geth-1".to_owned(), "{not json".to_owned());
+/// data.insert("operator-note".to_owned(), "unknown keys are kept".to_owned());
+///
+/// let snap = schema::decode(&data, Some("42".to_owned()));
+/// assert_eq!(snap.resource_version.as_deref(), Some("42"));
+/// assert!(snap.members.is_empty());
+/// assert_eq!(snap.external.len(), 1);
+/// assert_eq!(snap.problems.len(), 2); // the bad external entry, the bad record
+/// assert!(snap.problems.iter().any(|p| p.contains("member.geth-1")));
+/// ```
+pub fn decode(data: &BTreeMap<String, String>, resource_version: Option<String>) -> Snapshot {
+    let mut snap = Snapshot {
+        resource_version,
+        ..Snapshot::default()
+    };
+    for (key, value) in data {
+        if let Some(pod) = key.strip_prefix(MEMBER_KEY_PREFIX) {
+            match decode_member(key, pod, value) {
+                Ok(rec) => {
+                    snap.members.insert(pod.to_owned(), rec);
+                }
+                Err(problem) => snap.problems.push(problem),
+            }
+        } else if key == EXTERNAL_PEERS_KEY {
+            snap.external = decode_external(value, &mut snap.problems);
+        } else if key == STATIC_NODES_KEY {
+            if serde_json::from_str::<Vec<String>>(value).is_err() {
+                snap.problems.push(format!(
+                    "key {STATIC_NODES_KEY:?}: not a JSON array of strings; ignored (it is \
+                     derived from the member records and rebuilt on the next write)"
+                ));
+            }
+        } else if key == SCHEMA_VERSION_KEY && value.trim() != SCHEMA_VERSION {
+            snap.problems.push(format!(
+                "key {SCHEMA_VERSION_KEY:?}: version {:?} is not {SCHEMA_VERSION:?}, the \
+                 version this sidecar understands; decoded as version {SCHEMA_VERSION} (upgrade \
+                 every sidecar to the same version)",
+                truncated(value)
+            ));
+        }
+    }
+    snap
+}
+
+/// The derived `static-nodes.json` value: every member's enode URL, sorted,
+/// without duplicates, as a compact JSON array.
+pub fn static_nodes(members: &BTreeMap<String, MemberRecord>) -> String {
+    let urls: BTreeSet<String> = members.values().map(|m| m.enode.to_string()).collect();
+    let urls: Vec<&String> = urls.iter().collect();
+    serde_json::to_string(&urls).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Computes the next `data` of the registry from the `existing` one and the new
+/// member set (keyed by pod; each record is stored under `member.<record.pod>`).
+///
+/// - Every member is written as compact JSON under its key (an existing
+///   malformed value under that key is overwritten: healed).
+/// - A `member.*` key that holds a *valid* record (one [`decode`] accepts) of a
+///   pod not in `members` is deleted: that member was removed. Malformed
+///   `member.*` values of pods not in `members` are kept: we never delete what we
+///   cannot read.
+/// - `static-nodes.json` is rebuilt from `members`.
+/// - `external-peers.json` and every unknown key are kept byte-for-byte.
+/// - `schema-version` is set to `"1"` when absent, kept otherwise.
+///
+/// An unchanged member set over well-formed data gives back equal data, so the
+/// caller can skip the write.
+pub fn encode(
+    existing: &BTreeMap<String, String>,
+    members: &BTreeMap<String, MemberRecord>,
+) -> BTreeMap<String, String> {
+    let mut data: BTreeMap<String, String> = existing
+        .iter()
+        .filter(|(key, value)| match key.strip_prefix(MEMBER_KEY_PREFIX) {
+            Some(pod) => {
+                members.values().any(|m| m.pod == pod) || decode_member(key, pod, value).is_err()
+            }
+            None => true,
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for rec in members.values() {
+        let key = member_key(&rec.pod);
+        // Keep the stored text when it decodes to the very same record, so that a
+        // pretty-printed record written by someone else does not cause a write.
+        let unchanged = existing
+            .get(&key)
+            .and_then(|v| decode_member(&key, &rec.pod, v).ok())
+            .is_some_and(|stored| &stored == rec && stored.enode.identical(&rec.enode));
+        if !unchanged {
+            let value = serde_json::to_string(rec).unwrap_or_default();
+            data.insert(key, value);
+        }
+    }
+    let derived = static_nodes(members);
+    let derived_unchanged = existing.get(STATIC_NODES_KEY).is_some_and(|old| {
+        serde_json::from_str::<Vec<String>>(old).ok()
+            == serde_json::from_str::<Vec<String>>(&derived).ok()
+    });
+    if !derived_unchanged {
+        data.insert(STATIC_NODES_KEY.to_owned(), derived);
+    }
+    data.entry(SCHEMA_VERSION_KEY.to_owned())
+        .or_insert_with(|| SCHEMA_VERSION.to_owned());
+    data
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use geth_ipc::Host;
+
+    const KEY: &str = "6f8a80d14311c39f35f516fa664deaaaa13e85b2f7493f37f6144d86991ec012937307647bd3b9a82abe2974e1407241d54947bbb39763a4cac9f77166ad92a0";
+
+    /// A valid enode with a distinct node id per seed: (seed + 1) * G.
+    pub(crate) fn enode(seed: u32, host: &str) -> Enode {
+        use k256::elliptic_curve::sec1::ToEncodedPoint;
+        let scalar = k256::Scalar::from(u64::from(seed) + 1);
+        let point = (k256::ProjectivePoint::GENERATOR * scalar).to_affine();
+        let enc = point.to_encoded_point(false);
+        let mut pubkey = [0u8; 64];
+        pubkey.copy_from_slice(&enc.as_bytes()[1..]);
+        let host: Host = host.parse().unwrap();
+        Enode::new(pubkey, host, 30303, None).unwrap()
+    }
+
+    pub(crate) fn member(pod: &str, seed: u32) -> MemberRecord {
+        let e = enode(seed, &format!("10.0.{}.{}", seed / 250, seed % 250 + 2));
+        let t: jiff::Timestamp = "2025-01-02T03:04:05Z".parse().unwrap();
+        MemberRecord {
+            pod: pod.to_owned(),
+            node_id: e.node_id(),
+            enode: e,
+            pod_uid: Some(format!("0b6a1f0e-5d2c-4c7e-9a51-{seed:012}")),
+            pod_ip: Some(format!("10.0.{}.{}", seed / 250, seed % 250 + 2)),
+            registered_at: t,
+            updated_at: t,
+            sidecar_version: "0.1.0".to_owned(),
+        }
+    }
+
+    fn set(recs: &[MemberRecord]) -> BTreeMap<String, MemberRecord> {
+        recs.iter().map(|r| (r.pod.clone(), r.clone())).collect()
+    }
+
+    #[test]
+    fn round_trip() {
+        let members = set(&[member("geth-0", 0), member("geth-1", 1)]);
+        let data = encode(&BTreeMap::new(), &members);
+        assert_eq!(data[SCHEMA_VERSION_KEY], "1");
+        assert!(data.contains_key("member.geth-0"));
+        let snap = decode(&data, Some("7".into()));
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        assert_eq!(snap.members, members);
+        assert_eq!(snap.resource_version.as_deref(), Some("7"));
+        let list: Vec<String> = serde_json::from_str(&data[STATIC_NODES_KEY]).unwrap();
+        let mut want: Vec<String> = members.values().map(|m| m.enode.to_string()).collect();
+        want.sort();
+        assert_eq!(list, want);
+    }
+
+    #[test]
+    fn encoding_an_unchanged_set_gives_equal_data() {
+        let members = set(&[member("geth-0", 0), member("geth-1", 1)]);
+        let data = encode(&BTreeMap::new(), &members);
+        assert_eq!(encode(&data, &members), data);
+        let snap = decode(&data, None);
+        assert_eq!(encode(&data, &snap.members), data);
+    }
+
+    #[test]
+    fn pretty_printed_records_are_read_and_not_rewritten() {
+        let rec = member("geth-0", 0);
+        let mut data = encode(&BTreeMap::new(), &set(std::slice::from_ref(&rec)));
+        let pretty = serde_json::to_string_pretty(&rec).unwrap();
+        data.insert("member.geth-0".into(), pretty.clone());
+        let snap = decode(&data, None);
+        assert_eq!(snap.members["geth-0"], rec);
+        assert_eq!(encode(&data, &snap.members)["member.geth-0"], pretty);
+    }
+
+    #[test]
+    fn record_fields_are_camel_case() {
+        let data = encode(&BTreeMap::new(), &set(&[member("geth-0", 0)]));
+        let v: serde_json::Value = serde_json::from_str(&data["member.geth-0"]).unwrap();
+        for field in ["pod", "nodeId", "enode", "podUid", "podIp", "registeredAt", "updatedAt"] {
+            assert!(v.get(field).is_some(), "missing {field}: {v}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_external_peers_are_preserved_byte_for_byte() {
+        let mut existing = BTreeMap::new();
+        let external = format!("[ \"enode://{KEY}@203.0.113.7:30303\" ,\n 42 ]");
+        existing.insert(EXTERNAL_PEERS_KEY.to_owned(), external.clone());
+        existing.insert("operator-note".to_owned(), "keep  me\n".to_owned());
+        existing.insert(SCHEMA_VERSION_KEY.to_owned(), "1".to_owned());
+        let data = encode(&existing, &set(&[member("geth-0", 0)]));
+        assert_eq!(data[EXTERNAL_PEERS_KEY], external);
+        assert_eq!(data["operator-note"], "keep  me\n");
+        let snap = decode(&data, None);
+        assert_eq!(snap.external.len(), 1);
+        assert_eq!(snap.problems.len(), 1, "{:?}", snap.problems);
+        assert!(snap.problems[0].contains("entry 1 (42)"), "{:?}", snap.problems);
+    }
+
+    #[test]
+    fn malformed_external_peers() {
+        let mut data = BTreeMap::new();
+        data.insert(EXTERNAL_PEERS_KEY.to_owned(), "{\"a\": 1}".to_owned());
+        let snap = decode(&data, None);
+        assert!(snap.external.is_empty());
+        assert!(snap.problems[0].contains(EXTERNAL_PEERS_KEY));
+
+        data.insert(
+            EXTERNAL_PEERS_KEY.to_owned(),
+            format!(
+                "[\"enode://{KEY}@1.2.3.4:30303\", \"enode://{KEY}@1.2.3.4:30303\", \"enode://zz@1.2.3.4:1\"]"
+            ),
+        );
+        let snap = decode(&data, None);
+        assert_eq!(snap.external.len(), 1, "duplicates collapse");
+        assert_eq!(snap.problems.len(), 1);
+        assert!(snap.problems[0].contains("entry 2"), "{:?}", snap.problems);
+    }
+
+    #[test]
+    fn garbage_static_nodes_is_ignored_then_rebuilt() {
+        let members = set(&[member("geth-0", 0)]);
+        let mut data = encode(&BTreeMap::new(), &members);
+        data.insert(STATIC_NODES_KEY.to_owned(), "{{{ not json".to_owned());
+        let snap = decode(&data, None);
+        assert_eq!(snap.members, members);
+        assert_eq!(snap.problems.len(), 1);
+        assert!(snap.problems[0].contains(STATIC_NODES_KEY));
+        let healed = encode(&data, &snap.members);
+        let list: Vec<String> = serde_json::from_str(&healed[STATIC_NODES_KEY]).unwrap();
+        assert_eq!(list, vec![members["geth-0"].enode.to_string()]);
+        assert!(decode(&healed, None).problems.is_empty());
+    }
+
+    #[test]
+    fn stale_static_nodes_is_rebuilt() {
+        let members = set(&[member("geth-0", 0), member("geth-1", 1)]);
+        let mut data = encode(&BTreeMap::new(), &members);
+        data.insert(STATIC_NODES_KEY.to_owned(), "[]".to_owned());
+        assert_ne!(encode(&data, &members), data);
+        // Reformatted but equal: not rewritten.
+        let list: Vec<String> = serde_json::from_str(&static_nodes(&members)).unwrap();
+        data.insert(
+            STATIC_NODES_KEY.to_owned(),
+            serde_json::to_string_pretty(&list).unwrap(),
+        );
+        assert_eq!(encode(&data, &members), data);
+    }
+
+    #[test]
+    fn malformed_records_are_skipped_named_and_kept() {
+        let good = member("geth-0", 0);
+        let mut data = encode(&BTreeMap::new(), &set(std::slice::from_ref(&good)));
+        data.insert("member.broken".into(), "not a record".into());
+        data.insert("member.geth-9".into(), "{\"pod\": 42}".into());
+        data.insert("member.".into(), "{}".into());
+        let snap = decode(&data, None);
+        assert_eq!(snap.members.len(), 1);
+        assert_eq!(snap.problems.len(), 3, "{:?}", snap.problems);
+        for key in ["member.broken", "member.geth-9", "\"member.\""] {
+            assert!(snap.problems.iter().any(|p| p.contains(key)), "{key}: {:?}", snap.problems);
+        }
+        let next = encode(&data, &snap.members);
+        assert_eq!(next["member.broken"], "not a record");
+        assert_eq!(next["member.geth-9"], "{\"pod\": 42}");
+        // Removing every valid member still keeps what we cannot read.
+        let emptied = encode(&data, &BTreeMap::new());
+        assert!(!emptied.contains_key("member.geth-0"));
+        assert!(emptied.contains_key("member.broken"));
+        assert_eq!(emptied[STATIC_NODES_KEY], "[]");
+    }
+
+    #[test]
+    fn a_malformed_record_is_healed_by_its_pod() {
+        let mut data = BTreeMap::new();
+        data.insert("member.geth-0".into(), "{\"pod\": 42}".into());
+        let rec = member("geth-0", 0);
+        let next = encode(&data, &set(std::slice::from_ref(&rec)));
+        let snap = decode(&next, None);
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        assert_eq!(snap.members["geth-0"], rec);
+    }
+
+    #[test]
+    fn key_pod_mismatch_is_skipped_and_kept() {
+        let mut data = BTreeMap::new();
+        let rec = member("geth-1", 1);
+        data.insert("member.geth-0".into(), serde_json::to_string(&rec).unwrap());
+        let snap = decode(&data, None);
+        assert!(snap.members.is_empty());
+        assert!(snap.problems[0].contains("member.geth-0"));
+        assert!(snap.problems[0].contains("geth-1"));
+        assert!(encode(&data, &BTreeMap::new()).contains_key("member.geth-0"));
+    }
+
+    #[test]
+    fn node_id_enode_mismatch_is_skipped() {
+        let mut rec = member("geth-0", 0);
+        rec.node_id = member("x", 1).node_id;
+        let mut data = BTreeMap::new();
+        data.insert("member.geth-0".into(), serde_json::to_string(&rec).unwrap());
+        let snap = decode(&data, None);
+        assert!(snap.members.is_empty());
+        assert!(snap.problems[0].contains("nodeId"), "{:?}", snap.problems);
+    }
+
+    #[test]
+    fn schema_version() {
+        let mut data = BTreeMap::new();
+        data.insert(SCHEMA_VERSION_KEY.to_owned(), "2".to_owned());
+        let snap = decode(&data, None);
+        assert!(snap.problems[0].contains(SCHEMA_VERSION_KEY));
+        assert_eq!(encode(&data, &BTreeMap::new())[SCHEMA_VERSION_KEY], "2");
+        assert_eq!(encode(&BTreeMap::new(), &BTreeMap::new())[SCHEMA_VERSION_KEY], "1");
+    }
+
+    #[test]
+    fn empty_and_missing() {
+        let snap = decode(&BTreeMap::new(), None);
+        assert_eq!(snap, Snapshot::default());
+        assert!(!snap.exists());
+    }
+
+    #[test]
+    fn static_nodes_is_sorted_and_deduplicated() {
+        let a = member("b-pod", 5);
+        let mut b = a.clone();
+        b.pod = "a-pod".into();
+        let c = member("c-pod", 2);
+        let list: Vec<String> =
+            serde_json::from_str(&static_nodes(&set(&[a.clone(), b, c.clone()]))).unwrap();
+        let mut want = vec![a.enode.to_string(), c.enode.to_string()];
+        want.sort();
+        assert_eq!(list, want);
+    }
+
+    #[test]
+    fn pod_names() {
+        assert!(invalid_pod_name("geth-0").is_none());
+        assert!(invalid_pod_name("geth.0_x").is_none());
+        assert!(invalid_pod_name("").is_some());
+        assert!(invalid_pod_name("a/b").is_some());
+        assert!(invalid_pod_name(&"a".repeat(247)).is_some());
+        assert!(invalid_pod_name(&"a".repeat(246)).is_none());
+    }
+
+    /// Measures the encoded bytes per member (record + its static-nodes.json
+    /// entry), for the README's member ceiling.
+    #[test]
+    fn bytes_per_member() {
+        let one = encode(&BTreeMap::new(), &set(&[member("geth-0", 0)]));
+        let recs: Vec<MemberRecord> = (0..100)
+            .map(|i| member(&format!("geth-{i}"), i))
+            .collect();
+        let hundred = encode(&BTreeMap::new(), &set(&recs));
+        let per = (encoded_size(&hundred) - encoded_size(&one)) as f64 / 99.0;
+        println!(
+            "bytes per member: {per:.0}; fixed: {}; ceiling at {MAX_BYTES}: {:.0}",
+            encoded_size(&one) as f64 - per,
+            MAX_BYTES as f64 / per
+        );
+        assert!(per < 1000.0, "{per}");
+    }
+}
