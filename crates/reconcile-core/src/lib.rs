@@ -1,2 +1,77 @@
-//! reconcile-core (work in progress).
+//! The pure peering engine of geth-peer-sidecar: observed state in, actions out.
+//!
+//! One function, [`plan`], takes an [`Observation`] (this node's identity, the
+//! registry snapshot, what this sidecar applied to geth, geth's connections, probe
+//! failures, optional pod evidence) and returns a [`Plan`]: registry writes
+//! ([`RegistryAction`]), geth admin calls in order ([`GethAction`]) and a
+//! [`Report`]. No I/O, no clock, no randomness: the caller reads the clock and
+//! executes the plan; [`apply`] records executed geth calls.
+//!
+//! # Rules
+//!
+//! **Registration.** This node's record is written when it is missing (first start,
+//! someone removed it, the ConfigMap was deleted) or differs from the identity in
+//! enode, node id, pod UID, pod IP or sidecar version. `registered_at` is kept for
+//! the same pod incarnation. A loopback/unspecified advertised address, or one whose
+//! key is not this geth's, is never published.
+//!
+//! **Removal of other members** (the old sidecar let one observer's failed probe
+//! delete a node for everyone). A member is removed only:
+//! - on *pod evidence*: its pod no longer exists, exists with another UID, or has
+//!   another IP than recorded (only when the caller supplies the pod list, and only
+//!   when that list shows this sidecar's own pod as it is); or
+//! - on *unreachability*, when there is no pod evidence: its p2p endpoint has
+//!   failed this observer's probes continuously for at least `dead_after`, counted
+//!   from the record's last update at the earliest.
+//!
+//! and never when it is connected to this geth, when its record was written within
+//! `grace_after_register`, when it is this node (by pod name or node id), or when
+//! it is an external peer. When pod evidence shows the member's pod alive, probe
+//! failures never remove it (its own sidecar owns the record).
+//!
+//! **Partition guard.** Removals for unreachability happen only when this observer
+//! plus the members it can reach (connected, or not failing probes) form a strict
+//! majority of the registry (self included). A node cut off from the network sees
+//! every other member unreachable, so it never has a majority and removes nobody;
+//! it reports [`Report::suspected_partition`]. The healthy side of a split keeps its
+//! majority and can remove a truly dead minority. A 2-node mesh never removes by
+//! unreachability (neither side can tell who is cut off); pod evidence still works.
+//! Removals are conditional on the record being unchanged, so a member that
+//! re-registered in the meantime survives.
+//!
+//! **geth.** The desired static set is every member except self plus the registry's
+//! external peers (a member wins over an external peer with the same id). Departed
+//! peers (applied by us, no longer desired) get `RemovePeer` (plus
+//! `RemoveTrustedPeer` in trusted mode). For an id whose address changed,
+//! `RemovePeer` of the old enode precedes `AddPeer` of the new one, because geth
+//! ignores `addPeer` for an id already in its static set. A desired peer not yet
+//! applied by us and not connected also gets a clearing `RemovePeer` first (geth
+//! may still hold a stale address from before a sidecar restart; removing an
+//! unknown id is a no-op). `removePeer` disconnects, so a connected peer is never
+//! removed or moved: the change is deferred until it disconnects
+//! ([`Report::deferred`]). In trusted mode every added peer is first marked trusted.
+//! Peers that connect and drop for a genesis/network mismatch are only reported.
+//!
+//! Until the registry has been read, nothing at all is planned.
 #![forbid(unsafe_code)]
+
+mod apply;
+mod config;
+mod engine;
+mod observation;
+mod plan;
+
+pub use apply::{apply, apply_registry};
+pub use config::Config;
+pub use engine::plan;
+pub use observation::{Observation, PeerObservation, PodObservation, SelfIdentity};
+pub use plan::{
+    GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,
+};
+
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod rule_tests;
+#[cfg(test)]
+mod property_tests;

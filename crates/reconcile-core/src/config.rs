@@ -1,0 +1,31 @@
+//! Tuning knobs of the engine.
+
+use std::time::Duration;
+
+/// How the engine decides. Every field has a safe default ([`Config::default`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Also mark every desired peer trusted (`admin_addTrustedPeer`) so geth's
+    /// `maxpeers` admission check never refuses a mesh member, and unmark departed
+    /// peers (`admin_removeTrustedPeer`).
+    pub trusted: bool,
+    /// A member whose p2p endpoint has been unreachable from this observer
+    /// continuously for at least this long (and that is not connected to this
+    /// geth) is a candidate for removal, subject to the partition guard.
+    /// Default: 120 s.
+    pub dead_after: Duration,
+    /// A member whose record was written less than this long ago is never removed:
+    /// protects new and re-registered members from stale probe state and from a
+    /// lagging pod cache. Default: 60 s.
+    pub grace_after_register: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            trusted: false,
+            dead_after: Duration::from_secs(120),
+            grace_after_register: Duration::from_secs(60),
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The decision: [`plan`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use geth_ipc::{Enode, NodeId};
+use jiff::Timestamp;
+use peer_registry::{MemberRecord, Snapshot};
+
+use crate::config::Config;
+use crate::observation::{Observation, PodObservation};
+use crate::plan::{
+    GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,
+};
+
+/// `now - then`, zero when `then` is in the future, saturating.
+fn elapsed(now: Timestamp, then: Timestamp) -> Duration {
+    if then >= now {
+        return Duration::ZERO;
+    }
+    Duration::try_from(now.duration_since(then)).unwrap_or(Duration::MAX)
+}
+
+/// True when `t` lies within `window` of `now`, on either side (a record written
+/// by a node whose clock runs slightly ahead still counts as recent).
+fn within(now: Timestamp, t: Timestamp, window: Duration) -> bool {
+    let distance = if t >= now {
+        elapsed(t, now)
+    } else {
+        elapsed(now, t)
+    };
+    distance < window
+}
+
+/// What the pod list says about a member.
+enum PodVerdict {
+    /// No usable pod evidence.
+    Unknown,
+    /// The member's pod is there, as recorded.
+    Alive,
+    /// The record is stale: this is why.
+    Stale(RemovalReason),
+}
+
+fn pod_verdict(
+    record: &MemberRecord,
+    pods: Option<&BTreeMap<String, PodObservation>>,
+) -> PodVerdict {
+    let Some(pods) = pods else {
+        return PodVerdict::Unknown;
+    };
+    let Some(pod) = pods.get(&record.pod) else {
+        return PodVerdict::Stale(RemovalReason::PodGone);
+    };
+    if let (Some(record_uid), Some(pod_uid)) = (&record.pod_uid, &pod.uid)
+        && record_uid != pod_uid
+    {
+        return PodVerdict::Stale(RemovalReason::PodReplaced {
+            record_uid: record_uid.clone(),
+            pod_uid: pod_uid.clone(),
+        });
+    }
+    if let (Some(record_ip), Some(pod_ip)) = (&record.pod_ip, &pod.ip)
+        && record_ip != pod_ip
+    {
+        return PodVerdict::Stale(RemovalReason::PodIpChanged {
+            record_ip: record_ip.clone(),
+            pod_ip: pod_ip.clone(),
+        });
+    }
+    PodVerdict::Alive
+}
+
+/// Pod evidence is used only when it shows this sidecar's own pod as it is: an
+/// empty, partial or stale pod list must not remove members.
+fn trusted_pods<'a>(
+    obs: &Observation<'a>,
+    problems: &mut Vec<Problem>,
+) -> Option<&'a BTreeMap<String, PodObservation>> {
+    let pods = obs.pods?;
+    let Some(own) = pods.get(&obs.me.pod) else {
+        problems.push(Problem::PodEvidenceIgnored {
+            reason: "the pod list does not contain this sidecar's own pod (incomplete list?)",
+        });
+        return None;
+    };
+    if let (Some(mine), Some(seen)) = (&obs.me.pod_uid, &own.uid)
+        && mine != seen
+    {
+        problems.push(Problem::PodEvidenceIgnored {
+            reason: "the pod list shows this sidecar's own pod with another UID (stale list?)",
+        });
+        return None;
+    }
+    Some(pods)
+}
+
+/// A registry member other than this node.
+struct Other<'s> {
+    record: &'s MemberRecord,
+    id: NodeId,
+    connected: bool,
+}
+
+impl Other<'_> {
+    fn peer_ref(&self) -> PeerRef {
+        PeerRef {
+            pod: Some(self.record.pod.clone()),
+            node_id: self.id,
+        }
+    }
+}
+
+/// The record this node should have, or why it cannot register.
+fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord, Problem> {
+    let me = obs.me;
+    if me.advertised.node_id() != me.node_id {
+        return Err(Problem::SelfNodeIdMismatch {
+            advertised: me.advertised.node_id(),
+            node_id: me.node_id,
+        });
+    }
+    if me.advertised.host().is_local() {
+        return Err(Problem::SelfAdvertisesLocalAddress {
+            enode: me.advertised.to_string(),
+        });
+    }
+    let existing = snapshot.members.get(&me.pod);
+    // Same pod incarnation (same UID, or UID unknown on either side): keep the
+    // original registration time.
+    let registered_at = existing
+        .filter(|e| match (&e.pod_uid, &me.pod_uid) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        })
+        .map_or(obs.now, |e| e.registered_at);
+    Ok(MemberRecord {
+        pod: me.pod.clone(),
+        node_id: me.node_id,
+        enode: me.advertised.clone(),
+        pod_uid: me.pod_uid.clone(),
+        pod_ip: me.pod_ip.clone(),
+        registered_at,
+        updated_at: obs.now,
+        sidecar_version: me.sidecar_version.clone(),
+    })
+}
+
+/// Decides one reconcile pass. Pure and deterministic: the same observation always
+/// gives the same plan, and the plan never depends on map iteration order.
+///
+/// Rules, in short (see the crate documentation for the reasoning):
+/// - nothing is planned until the registry has been read;
+/// - this node's record is (re)written when missing or when its enode, node id,
+///   pod UID, pod IP or sidecar version differ: never in steady state;
+/// - another member is removed from the registry only on pod evidence (pod gone,
+///   replaced, or with another IP) or after `dead_after` of continuous
+///   unreachability from here, and never when it is connected to this geth, was
+///   written within `grace_after_register`, or (for unreachability) when this
+///   observer and the members it reaches are not a strict majority of the registry;
+/// - geth's static set follows the registry (members except self, plus external
+///   peers); a moved id gets `RemovePeer` before `AddPeer`; a connected peer is
+///   never removed or moved (deferred until it disconnects).
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use geth_ipc::{Enode, NodeId};
+/// use peer_registry::{MemberRecord, Snapshot};
+/// use reconcile_core::{Config, GethAction, Observation, RegistryAction, SelfIdentity, apply, plan};
+///
+/// let me_enode: Enode = "enode://6f8a80d14311c39f35f516fa664deaaaa13e85b2f7493f37f6144d86991ec012937307647bd3b9a82abe2974e1407241d54947bbb39763a4cac9f77166ad92a0@10.0.0.1:30303".parse()?;
+/// let peer: Enode = "enode://a979fb575495b8d6db44f750317d0f4622bf4c2aa3365d6af7c284339968eef29b69ad0dce72a4d8db5ebb4968de0e3bec910127f134779fbcb0cb6d3331163c@10.0.0.2:30303".parse()?;
+/// let now = jiff::Timestamp::from_second(1_700_000_000)?;
+/// let me = SelfIdentity {
+///     pod: "geth-0".into(),
+///     node_id: me_enode.node_id(),
+///     advertised: me_enode.clone(),
+///     pod_uid: Some("uid-0".into()),
+///     pod_ip: Some("10.0.0.1".into()),
+///     sidecar_version: "0.1.0".into(),
+/// };
+/// let mut snapshot = Snapshot { resource_version: Some("1".into()), ..Snapshot::default() };
+/// snapshot.members.insert("geth-1".into(), MemberRecord {
+///     pod: "geth-1".into(),
+///     node_id: peer.node_id(),
+///     enode: peer.clone(),
+///     pod_uid: Some("uid-1".into()),
+///     pod_ip: Some("10.0.0.2".into()),
+///     registered_at: now,
+///     updated_at: now,
+///     sidecar_version: "0.1.0".into(),
+/// });
+/// let mut applied: BTreeMap<NodeId, Enode> = BTreeMap::new();
+///
+/// let first = plan(&Config::default(), &Observation::new(now, &me, Some(&snapshot), &applied));
+/// // Register self, and peer with geth-1 (the RemovePeer clears any stale entry).
+/// assert!(matches!(&first.registry[..], [RegistryAction::Upsert(r)] if r.pod == "geth-0"));
+/// assert_eq!(first.geth, vec![GethAction::RemovePeer(peer.clone()), GethAction::AddPeer(peer.clone())]);
+///
+/// // After executing it, the next pass has nothing to do.
+/// apply(&mut applied, &first.geth);
+/// reconcile_core::apply_registry(&mut snapshot, &first.registry);
+/// let second = plan(&Config::default(), &Observation::new(now, &me, Some(&snapshot), &applied));
+/// assert!(second.is_empty());
+/// assert_eq!(second.report.desired, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
+    let Some(snapshot) = obs.registry else {
+        return Plan {
+            report: Report {
+                registry_synced: false,
+                ..Report::default()
+            },
+            ..Plan::default()
+        };
+    };
+    let me = obs.me;
+    let mut report = Report {
+        registry_synced: true,
+        ..Report::default()
+    };
+    let mut registry = Vec::new();
+
+    // 1. Self: register, or fix a record that differs. Never write in steady state.
+    match own_record(obs, snapshot) {
+        Ok(record) => {
+            let unchanged = snapshot.members.get(&me.pod).is_some_and(|existing| {
+                existing.same_registration(&record)
+                    && existing.sidecar_version == record.sidecar_version
+            });
+            if !unchanged {
+                report.registering = true;
+                registry.push(RegistryAction::Upsert(record));
+            }
+        }
+        Err(problem) => report.problems.push(problem),
+    }
+
+    // 2. The other members, in pod order.
+    let is_connected = |id: &NodeId| obs.connected.contains_key(id);
+    let mut others: Vec<Other<'_>> = Vec::new();
+    for record in snapshot.members.values() {
+        if record.pod == me.pod {
+            continue;
+        }
+        let id = record.enode.node_id();
+        if record.node_id != id {
+            report.problems.push(Problem::RecordNodeIdMismatch {
+                pod: record.pod.clone(),
+                record: record.node_id,
+                enode: id,
+            });
+        }
+        if id == me.node_id || record.node_id == me.node_id {
+            report.problems.push(Problem::RecordClaimsOwnNodeId {
+                pod: record.pod.clone(),
+                node_id: me.node_id,
+            });
+            continue;
+        }
+        if record.enode.host().is_local() {
+            report.problems.push(Problem::MemberAdvertisesLocalAddress {
+                pod: record.pod.clone(),
+                enode: record.enode.to_string(),
+            });
+        }
+        others.push(Other {
+            record,
+            id,
+            connected: is_connected(&id) || is_connected(&record.node_id),
+        });
+    }
+
+    // 3. Liveness: which members are gone.
+    let pods = trusted_pods(obs, &mut report.problems);
+    let mut removals: Vec<Removal> = Vec::new();
+    let mut unreachable_candidates: Vec<Removal> = Vec::new();
+    for other in &others {
+        let record = other.record;
+        let recent = within(obs.now, record.updated_at, config.grace_after_register);
+        // Continuous unreachability, never counted from before the record's last
+        // update (a re-registered member starts a new clock).
+        let down_for = obs.unreachable_since.get(&other.id).map(|&since| {
+            let since = if record.updated_at <= obs.now {
+                since.max(record.updated_at)
+            } else {
+                since
+            };
+            (since, elapsed(obs.now, since))
+        });
+        let long_down = down_for.filter(|(_, d)| *d >= config.dead_after);
+        if other.connected || recent {
+            if long_down.is_some() {
+                report.unreachable.push(other.peer_ref());
+            }
+            continue;
+        }
+        match pod_verdict(record, pods) {
+            PodVerdict::Stale(reason) => removals.push(Removal {
+                record: record.clone(),
+                reason,
+            }),
+            PodVerdict::Alive => {
+                if long_down.is_some() {
+                    report.unreachable.push(other.peer_ref());
+                }
+            }
+            PodVerdict::Unknown => {
+                if let Some((since, for_)) = long_down {
+                    unreachable_candidates.push(Removal {
+                        record: record.clone(),
+                        reason: RemovalReason::Unreachable { since, for_ },
+                    });
+                }
+            }
+        }
+    }
+    if !unreachable_candidates.is_empty() {
+        // Partition guard: act only when this node and the members it can reach
+        // (connected, or not failing probes) are a strict majority of the registry.
+        let total = others.len() + 1;
+        let reachable = 1 + others
+            .iter()
+            .filter(|o| o.connected || !obs.unreachable_since.contains_key(&o.id))
+            .count();
+        if 2 * reachable > total {
+            removals.extend(unreachable_candidates);
+        } else {
+            report.suspected_partition = true;
+            report.unreachable.extend(
+                unreachable_candidates
+                    .iter()
+                    .map(|r| PeerRef {
+                        pod: Some(r.record.pod.clone()),
+                        node_id: r.record.enode.node_id(),
+                    }),
+            );
+        }
+    }
+    removals.sort_by(|a, b| a.record.pod.cmp(&b.record.pod));
+    report.unreachable.sort();
+    let removed: BTreeSet<String> = removals.iter().map(|r| r.record.pod.clone()).collect();
+    if !removals.is_empty() {
+        registry.push(RegistryAction::Remove(
+            removals.iter().map(|r| r.record.clone()).collect(),
+        ));
+    }
+    report.removals = removals;
+
+    // 4. The desired static set: remaining members, then external peers.
+    let mut desired: BTreeMap<NodeId, (&MemberRecord, PeerRef)> = BTreeMap::new();
+    let mut external: BTreeMap<NodeId, &Enode> = BTreeMap::new();
+    for other in others.iter().filter(|o| !removed.contains(&o.record.pod)) {
+        match desired.get(&other.id) {
+            Some((kept, _)) if kept.updated_at >= other.record.updated_at => {
+                report.problems.push(Problem::DuplicateNodeId {
+                    node_id: other.id,
+                    kept: kept.pod.clone(),
+                    ignored: other.record.pod.clone(),
+                });
+            }
+            Some((kept, _)) => {
+                report.problems.push(Problem::DuplicateNodeId {
+                    node_id: other.id,
+                    kept: other.record.pod.clone(),
+                    ignored: kept.pod.clone(),
+                });
+                desired.insert(other.id, (other.record, other.peer_ref()));
+            }
+            None => {
+                desired.insert(other.id, (other.record, other.peer_ref()));
+            }
+        }
+    }
+    for enode in &snapshot.external {
+        let id = enode.node_id();
+        if id == me.node_id || external.contains_key(&id) {
+            continue;
+        }
+        if let Some((member, _)) = desired.get(&id) {
+            report.problems.push(Problem::ExternalIsMember {
+                node_id: id,
+                pod: member.pod.clone(),
+            });
+            continue;
+        }
+        external.insert(id, enode);
+    }
+    let mut targets: BTreeMap<NodeId, (&Enode, PeerRef)> = desired
+        .into_iter()
+        .map(|(id, (record, peer))| (id, (&record.enode, peer)))
+        .collect();
+    for (id, enode) in external {
+        targets.insert(id, (enode, PeerRef { pod: None, node_id: id }));
+    }
+
+    // 5. geth: departures first (frees dial slots), then additions and moves by id.
+    let mut geth = Vec::new();
+    for (id, old) in obs.applied {
+        if targets.contains_key(id) {
+            continue;
+        }
+        if is_connected(id) {
+            report.deferred.push(peer_ref_for(*id, snapshot));
+            continue;
+        }
+        geth.push(GethAction::RemovePeer(old.clone()));
+        if config.trusted {
+            geth.push(GethAction::RemoveTrustedPeer(old.clone()));
+        }
+    }
+    for (id, (enode, peer)) in &targets {
+        let connected = is_connected(id);
+        let clear = match obs.applied.get(id) {
+            Some(current) if current.same_address(enode) => continue,
+            Some(current) => {
+                if connected {
+                    // Moved, but a live link exists: RemovePeer would cut it.
+                    report.deferred.push(peer.clone());
+                    continue;
+                }
+                Some(current.clone())
+            }
+            // Not applied by us: if geth still holds a stale address for this id
+            // (from before a sidecar restart), AddPeer would be ignored; clearing
+            // is harmless for an unknown id. Skipped for a connected peer.
+            None if connected => None,
+            None => Some((*enode).clone()),
+        };
+        if let Some(stale) = clear {
+            geth.push(GethAction::RemovePeer(stale));
+        }
+        if config.trusted {
+            geth.push(GethAction::AddTrustedPeer((*enode).clone()));
+        }
+        geth.push(GethAction::AddPeer((*enode).clone()));
+    }
+
+    // 6. Report.
+    report.desired = targets.len();
+    for (id, (_, peer)) in &targets {
+        match obs.connected.get(id) {
+            Some(p) => {
+                report.connected += 1;
+                if p.eth_ready {
+                    report.ready += 1;
+                }
+            }
+            None => report.missing.push(peer.clone()),
+        }
+    }
+    report.unusable = obs
+        .unusable
+        .iter()
+        .map(|(id, err)| {
+            let peer = targets
+                .get(id)
+                .map_or_else(|| peer_ref_for(*id, snapshot), |(_, p)| p.clone());
+            (peer, err.clone())
+        })
+        .collect();
+    report.missing.sort();
+    report.deferred.sort();
+
+    Plan {
+        registry,
+        geth,
+        report,
+    }
+}
+
+fn peer_ref_for(id: NodeId, snapshot: &Snapshot) -> PeerRef {
+    PeerRef {
+        pod: snapshot
+            .members
+            .values()
+            .find(|m| m.enode.node_id() == id || m.node_id == id)
+            .map(|m| m.pod.clone()),
+        node_id: id,
+    }
+}

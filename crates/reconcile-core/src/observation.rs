@@ -1,0 +1,105 @@
+//! What the engine is told: the observed state of this node, its geth, the
+//! registry and (optionally) the pods.
+
+use std::collections::BTreeMap;
+
+use geth_ipc::{Enode, NodeId};
+use jiff::Timestamp;
+use peer_registry::Snapshot;
+
+/// Who this sidecar is: the identity it registers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelfIdentity {
+    /// This pod's name: the key of its registry record.
+    pub pod: String,
+    /// This geth's node id (`admin_nodeInfo.id`).
+    pub node_id: NodeId,
+    /// The enode other nodes should dial (pod IP or DNS name, never loopback).
+    pub advertised: Enode,
+    /// This pod's UID (Downward API `metadata.uid`), when known.
+    pub pod_uid: Option<String>,
+    /// This pod's IP (Downward API `status.podIP`), when known.
+    pub pod_ip: Option<String>,
+    /// The sidecar's version, written into the record.
+    pub sidecar_version: String,
+}
+
+/// One connection of this geth, from `admin_peers`, keyed by node id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerObservation {
+    /// The eth handshake completed (`protocols.eth` is not `"handshake"`).
+    pub eth_ready: bool,
+    /// The remote dialled us.
+    pub inbound: bool,
+}
+
+/// One pod as the Kubernetes API reports it, keyed by pod name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodObservation {
+    /// `metadata.uid`.
+    pub uid: Option<String>,
+    /// `status.podIP` (absent while the pod is pending).
+    pub ip: Option<String>,
+}
+
+static NO_PEERS: BTreeMap<NodeId, PeerObservation> = BTreeMap::new();
+static NO_TIMES: BTreeMap<NodeId, Timestamp> = BTreeMap::new();
+static NO_REASONS: BTreeMap<NodeId, String> = BTreeMap::new();
+
+/// Everything one reconcile pass knows. Borrowed: the caller keeps its state.
+///
+/// Build it with [`Observation::new`] and override what you have:
+/// `Observation { connected: &peers, ..Observation::new(now, &me, Some(&snap), &applied) }`.
+#[derive(Clone, Copy, Debug)]
+pub struct Observation<'a> {
+    /// The time of this pass (the caller reads the clock, the engine never does).
+    pub now: Timestamp,
+    /// This sidecar's identity.
+    pub me: &'a SelfIdentity,
+    /// The registry as last read. `None` while it has not been read yet: then the
+    /// engine plans nothing at all (it cannot tell a departed peer from an unknown one).
+    pub registry: Option<&'a Snapshot>,
+    /// What this sidecar has applied to this geth as static peers, by node id: the
+    /// caller keeps it with [`apply`](crate::apply) after each successful geth call,
+    /// and empties it when geth restarted (nothing added over RPC survives a restart).
+    pub applied: &'a BTreeMap<NodeId, Enode>,
+    /// This geth's current connections (`admin_peers`), by node id.
+    pub connected: &'a BTreeMap<NodeId, PeerObservation>,
+    /// For each member this observer cannot reach: since when its TCP probes of the
+    /// member's p2p endpoint have failed without interruption. A member absent from
+    /// the map is reachable or not probed yet. Keyed by node id; the caller should
+    /// restart a member's clock when the member's address changes (the engine also
+    /// never counts time before the member's record was last updated).
+    pub unreachable_since: &'a BTreeMap<NodeId, Timestamp>,
+    /// The pods of the namespace by name, when the sidecar may read pods; `None`
+    /// when no pod evidence is available. When `Some`, it must be complete for the
+    /// members' pods: a member whose pod is absent is taken as gone. The engine
+    /// ignores it (and reports why) unless it contains this sidecar's own pod with
+    /// its own UID, which catches an empty or stale list.
+    pub pods: Option<&'a BTreeMap<String, PodObservation>>,
+    /// Peers that connect and are dropped for a network/genesis/fork mismatch, with
+    /// the last error: reported, never removed (they are alive, just incompatible).
+    pub unusable: &'a BTreeMap<NodeId, String>,
+}
+
+impl<'a> Observation<'a> {
+    /// An observation with no connections, no probe failures, no pod evidence and
+    /// no unusable peers.
+    pub fn new(
+        now: Timestamp,
+        me: &'a SelfIdentity,
+        registry: Option<&'a Snapshot>,
+        applied: &'a BTreeMap<NodeId, Enode>,
+    ) -> Self {
+        Self {
+            now,
+            me,
+            registry,
+            applied,
+            connected: &NO_PEERS,
+            unreachable_since: &NO_TIMES,
+            pods: None,
+            unusable: &NO_REASONS,
+        }
+    }
+}
