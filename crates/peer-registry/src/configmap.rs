@@ -86,7 +86,9 @@ impl Store for KubeStore {
     }
 
     async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
-        self.api.replace(&self.name, &PostParams::default(), cm).await
+        self.api
+            .replace(&self.name, &PostParams::default(), cm)
+            .await
     }
 }
 
@@ -190,10 +192,7 @@ impl<S: Store> Core<S> {
             let Some(members) = change(&snap) else {
                 return Ok(snap);
             };
-            let old = cm
-                .as_ref()
-                .and_then(|c| c.data.clone())
-                .unwrap_or_default();
+            let old = cm.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
             let new = schema::encode(&old, &members);
             let result = match cm {
                 Some(_) if new == old => return Ok(snap),
@@ -280,7 +279,8 @@ impl<S: Store> Core<S> {
         self.modify("upsert", |snap| {
             let mut members = snap.members.clone();
             let keep = members.get(&record.pod).is_some_and(|stored| {
-                stored.same_registration(&record) && stored.sidecar_version == record.sidecar_version
+                stored.same_registration(&record)
+                    && stored.sidecar_version == record.sidecar_version
             });
             if !keep {
                 members.insert(record.pod.clone(), record.clone());
@@ -402,7 +402,11 @@ struct WatchState {
 }
 
 impl WatchState {
-    fn on_event(&mut self, event: watcher::Event<ConfigMap>, observer: &Observer) -> Option<Snapshot> {
+    fn on_event(
+        &mut self,
+        event: watcher::Event<ConfigMap>,
+        observer: &Observer,
+    ) -> Option<Snapshot> {
         let snap = match event {
             watcher::Event::Init => {
                 self.listed = None;

@@ -52,7 +52,7 @@ pub enum Error {
         namespace: String,
         /// The underlying error.
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// The write would make the ConfigMap larger than this crate accepts.
     #[error(
@@ -105,7 +105,12 @@ impl Error {
     }
 
     /// Classifies a kube error from `verb` on the ConfigMap `namespace/name`.
-    pub(crate) fn from_kube(err: kube::Error, verb: &'static str, namespace: &str, name: &str) -> Self {
+    pub(crate) fn from_kube(
+        err: kube::Error,
+        verb: &'static str,
+        namespace: &str,
+        name: &str,
+    ) -> Self {
         let unavailable = match &err {
             kube::Error::Api(status) if status.is_forbidden() => {
                 return Error::Forbidden {
@@ -126,7 +131,7 @@ impl Error {
                 verb,
                 name: name.to_owned(),
                 namespace: namespace.to_owned(),
-                source: err,
+                source: Box::new(err),
             }
         } else {
             Error::Kube(err)
@@ -170,15 +175,32 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("configmaps/create"), "{msg}");
         assert!(msg.contains("deploy/"), "{msg}");
-        assert_eq!(Error::from_kube(api(503, ""), "get", "ns", "cm").kind(), "unavailable");
-        assert_eq!(Error::from_kube(api(429, ""), "get", "ns", "cm").kind(), "unavailable");
-        assert_eq!(Error::from_kube(api(422, "Invalid"), "update", "ns", "cm").kind(), "kube");
-        let e = Error::from_watcher(watcher::Error::WatchError(Status::failure("m", "Forbidden").with_code(403).boxed()), "ns", "cm");
+        assert_eq!(
+            Error::from_kube(api(503, ""), "get", "ns", "cm").kind(),
+            "unavailable"
+        );
+        assert_eq!(
+            Error::from_kube(api(429, ""), "get", "ns", "cm").kind(),
+            "unavailable"
+        );
+        assert_eq!(
+            Error::from_kube(api(422, "Invalid"), "update", "ns", "cm").kind(),
+            "kube"
+        );
+        let e = Error::from_watcher(
+            watcher::Error::WatchError(Status::failure("m", "Forbidden").with_code(403).boxed()),
+            "ns",
+            "cm",
+        );
         assert!(e.to_string().contains("configmaps/watch"), "{e}");
         let big = Error::TooLarge { bytes: 1_000_000 };
         assert!(big.to_string().contains("KiB"));
         assert!(big.to_string().contains("size"));
-        let c = Error::Conflict { attempts: 20, name: "cm".into(), namespace: "ns".into() };
+        let c = Error::Conflict {
+            attempts: 20,
+            name: "cm".into(),
+            namespace: "ns".into(),
+        };
         assert!(c.to_string().contains("20 attempts"));
         assert_eq!(c.kind(), "conflict");
     }

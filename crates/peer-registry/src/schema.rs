@@ -338,7 +338,15 @@ pub(crate) mod tests {
     fn record_fields_are_camel_case() {
         let data = encode(&BTreeMap::new(), &set(&[member("geth-0", 0)]));
         let v: serde_json::Value = serde_json::from_str(&data["member.geth-0"]).unwrap();
-        for field in ["pod", "nodeId", "enode", "podUid", "podIp", "registeredAt", "updatedAt"] {
+        for field in [
+            "pod",
+            "nodeId",
+            "enode",
+            "podUid",
+            "podIp",
+            "registeredAt",
+            "updatedAt",
+        ] {
             assert!(v.get(field).is_some(), "missing {field}: {v}");
         }
     }
@@ -356,7 +364,11 @@ pub(crate) mod tests {
         let snap = decode(&data, None);
         assert_eq!(snap.external.len(), 1);
         assert_eq!(snap.problems.len(), 1, "{:?}", snap.problems);
-        assert!(snap.problems[0].contains("entry 1 (42)"), "{:?}", snap.problems);
+        assert!(
+            snap.problems[0].contains("entry 1 (42)"),
+            "{:?}",
+            snap.problems
+        );
     }
 
     #[test]
@@ -420,7 +432,11 @@ pub(crate) mod tests {
         assert_eq!(snap.members.len(), 1);
         assert_eq!(snap.problems.len(), 3, "{:?}", snap.problems);
         for key in ["member.broken", "member.geth-9", "\"member.\""] {
-            assert!(snap.problems.iter().any(|p| p.contains(key)), "{key}: {:?}", snap.problems);
+            assert!(
+                snap.problems.iter().any(|p| p.contains(key)),
+                "{key}: {:?}",
+                snap.problems
+            );
         }
         let next = encode(&data, &snap.members);
         assert_eq!(next["member.broken"], "not a record");
@@ -473,7 +489,10 @@ pub(crate) mod tests {
         let snap = decode(&data, None);
         assert!(snap.problems[0].contains(SCHEMA_VERSION_KEY));
         assert_eq!(encode(&data, &BTreeMap::new())[SCHEMA_VERSION_KEY], "2");
-        assert_eq!(encode(&BTreeMap::new(), &BTreeMap::new())[SCHEMA_VERSION_KEY], "1");
+        assert_eq!(
+            encode(&BTreeMap::new(), &BTreeMap::new())[SCHEMA_VERSION_KEY],
+            "1"
+        );
     }
 
     #[test]
@@ -511,9 +530,7 @@ pub(crate) mod tests {
     #[test]
     fn bytes_per_member() {
         let one = encode(&BTreeMap::new(), &set(&[member("geth-0", 0)]));
-        let recs: Vec<MemberRecord> = (0..100)
-            .map(|i| member(&format!("geth-{i}"), i))
-            .collect();
+        let recs: Vec<MemberRecord> = (0..100).map(|i| member(&format!("geth-{i}"), i)).collect();
         let hundred = encode(&BTreeMap::new(), &set(&recs));
         let per = (encoded_size(&hundred) - encoded_size(&one)) as f64 / 99.0;
         println!(

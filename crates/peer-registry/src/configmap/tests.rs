@@ -9,6 +9,9 @@ use super::*;
 use crate::registry::MockPeerRegistry;
 use crate::schema::tests::member;
 
+/// A third party's action on the stored object; true when it changed it.
+type Meddle = Box<dyn FnMut(&mut Option<ConfigMap>) -> bool + Send>;
+
 /// An in-memory ConfigMap API for one object, with apiserver semantics:
 /// resourceVersion bumps on every write, replace is conditional on it.
 #[derive(Default)]
@@ -23,7 +26,7 @@ struct FakeState {
     /// Errors returned by the next get calls, in order.
     fail_gets: VecDeque<kube::Error>,
     /// Run before each write is applied: a third party acting in between.
-    meddle: Option<Box<dyn FnMut(&mut Option<ConfigMap>) -> bool + Send>>,
+    meddle: Option<Meddle>,
 }
 
 #[derive(Clone, Default)]
@@ -83,13 +86,13 @@ impl Fake {
             return Err(e);
         }
         let mut meddle = s.meddle.take();
-        if let Some(m) = meddle.as_mut() {
-            if m(&mut s.cm) {
-                s.rv += 1;
-                let rv = s.rv.to_string();
-                if let Some(c) = s.cm.as_mut() {
-                    c.metadata.resource_version = Some(rv);
-                }
+        if let Some(m) = meddle.as_mut()
+            && m(&mut s.cm)
+        {
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            if let Some(c) = s.cm.as_mut() {
+                c.metadata.resource_version = Some(rv);
             }
         }
         s.meddle = meddle;
@@ -169,7 +172,8 @@ async fn twenty_concurrent_registrants_never_lose_an_entry() {
                 let barrier = Arc::clone(&barrier);
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    core.upsert(member(&format!("geth-{i}"), round * 100 + i)).await
+                    core.upsert(member(&format!("geth-{i}"), round * 100 + i))
+                        .await
                 })
             })
             .collect();
@@ -184,7 +188,10 @@ async fn twenty_concurrent_registrants_never_lose_an_entry() {
         assert_eq!(list.len(), 20, "round {round}");
         fake.admin_delete();
     }
-    assert!(fake.state().conflicts > 0, "the test must exercise conflicts");
+    assert!(
+        fake.state().conflicts > 0,
+        "the test must exercise conflicts"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -198,12 +205,16 @@ async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
     let mut tasks = Vec::new();
     for m in old.iter().take(5).cloned() {
         let core = Arc::clone(&core);
-        tasks.push(tokio::spawn(async move { core.remove(vec![m]).await.map(|_| ()) }));
+        tasks.push(tokio::spawn(async move {
+            core.remove(vec![m]).await.map(|_| ())
+        }));
     }
     for i in 0..10u32 {
         let core = Arc::clone(&core);
         let m = member(&format!("new-{i}"), 100 + i);
-        tasks.push(tokio::spawn(async move { core.upsert(m).await.map(|_| ()) }));
+        tasks.push(tokio::spawn(
+            async move { core.upsert(m).await.map(|_| ()) },
+        ));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
@@ -293,7 +304,10 @@ async fn losing_the_creation_race_is_normal() {
     let other2 = other.clone();
     fake.state().meddle = Some(Box::new(move |cm| {
         if cm.is_none() {
-            let data = schema::encode(&BTreeMap::new(), &BTreeMap::from([(other2.pod.clone(), other2.clone())]));
+            let data = schema::encode(
+                &BTreeMap::new(),
+                &BTreeMap::from([(other2.pod.clone(), other2.clone())]),
+            );
             *cm = Some(ConfigMap {
                 data: Some(data),
                 ..ConfigMap::default()
@@ -304,7 +318,10 @@ async fn losing_the_creation_race_is_normal() {
         }
     }));
     let snap = core.upsert(member("geth-0", 0)).await.unwrap();
-    assert_eq!(pods(&snap), BTreeSet::from(["geth-0".to_owned(), "geth-1".to_owned()]));
+    assert_eq!(
+        pods(&snap),
+        BTreeSet::from(["geth-0".to_owned(), "geth-1".to_owned()])
+    );
 }
 
 #[tokio::test]
@@ -412,7 +429,13 @@ async fn a_write_past_the_size_limit_is_refused_and_nothing_is_lost() {
     assert_eq!(err.kind(), "too_large");
     assert!(err.to_string().contains("KiB"), "{err}");
     assert_eq!(fake.writes(), writes);
-    assert!(core.snapshot().await.unwrap().members.contains_key("geth-0"));
+    assert!(
+        core.snapshot()
+            .await
+            .unwrap()
+            .members
+            .contains_key("geth-0")
+    );
     // Shrinking writes are still allowed.
     let snap = core.remove(vec![member("geth-0", 0)]).await.unwrap();
     assert!(snap.members.is_empty());
@@ -422,22 +445,34 @@ async fn a_write_past_the_size_limit_is_refused_and_nothing_is_lost() {
 async fn errors_are_classified() {
     let fake = Fake::default();
     let core = fake.core(fast());
-    fake.state().fail_writes.push_back(api_err(403, "Forbidden"));
+    fake.state()
+        .fail_writes
+        .push_back(api_err(403, "Forbidden"));
     let err = core.upsert(member("geth-0", 0)).await.unwrap_err();
     assert_eq!(err.kind(), "forbidden");
     let msg = err.to_string();
-    assert!(msg.contains("create") && msg.contains("configmaps"), "{msg}");
+    assert!(
+        msg.contains("create") && msg.contains("configmaps"),
+        "{msg}"
+    );
     core.upsert(member("geth-0", 0)).await.unwrap();
-    fake.state().fail_writes.push_back(api_err(403, "Forbidden"));
+    fake.state()
+        .fail_writes
+        .push_back(api_err(403, "Forbidden"));
     let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
     assert!(err.to_string().contains("configmaps/update"), "{err}");
-    fake.state().fail_gets.push_back(api_err(503, "ServiceUnavailable"));
+    fake.state()
+        .fail_gets
+        .push_back(api_err(503, "ServiceUnavailable"));
     assert_eq!(core.snapshot().await.unwrap_err().kind(), "unavailable");
     fake.state().fail_gets.push_back(api_err(403, "Forbidden"));
     let err = core.snapshot().await.unwrap_err();
     assert!(err.to_string().contains("configmaps/get"), "{err}");
     fake.state().fail_writes.push_back(api_err(422, "Invalid"));
-    assert_eq!(core.upsert(member("geth-2", 2)).await.unwrap_err().kind(), "kube");
+    assert_eq!(
+        core.upsert(member("geth-2", 2)).await.unwrap_err().kind(),
+        "kube"
+    );
 }
 
 #[tokio::test]
@@ -445,7 +480,10 @@ async fn invalid_records_are_refused() {
     let fake = Fake::default();
     let core = fake.core(fast());
     let mut rec = member("geth/0", 0);
-    assert_eq!(core.upsert(rec.clone()).await.unwrap_err().kind(), "invalid_record");
+    assert_eq!(
+        core.upsert(rec.clone()).await.unwrap_err().kind(),
+        "invalid_record"
+    );
     rec.pod = "geth-0".into();
     rec.node_id = member("x", 1).node_id;
     let err = core.upsert(rec).await.unwrap_err();
@@ -499,16 +537,24 @@ fn watch_events_become_snapshots() {
     let s = st.on_event(Event::InitDone, &obs).unwrap();
     assert!(!s.exists());
     // Created.
-    let s = st.on_event(Event::Apply(cm("5", &[member("a", 0)])), &obs).unwrap();
+    let s = st
+        .on_event(Event::Apply(cm("5", &[member("a", 0)])), &obs)
+        .unwrap();
     assert_eq!(s.resource_version.as_deref(), Some("5"));
     assert!(s.members.contains_key("a"));
     // A re-list (410 Gone, reconnect) showing the same version: no repeat.
     assert!(st.on_event(Event::Init, &obs).is_none());
-    assert!(st.on_event(Event::InitApply(cm("5", &[member("a", 0)])), &obs).is_none());
+    assert!(
+        st.on_event(Event::InitApply(cm("5", &[member("a", 0)])), &obs)
+            .is_none()
+    );
     assert!(st.on_event(Event::InitDone, &obs).is_none());
     // Changed while disconnected: the re-list reports it.
     assert!(st.on_event(Event::Init, &obs).is_none());
-    assert!(st.on_event(Event::InitApply(cm("9", &[member("b", 1)])), &obs).is_none());
+    assert!(
+        st.on_event(Event::InitApply(cm("9", &[member("b", 1)])), &obs)
+            .is_none()
+    );
     let s = st.on_event(Event::InitDone, &obs).unwrap();
     assert_eq!(pods(&s), BTreeSet::from(["b".to_owned()]));
     // Deleted.
