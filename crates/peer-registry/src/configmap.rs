@@ -207,6 +207,10 @@ impl<S: Store> Core<S> {
                     self.store.replace(&cm).await.map(|w| (w, "update"))
                 }
                 None => {
+                    let size = schema::encoded_size(&new);
+                    if size > schema::MAX_BYTES {
+                        return Err(Error::TooLarge { bytes: size });
+                    }
                     let cm = ConfigMap {
                         metadata: ObjectMeta {
                             name: Some(self.observer.name.clone()),
@@ -219,10 +223,6 @@ impl<S: Store> Core<S> {
                         data: Some(new),
                         ..ConfigMap::default()
                     };
-                    let size = object_size(cm.data.as_ref().unwrap_or(&old), &cm);
-                    if size > schema::MAX_BYTES {
-                        return Err(Error::TooLarge { bytes: size });
-                    }
                     self.store.create(&cm).await.map(|w| (w, "create"))
                 }
             };

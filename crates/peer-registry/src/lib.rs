@@ -2,10 +2,11 @@
 //!
 //! Without the default `kube` feature this crate is only the record types
 //! ([`MemberRecord`], [`Snapshot`]) and the [`schema`] codec: no kube, no tokio,
-//! no I/O. With it: the [`PeerRegistry`] trait, its [`ConfigMapRegistry`]
+//! no I/O. With it: the `PeerRegistry` trait, its `ConfigMapRegistry`
 //! implementation (compare-and-swap writes that never lose an entry under
-//! concurrent writers) and the crate [`Error`]. With `test-utils`: the mockall
-//! mock `MockPeerRegistry`.
+//! concurrent writers) and the crate `Error`. With `test-utils`: the mockall
+//! mock `MockPeerRegistry`. The schema, the size ceiling, the retry policy and
+//! the RBAC the implementation needs are described in the crate's README.md.
 #![forbid(unsafe_code)]
 
 mod record;
@@ -24,7 +25,7 @@ pub use record::{MemberRecord, Snapshot};
 pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy};
 #[cfg(feature = "kube")]
 pub use error::{Error, Result};
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub use registry::MockPeerRegistry;
 #[cfg(feature = "kube")]
 pub use registry::PeerRegistry;
