@@ -169,7 +169,7 @@ fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord
 /// use reconcile_core::{Config, GethAction, Observation, RegistryAction, SelfIdentity, apply, plan};
 ///
 /// let me_enode: Enode = "enode://6f8a80d14311c39f35f516fa664deaaaa13e85b2f7493f37f6144d86991ec012937307647bd3b9a82abe2974e1407241d54947bbb39763a4cac9f77166ad92a0@10.0.0.1:30303".parse()?;
-/// let peer: Enode = "enode://a979fb575495b8d6db44f750317d0f4622bf4c2aa3365d6af7c284339968eef29b69ad0dce72a4d8db5ebb4968de0e3bec910127f134779fbcb0cb6d3331163c@10.0.0.2:30303".parse()?;
+/// let peer: Enode = "enode://5cbdf0646e5db4eaa398f365f2ea7a0e3d419b7e0330e39ce92bddedcac4f9bc6aebca40ba255960a3178d6d861a54dba813d0b813fde7b5a5082628087264da@10.0.0.2:30303".parse()?;
 /// let now = jiff::Timestamp::from_second(1_700_000_000)?;
 /// let me = SelfIdentity {
 ///     pod: "geth-0".into(),
@@ -328,14 +328,12 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             removals.extend(unreachable_candidates);
         } else {
             report.suspected_partition = true;
-            report.unreachable.extend(
-                unreachable_candidates
-                    .iter()
-                    .map(|r| PeerRef {
-                        pod: Some(r.record.pod.clone()),
-                        node_id: r.record.enode.node_id(),
-                    }),
-            );
+            report
+                .unreachable
+                .extend(unreachable_candidates.iter().map(|r| PeerRef {
+                    pod: Some(r.record.pod.clone()),
+                    node_id: r.record.enode.node_id(),
+                }));
         }
     }
     removals.sort_by(|a, b| a.record.pod.cmp(&b.record.pod));
@@ -392,7 +390,16 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         .map(|(id, (record, peer))| (id, (&record.enode, peer)))
         .collect();
     for (id, enode) in external {
-        targets.insert(id, (enode, PeerRef { pod: None, node_id: id }));
+        targets.insert(
+            id,
+            (
+                enode,
+                PeerRef {
+                    pod: None,
+                    node_id: id,
+                },
+            ),
+        );
     }
 
     // 5. geth: departures first (frees dial slots), then additions and moves by id.

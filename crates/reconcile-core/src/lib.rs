@@ -70,8 +70,8 @@ pub use plan::{
 };
 
 #[cfg(test)]
-mod testkit;
+mod property_tests;
 #[cfg(test)]
 mod rule_tests;
 #[cfg(test)]
-mod property_tests;
+mod testkit;

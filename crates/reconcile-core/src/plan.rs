@@ -9,6 +9,10 @@ use peer_registry::MemberRecord;
 
 /// A write to the shared registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "at most two per plan; an unboxed record keeps matching simple"
+)]
 pub enum RegistryAction {
     /// Create or replace this sidecar's own record (keyed by its pod name).
     Upsert(MemberRecord),
@@ -190,9 +194,7 @@ pub enum Problem {
     },
     /// Another pod's record carries this node's id (a copied node key, or an old
     /// pod name): ignored, never removed.
-    #[error(
-        "member {pod} claims this node's id {node_id}: ignored (two pods sharing a node key?)"
-    )]
+    #[error("member {pod} claims this node's id {node_id}: ignored (two pods sharing a node key?)")]
     RecordClaimsOwnNodeId {
         /// The other pod.
         pod: String,
@@ -200,7 +202,9 @@ pub enum Problem {
         node_id: NodeId,
     },
     /// Two members have the same node id: the most recently updated one is dialled.
-    #[error("members {kept} and {ignored} have the same node id {node_id}: dialling {kept}'s enode")]
+    #[error(
+        "members {kept} and {ignored} have the same node id {node_id}: dialling {kept}'s enode"
+    )]
     DuplicateNodeId {
         /// The id.
         node_id: NodeId,
@@ -321,7 +325,9 @@ impl fmt::Display for Report {
         list(f, "removing", &removals)?;
         list(f, "unreachable (kept)", &self.unreachable)?;
         if self.suspected_partition {
-            f.write_str("; SUSPECTED PARTITION: this node does not see a majority, removals withheld")?;
+            f.write_str(
+                "; SUSPECTED PARTITION: this node does not see a majority, removals withheld",
+            )?;
         }
         list(f, "deferred while connected", &self.deferred)?;
         list(f, "problems", &self.problems)

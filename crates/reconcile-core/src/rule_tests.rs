@@ -1,0 +1,628 @@
+//! One test per rule, named by the behaviour.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use geth_ipc::{Enode, Host, NodeId};
+use jiff::Timestamp;
+use peer_registry::Snapshot;
+
+use crate::testkit::{at, enode, identity, record, snapshot, t0};
+use crate::{
+    Config, GethAction, Observation, PeerObservation, Plan, PodObservation, Problem,
+    RegistryAction, RemovalReason, SelfIdentity, apply, apply_registry, plan,
+};
+
+use GethAction::{AddPeer, AddTrustedPeer, RemovePeer, RemoveTrustedPeer};
+
+/// A test world: self is `geth-0` (key 1, 10.0.0.1); members `geth-N` have key N+1.
+struct World {
+    config: Config,
+    now: Timestamp,
+    me: SelfIdentity,
+    snap: Option<Snapshot>,
+    applied: BTreeMap<NodeId, Enode>,
+    connected: BTreeMap<NodeId, PeerObservation>,
+    unreachable: BTreeMap<NodeId, Timestamp>,
+    pods: Option<BTreeMap<String, PodObservation>>,
+    unusable: BTreeMap<NodeId, String>,
+}
+
+fn node(i: u8) -> Enode {
+    enode(i + 1, i + 1)
+}
+
+impl World {
+    /// Self plus `n` other members, all registered long ago, all applied.
+    fn mesh(n: u8) -> Self {
+        let me = identity("geth-0", &node(0));
+        let long_ago = t0();
+        let mut records = vec![record("geth-0", &node(0), long_ago)];
+        let mut applied = BTreeMap::new();
+        for i in 1..=n {
+            records.push(record(&format!("geth-{i}"), &node(i), long_ago));
+            applied.insert(node(i).node_id(), node(i));
+        }
+        Self {
+            config: Config::default(),
+            now: at(3600),
+            me,
+            snap: Some(snapshot(records)),
+            applied,
+            connected: BTreeMap::new(),
+            unreachable: BTreeMap::new(),
+            pods: None,
+            unusable: BTreeMap::new(),
+        }
+    }
+
+    fn snap_mut(&mut self) -> &mut Snapshot {
+        self.snap.get_or_insert_with(Snapshot::default)
+    }
+
+    fn connect(&mut self, i: u8) {
+        self.connected.insert(
+            node(i).node_id(),
+            PeerObservation {
+                eth_ready: true,
+                inbound: false,
+            },
+        );
+    }
+
+    /// Member `i` unreachable since `secs_ago` seconds before now.
+    fn unreachable_for(&mut self, i: u8, secs_ago: i64) {
+        let since = self
+            .now
+            .checked_sub(jiff::SignedDuration::from_secs(secs_ago))
+            .expect("in range");
+        self.unreachable.insert(node(i).node_id(), since);
+    }
+
+    /// Pod evidence: self plus the listed members' pods as recorded.
+    fn pods_of(&mut self, members: &[u8]) {
+        let mut pods = BTreeMap::new();
+        for &i in std::iter::once(&0).chain(members) {
+            pods.insert(
+                format!("geth-{i}"),
+                PodObservation {
+                    uid: Some(format!("uid-geth-{i}")),
+                    ip: Some(node(i).host().to_string()),
+                },
+            );
+        }
+        self.pods = Some(pods);
+    }
+
+    fn plan(&self) -> Plan {
+        let obs = Observation {
+            connected: &self.connected,
+            unreachable_since: &self.unreachable,
+            pods: self.pods.as_ref(),
+            unusable: &self.unusable,
+            ..Observation::new(self.now, &self.me, self.snap.as_ref(), &self.applied)
+        };
+        plan(&self.config, &obs)
+    }
+
+    /// Plans, then executes the plan on the world's state.
+    fn step(&mut self) -> Plan {
+        let p = self.plan();
+        apply(&mut self.applied, &p.geth);
+        if let Some(s) = self.snap.as_mut() {
+            apply_registry(s, &p.registry);
+        }
+        p
+    }
+}
+
+fn removed_pods(p: &Plan) -> Vec<String> {
+    p.report
+        .removals
+        .iter()
+        .map(|r| r.record.pod.clone())
+        .collect()
+}
+
+fn upserts(p: &Plan) -> Vec<&peer_registry::MemberRecord> {
+    p.registry
+        .iter()
+        .filter_map(|a| match a {
+            RegistryAction::Upsert(r) => Some(r),
+            RegistryAction::Remove(_) => None,
+        })
+        .collect()
+}
+
+// ---- registration ----
+
+#[test]
+fn registers_self_when_its_record_is_absent() {
+    let mut w = World::mesh(2);
+    w.snap_mut().members.remove("geth-0");
+    let p = w.plan();
+    let ups = upserts(&p);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].pod, "geth-0");
+    assert_eq!(ups[0].registered_at, w.now);
+    assert_eq!(ups[0].updated_at, w.now);
+    assert!(p.report.registering);
+}
+
+#[test]
+fn re_registers_at_once_when_the_configmap_is_gone() {
+    let mut w = World::mesh(0);
+    w.snap = Some(Snapshot::default());
+    let p = w.plan();
+    assert_eq!(upserts(&p).len(), 1);
+}
+
+#[test]
+fn steady_state_makes_no_registry_writes_and_no_geth_calls() {
+    let mut w = World::mesh(3);
+    w.connect(1);
+    let p = w.plan();
+    assert!(p.is_empty(), "{p:?}");
+    assert_eq!(p.report.desired, 3);
+    assert_eq!(p.report.connected, 1);
+    assert_eq!(p.report.missing.len(), 2);
+}
+
+#[test]
+fn re_registers_when_own_enode_changes_keeping_registered_at() {
+    let mut w = World::mesh(1);
+    w.me.advertised = node(0).with_host(Host::Ip("10.9.9.9".parse().expect("ip")));
+    w.me.pod_ip = Some("10.9.9.9".into());
+    let p = w.plan();
+    let ups = upserts(&p);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].registered_at, t0());
+    assert_eq!(ups[0].updated_at, w.now);
+    assert!(ups[0].enode.same_address(&w.me.advertised));
+}
+
+#[test]
+fn a_new_pod_uid_resets_registered_at() {
+    let mut w = World::mesh(1);
+    w.me.pod_uid = Some("new-uid".into());
+    let p = w.plan();
+    assert_eq!(upserts(&p)[0].registered_at, w.now);
+}
+
+#[test]
+fn a_new_sidecar_version_is_written_once() {
+    let mut w = World::mesh(1);
+    w.me.sidecar_version = "2.0".into();
+    assert_eq!(upserts(&w.step()).len(), 1);
+    w.now = at(4000);
+    assert!(w.plan().registry.is_empty());
+}
+
+#[test]
+fn never_publishes_a_loopback_address() {
+    let mut w = World::mesh(1);
+    w.snap_mut().members.remove("geth-0");
+    w.me.advertised = node(0).with_host(Host::Ip("127.0.0.1".parse().expect("ip")));
+    let p = w.plan();
+    assert!(p.registry.is_empty());
+    assert!(matches!(
+        p.report.problems[..],
+        [Problem::SelfAdvertisesLocalAddress { .. }]
+    ));
+}
+
+#[test]
+fn never_publishes_an_enode_whose_key_is_not_this_geths() {
+    let mut w = World::mesh(1);
+    w.snap_mut().members.remove("geth-0");
+    w.me.advertised = node(5);
+    let p = w.plan();
+    assert!(p.registry.is_empty());
+    assert!(matches!(
+        p.report.problems[..],
+        [Problem::SelfNodeIdMismatch { .. }]
+    ));
+}
+
+#[test]
+fn plans_nothing_until_the_registry_is_read() {
+    let mut w = World::mesh(2);
+    w.snap = None;
+    w.unreachable_for(1, 100_000);
+    let p = w.plan();
+    assert!(p.is_empty());
+    assert!(!p.report.registry_synced);
+    assert!(p.report.to_string().contains("not read"));
+}
+
+// ---- geth ----
+
+#[test]
+fn adds_every_member_except_self_clearing_stale_entries_first() {
+    let mut w = World::mesh(2);
+    w.applied.clear();
+    let p = w.plan();
+    assert_eq!(p.geth, {
+        let mut v = vec![(node(1).node_id(), node(1)), (node(2).node_id(), node(2))];
+        v.sort_by_key(|(id, _)| *id);
+        v.into_iter()
+            .flat_map(|(_, e)| [RemovePeer(e.clone()), AddPeer(e)])
+            .collect::<Vec<_>>()
+    });
+    assert!(!p.geth.iter().any(|a| a.enode().node_id() == w.me.node_id));
+}
+
+#[test]
+fn a_connected_peer_not_yet_applied_is_added_without_a_remove() {
+    let mut w = World::mesh(1);
+    w.applied.clear();
+    w.connect(1);
+    assert_eq!(w.plan().geth, vec![AddPeer(node(1))]);
+}
+
+#[test]
+fn a_moved_member_gets_remove_peer_before_add_peer() {
+    let mut w = World::mesh(2);
+    let moved = node(1).with_host(Host::Ip("10.1.1.1".parse().expect("ip")));
+    w.snap_mut()
+        .members
+        .insert("geth-1".into(), record("geth-1", &moved, t0()));
+    let p = w.step();
+    assert_eq!(p.geth, vec![RemovePeer(node(1)), AddPeer(moved.clone())]);
+    assert!(w.applied[&moved.node_id()].same_address(&moved));
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn a_moved_member_that_is_connected_is_deferred_not_cut() {
+    let mut w = World::mesh(1);
+    let moved = node(1).with_host(Host::Ip("10.1.1.1".parse().expect("ip")));
+    w.snap_mut()
+        .members
+        .insert("geth-1".into(), record("geth-1", &moved, t0()));
+    w.connect(1);
+    let p = w.plan();
+    assert!(p.geth.is_empty());
+    assert_eq!(p.report.deferred.len(), 1);
+    w.connected.clear();
+    assert_eq!(w.plan().geth, vec![RemovePeer(node(1)), AddPeer(moved)]);
+}
+
+#[test]
+fn a_discport_only_change_is_not_a_move() {
+    let mut w = World::mesh(1);
+    let same =
+        Enode::new(*node(1).pubkey(), node(1).host().clone(), 30303, Some(0)).expect("valid");
+    w.snap_mut()
+        .members
+        .insert("geth-1".into(), record("geth-1", &same, t0()));
+    assert!(w.plan().geth.is_empty());
+}
+
+#[test]
+fn a_departed_member_gets_remove_peer() {
+    let mut w = World::mesh(2);
+    w.snap_mut().members.remove("geth-2");
+    let p = w.step();
+    assert_eq!(p.geth, vec![RemovePeer(node(2))]);
+    assert!(!w.applied.contains_key(&node(2).node_id()));
+}
+
+#[test]
+fn a_departed_member_still_connected_is_deferred_not_cut() {
+    let mut w = World::mesh(2);
+    w.snap_mut().members.remove("geth-2");
+    w.connect(2);
+    let p = w.plan();
+    assert!(p.geth.is_empty());
+    assert_eq!(p.report.deferred[0].node_id, node(2).node_id());
+}
+
+#[test]
+fn trusted_mode_marks_before_adding_and_unmarks_departed_peers() {
+    let mut w = World::mesh(2);
+    w.config.trusted = true;
+    w.applied.remove(&node(1).node_id());
+    w.snap_mut().members.remove("geth-2");
+    let p = w.plan();
+    assert_eq!(
+        p.geth,
+        vec![
+            RemovePeer(node(2)),
+            RemoveTrustedPeer(node(2)),
+            RemovePeer(node(1)),
+            AddTrustedPeer(node(1)),
+            AddPeer(node(1)),
+        ]
+    );
+}
+
+#[test]
+fn external_peers_are_added_and_never_judged_by_liveness() {
+    let mut w = World::mesh(0);
+    w.snap_mut().external = vec![node(7), node(0)];
+    w.unreachable_for(7, 100_000);
+    w.pods_of(&[]);
+    let p = w.step();
+    assert_eq!(p.geth, vec![RemovePeer(node(7)), AddPeer(node(7))]);
+    assert!(p.registry.is_empty());
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn a_member_wins_over_an_external_peer_with_the_same_id() {
+    let mut w = World::mesh(1);
+    let other_address = node(1).with_host(Host::Ip("192.168.0.1".parse().expect("ip")));
+    w.snap_mut().external = vec![other_address];
+    let p = w.plan();
+    assert!(p.geth.is_empty());
+    assert!(matches!(
+        p.report.problems[..],
+        [Problem::ExternalIsMember { .. }]
+    ));
+}
+
+#[test]
+fn the_member_updated_last_wins_when_two_share_a_node_id() {
+    let mut w = World::mesh(1);
+    let newer = node(1).with_host(Host::Ip("10.7.7.7".parse().expect("ip")));
+    w.snap_mut()
+        .members
+        .insert("geth-9".into(), record("geth-9", &newer, at(10)));
+    let p = w.plan();
+    assert_eq!(p.geth, vec![RemovePeer(node(1)), AddPeer(newer)]);
+    assert!(matches!(
+        &p.report.problems[..],
+        [Problem::DuplicateNodeId { kept, .. }] if kept == "geth-9"
+    ));
+}
+
+// ---- liveness ----
+
+#[test]
+fn a_member_whose_pod_is_gone_is_removed_from_registry_and_geth() {
+    let mut w = World::mesh(3);
+    w.pods_of(&[1, 2]);
+    let p = w.step();
+    assert_eq!(removed_pods(&p), ["geth-3"]);
+    assert_eq!(p.report.removals[0].reason, RemovalReason::PodGone);
+    assert!(matches!(&p.registry[..], [RegistryAction::Remove(r)] if r.len() == 1));
+    assert_eq!(p.geth, vec![RemovePeer(node(3))]);
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn a_member_whose_pod_was_replaced_is_removed() {
+    let mut w = World::mesh(2);
+    w.pods_of(&[1, 2]);
+    if let Some(pods) = w.pods.as_mut()
+        && let Some(pod) = pods.get_mut("geth-2")
+    {
+        pod.uid = Some("another".into());
+    }
+    let p = w.plan();
+    assert_eq!(removed_pods(&p), ["geth-2"]);
+    assert!(matches!(
+        p.report.removals[0].reason,
+        RemovalReason::PodReplaced { .. }
+    ));
+}
+
+#[test]
+fn a_member_whose_pod_ip_changed_is_removed() {
+    let mut w = World::mesh(2);
+    w.pods_of(&[1, 2]);
+    if let Some(pods) = w.pods.as_mut()
+        && let Some(pod) = pods.get_mut("geth-1")
+    {
+        pod.ip = Some("10.50.0.1".into());
+    }
+    let p = w.plan();
+    assert_eq!(removed_pods(&p), ["geth-1"]);
+    assert!(matches!(
+        p.report.removals[0].reason,
+        RemovalReason::PodIpChanged { .. }
+    ));
+}
+
+#[test]
+fn pod_evidence_without_this_sidecars_own_pod_is_ignored() {
+    let mut w = World::mesh(2);
+    w.pods = Some(BTreeMap::new());
+    let p = w.plan();
+    assert!(p.report.removals.is_empty());
+    assert!(matches!(
+        p.report.problems[..],
+        [Problem::PodEvidenceIgnored { .. }]
+    ));
+}
+
+#[test]
+fn pod_evidence_showing_this_pod_with_another_uid_is_ignored() {
+    let mut w = World::mesh(2);
+    w.pods_of(&[1]);
+    w.me.pod_uid = Some("uid-geth-0".into());
+    if let Some(pods) = w.pods.as_mut()
+        && let Some(pod) = pods.get_mut("geth-0")
+    {
+        pod.uid = Some("old".into());
+    }
+    assert!(w.plan().report.removals.is_empty());
+}
+
+#[test]
+fn a_member_whose_pod_is_alive_is_never_removed_for_unreachability() {
+    let mut w = World::mesh(4);
+    w.pods_of(&[1, 2, 3, 4]);
+    w.unreachable_for(1, 100_000);
+    let p = w.plan();
+    assert!(p.report.removals.is_empty());
+    assert_eq!(p.report.unreachable.len(), 1);
+}
+
+#[test]
+fn an_unreachable_member_is_removed_after_dead_after_when_a_majority_is_reachable() {
+    let mut w = World::mesh(2);
+    w.unreachable_for(2, 120);
+    let p = w.step();
+    assert_eq!(removed_pods(&p), ["geth-2"]);
+    assert!(matches!(
+        p.report.removals[0].reason,
+        RemovalReason::Unreachable { .. }
+    ));
+    assert_eq!(p.geth, vec![RemovePeer(node(2))]);
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn an_unreachable_member_is_kept_before_dead_after() {
+    let mut w = World::mesh(2);
+    w.unreachable_for(2, 119);
+    let p = w.plan();
+    assert!(p.is_empty());
+    assert!(p.report.unreachable.is_empty());
+}
+
+#[test]
+fn a_connected_member_is_never_removed_whatever_the_evidence() {
+    let mut w = World::mesh(4);
+    w.unreachable_for(1, 100_000);
+    w.connect(1);
+    assert!(w.plan().report.removals.is_empty());
+    w.pods_of(&[2, 3, 4]);
+    let p = w.plan();
+    assert!(p.report.removals.is_empty());
+    assert!(p.is_empty());
+}
+
+#[test]
+fn a_recently_updated_member_is_not_removed() {
+    let mut w = World::mesh(4);
+    let fresh = w
+        .now
+        .checked_sub(jiff::SignedDuration::from_secs(30))
+        .expect("range");
+    w.snap_mut()
+        .members
+        .insert("geth-4".into(), record("geth-4", &node(4), fresh));
+    w.config.dead_after = Duration::from_secs(10);
+    w.unreachable_for(4, 100_000);
+    assert!(w.plan().report.removals.is_empty());
+    w.pods_of(&[1, 2, 3]);
+    assert!(w.plan().report.removals.is_empty());
+}
+
+#[test]
+fn the_unreachability_clock_restarts_when_the_record_is_updated() {
+    let mut w = World::mesh(4);
+    // Probes failed for a day, but the member re-registered 100 s ago.
+    let updated = w
+        .now
+        .checked_sub(jiff::SignedDuration::from_secs(100))
+        .expect("range");
+    w.snap_mut()
+        .members
+        .insert("geth-4".into(), record("geth-4", &node(4), updated));
+    w.unreachable_for(4, 86_400);
+    assert!(w.plan().report.removals.is_empty());
+    w.now = at(3600 + 20);
+    assert_eq!(removed_pods(&w.plan()), ["geth-4"]);
+}
+
+#[test]
+fn a_partitioned_observer_removes_nobody_and_reports_it() {
+    let mut w = World::mesh(5);
+    for i in 1..=5 {
+        w.unreachable_for(i, 100_000);
+    }
+    let p = w.plan();
+    assert!(p.is_empty(), "{p:?}");
+    assert!(p.report.suspected_partition);
+    assert_eq!(p.report.unreachable.len(), 5);
+    assert!(p.report.to_string().contains("PARTITION"));
+}
+
+#[test]
+fn a_two_node_mesh_never_removes_by_unreachability() {
+    let mut w = World::mesh(1);
+    w.unreachable_for(1, 100_000);
+    let p = w.plan();
+    assert!(p.report.removals.is_empty());
+    assert!(p.report.suspected_partition);
+}
+
+#[test]
+fn a_three_node_mesh_removes_its_one_dead_member() {
+    let mut w = World::mesh(2);
+    w.unreachable_for(1, 100_000);
+    assert_eq!(removed_pods(&w.plan()), ["geth-1"]);
+}
+
+#[test]
+fn an_even_split_removes_nobody() {
+    let mut w = World::mesh(3);
+    w.unreachable_for(2, 100_000);
+    w.unreachable_for(3, 100_000);
+    let p = w.plan();
+    assert!(p.report.removals.is_empty());
+    assert!(p.report.suspected_partition);
+}
+
+#[test]
+fn members_still_failing_probes_briefly_count_against_the_majority() {
+    let mut w = World::mesh(4);
+    w.unreachable_for(1, 100_000);
+    w.unreachable_for(2, 100_000);
+    w.unreachable_for(3, 5);
+    let p = w.plan();
+    assert!(p.report.removals.is_empty());
+    assert!(p.report.suspected_partition);
+}
+
+#[test]
+fn self_is_never_removed() {
+    let mut w = World::mesh(2);
+    w.unreachable_for(0, 100_000);
+    w.pods = Some(BTreeMap::new());
+    let p = w.plan();
+    assert!(p.report.removals.iter().all(|r| r.record.pod != "geth-0"));
+}
+
+#[test]
+fn another_record_claiming_this_nodes_id_is_ignored_not_removed() {
+    let mut w = World::mesh(1);
+    w.snap_mut()
+        .members
+        .insert("old-name".into(), record("old-name", &node(0), t0()));
+    w.pods_of(&[1]);
+    let p = w.plan();
+    assert!(p.is_empty(), "{p:?}");
+    assert!(matches!(
+        p.report.problems[..],
+        [Problem::RecordClaimsOwnNodeId { .. }]
+    ));
+}
+
+#[test]
+fn unusable_peers_are_reported_not_removed() {
+    let mut w = World::mesh(2);
+    w.unusable
+        .insert(node(1).node_id(), "genesis mismatch".into());
+    let p = w.plan();
+    assert!(p.is_empty());
+    assert_eq!(p.report.unusable.len(), 1);
+    assert_eq!(p.report.unusable[0].0.pod.as_deref(), Some("geth-1"));
+}
+
+#[test]
+fn removal_display_names_the_pod_and_short_node_id() {
+    let mut w = World::mesh(3);
+    w.pods_of(&[1, 2]);
+    let p = w.plan();
+    let line = p.report.removals[0].to_string();
+    assert!(line.contains("geth-3"), "{line}");
+    assert!(line.contains(&node(3).node_id().short()), "{line}");
+    assert!(line.contains("no longer exists"), "{line}");
+    let summary = p.report.to_string();
+    assert!(summary.contains("geth-3"), "{summary}");
+}

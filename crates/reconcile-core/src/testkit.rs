@@ -1,9 +1,8 @@
 //! Test helpers: valid enodes from secret keys, records, snapshots.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-use geth_ipc::{Enode, Host, NodeId};
+use geth_ipc::{Enode, Host};
 use jiff::{SignedDuration, Timestamp};
 use k256::elliptic_curve::sec1::ToEncodedPoint;
 use peer_registry::{MemberRecord, Snapshot};
@@ -32,7 +31,8 @@ pub(crate) fn t0() -> Timestamp {
 }
 
 pub(crate) fn at(secs: i64) -> Timestamp {
-    t0().checked_add(SignedDuration::from_secs(secs)).expect("in range")
+    t0().checked_add(SignedDuration::from_secs(secs))
+        .expect("in range")
 }
 
 pub(crate) fn record(pod: &str, e: &Enode, updated_at: Timestamp) -> MemberRecord {
@@ -66,8 +66,4 @@ pub(crate) fn snapshot(records: impl IntoIterator<Item = MemberRecord>) -> Snaps
         external: Vec::new(),
         problems: Vec::new(),
     }
-}
-
-pub(crate) fn applied_of(enodes: &[&Enode]) -> BTreeMap<NodeId, Enode> {
-    enodes.iter().map(|e| (e.node_id(), (*e).clone())).collect()
 }
