@@ -14,9 +14,10 @@ pub struct Config {
     /// geth) is a candidate for removal, subject to the partition guard.
     /// Default: 120 s.
     pub dead_after: Duration,
-    /// A member whose record was written less than this long ago is never removed:
-    /// protects new and re-registered members from stale probe state and from a
-    /// lagging pod cache. Default: 60 s.
+    /// A member whose record was written less than this long ago (or this little
+    /// ahead of `now`, for clock skew) is never removed: protects new and
+    /// re-registered members from stale probe state and from a lagging pod cache.
+    /// Default: 60 s.
     pub grace_after_register: Duration,
 }
 

@@ -6,9 +6,11 @@ use std::time::Duration;
 use geth_ipc::{Enode, NodeId};
 use jiff::Timestamp;
 use peer_registry::MemberRecord;
+use serde::Serialize;
 
 /// A write to the shared registry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 #[allow(
     clippy::large_enum_variant,
     reason = "at most two per plan; an unboxed record keeps matching simple"
@@ -23,7 +25,8 @@ pub enum RegistryAction {
 }
 
 /// A call to geth's admin API.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub enum GethAction {
     /// `admin_addPeer`: add to the static set (ignored by geth if the id is there).
     AddPeer(Enode),
@@ -64,7 +67,8 @@ impl fmt::Display for GethAction {
 }
 
 /// A peer named for humans: its pod when it is a member, and its short node id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PeerRef {
     /// The member's pod name; `None` for an external peer or an unknown id.
     pub pod: Option<String>,
@@ -83,7 +87,12 @@ impl fmt::Display for PeerRef {
 }
 
 /// Why a member is removed from the registry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "kind"
+)]
 pub enum RemovalReason {
     /// Pod evidence: no pod of that name exists.
     PodGone,
@@ -107,6 +116,7 @@ pub enum RemovalReason {
         /// Since when (counted from the record's last update at the earliest).
         since: Timestamp,
         /// For how long, at the time of the plan.
+        #[serde(rename = "for")]
         for_: Duration,
     },
 }
@@ -136,7 +146,8 @@ impl fmt::Display for RemovalReason {
 }
 
 /// One planned registry removal and its reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Removal {
     /// The record removed (conditionally).
     pub record: MemberRecord,
@@ -159,7 +170,12 @@ impl fmt::Display for Removal {
 
 /// Something wrong in the inputs that the engine worked around. Each names the
 /// member and what to check.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "kind"
+)]
 pub enum Problem {
     /// The advertised enode is loopback/unspecified: this node is not registered.
     #[error(
@@ -240,7 +256,8 @@ pub enum Problem {
 /// What the pass saw and decided, for logs, metrics and the status endpoint.
 /// Its [`Display`](fmt::Display) is one deterministic line that changes only when
 /// the situation does (log it when it differs from the previous one).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Report {
     /// False when the registry has not been read yet (then nothing was planned).
     pub registry_synced: bool,
@@ -335,7 +352,8 @@ impl fmt::Display for Report {
 }
 
 /// The outcome of one pass: registry writes first, then geth calls in order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Plan {
     /// Registry writes. At most one `Upsert` (self) and one `Remove`; empty in
     /// steady state.
