@@ -1,0 +1,309 @@
+//! The ConfigMap registry on a real apiserver, as the service account of
+//! deploy/'s Role: concurrent writers never lose an entry, and anything a third
+//! party does to the object is survived.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use integration_tests::{Cluster, TestContext, TestNamespace, eventually, test_member};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::Role;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use peer_registry::{ConfigMapRegistry, PeerRegistry};
+use serde_json::json;
+
+const NAME: &str = "geth-shared-static-nodes";
+
+async fn registry(ns: &TestNamespace) -> ConfigMapRegistry {
+    ConfigMapRegistry::new(ns.new_client().await.unwrap(), ns.name.clone(), NAME)
+}
+
+async fn start(name: &str) -> (TestContext, Cluster, TestNamespace) {
+    let ctx = TestContext::new(name);
+    let cluster = Cluster::start(&ctx, "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
+    let ns = cluster.namespace(name).await.unwrap();
+    (ctx, cluster, ns)
+}
+
+/// Reads the watch until a snapshot satisfies `pred`, or fails after `timeout`.
+async fn watch_until(
+    watch: &mut futures::stream::BoxStream<'static, peer_registry::Result<peer_registry::Snapshot>>,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&peer_registry::Snapshot) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, watch.next()).await {
+            Err(_) => panic!("timed out after {timeout:?} waiting for the watch to show {what}"),
+            Ok(None) => panic!("watch ended while waiting for {what}"),
+            Ok(Some(Ok(s))) if pred(&s) => return,
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+fn pods(s: &peer_registry::Snapshot) -> BTreeSet<String> {
+    s.members.keys().cloned().collect()
+}
+
+async fn raw_data(cluster: &Cluster, ns: &str) -> std::collections::BTreeMap<String, String> {
+    Api::<ConfigMap>::namespaced(cluster.admin(), ns)
+        .get(NAME)
+        .await
+        .unwrap()
+        .data
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_simultaneous_registrants_are_all_present_in_twenty_rounds() {
+    let (_ctx, cluster, ns) = start("twenty").await;
+    let admin: Api<ConfigMap> = Api::namespaced(cluster.admin(), &ns.name);
+    let mut registries = Vec::new();
+    for _ in 0..20 {
+        registries.push(registry(&ns).await);
+    }
+    for round in 0..20u32 {
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(20));
+        let tasks = registries.iter().enumerate().map(|(i, reg)| {
+            let barrier = barrier.clone();
+            let rec = test_member(&format!("geth-{i}"), round * 100 + i as u32);
+            async move {
+                barrier.wait().await;
+                reg.upsert(rec).await
+            }
+        });
+        for r in futures::future::join_all(tasks).await {
+            r.unwrap();
+        }
+        let snap = registries[0].snapshot().await.unwrap();
+        assert_eq!(
+            snap.members.len(),
+            20,
+            "round {round}: lost entries: {:?}",
+            pods(&snap)
+        );
+        let static_nodes: Vec<String> =
+            serde_json::from_str(&raw_data(&cluster, &ns.name).await["static-nodes.json"]).unwrap();
+        assert_eq!(
+            static_nodes.len(),
+            20,
+            "round {round}: static-nodes.json out of step"
+        );
+        admin.delete(NAME, &DeleteParams::default()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
+    let (_ctx, _cluster, ns) = start("racing").await;
+    let reg = registry(&ns).await;
+    let old: Vec<_> = (0..10)
+        .map(|i| test_member(&format!("old-{i}"), i))
+        .collect();
+    for m in &old {
+        reg.upsert(m.clone()).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for m in old.iter().take(5).cloned() {
+        let r = registry(&ns).await;
+        tasks.push(tokio::spawn(
+            async move { r.remove(vec![m]).await.map(|_| ()) },
+        ));
+    }
+    for i in 0..10u32 {
+        let r = registry(&ns).await;
+        let m = test_member(&format!("new-{i}"), 100 + i);
+        tasks.push(tokio::spawn(async move { r.upsert(m).await.map(|_| ()) }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let got = pods(&reg.snapshot().await.unwrap());
+    let want: BTreeSet<String> = (5..10)
+        .map(|i| format!("old-{i}"))
+        .chain((0..10).map(|i| format!("new-{i}")))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn a_removal_does_not_delete_a_member_that_re_registered_meanwhile() {
+    let (_ctx, _cluster, ns) = start("stale-remove").await;
+    let reg = registry(&ns).await;
+    let before = test_member("geth-0", 1);
+    reg.upsert(before.clone()).await.unwrap();
+    let mut moved = test_member("geth-0", 1);
+    moved.enode = moved.enode.with_host("198.19.9.9".parse().unwrap());
+    moved.pod_ip = Some("198.19.9.9".into());
+    reg.upsert(moved.clone()).await.unwrap();
+    let snap = reg.remove(vec![before]).await.unwrap();
+    let kept = snap
+        .members
+        .get("geth-0")
+        .expect("the re-registered member is kept");
+    assert!(kept.same_registration(&moved), "{kept:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_configmap_is_recreated_and_the_watch_follows() {
+    let (_ctx, cluster, ns) = start("deleted").await;
+    let reg = registry(&ns).await;
+    let mut watch = reg.watch();
+    reg.upsert(test_member("geth-0", 0)).await.unwrap();
+    watch_until(
+        &mut watch,
+        "watch to show geth-0",
+        Duration::from_secs(20),
+        |s| s.members.contains_key("geth-0"),
+    )
+    .await;
+    Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
+        .delete(NAME, &DeleteParams::default())
+        .await
+        .unwrap();
+    watch_until(
+        &mut watch,
+        "watch to report the deletion",
+        Duration::from_secs(20),
+        |s| !s.exists(),
+    )
+    .await;
+    reg.upsert(test_member("geth-1", 1)).await.unwrap();
+    watch_until(
+        &mut watch,
+        "watch to show the recreated object",
+        Duration::from_secs(20),
+        |s| s.members.contains_key("geth-1"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_written_by_a_third_party_is_survived_and_unknown_keys_kept() {
+    let (_ctx, cluster, ns) = start("garbage").await;
+    let reg = registry(&ns).await;
+    reg.upsert(test_member("geth-0", 0)).await.unwrap();
+    let patch = json!({"data": {
+        "static-nodes.json": "{{{ not json",
+        "member.broken": "not a record",
+        "member.geth-0": "{\"pod\": 42}",
+        "operator-note": "keep me",
+    }});
+    Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let snap = reg.snapshot().await.unwrap();
+    assert!(snap.members.is_empty(), "malformed records must be skipped");
+    assert!(
+        snap.problems.iter().any(|p| p.contains("member.broken")),
+        "problems must name the key: {:?}",
+        snap.problems
+    );
+    // The next write heals the member and the derived key, and keeps the rest.
+    reg.upsert(test_member("geth-0", 0)).await.unwrap();
+    let data = raw_data(&cluster, &ns.name).await;
+    let list: Vec<String> = serde_json::from_str(&data["static-nodes.json"]).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(data["operator-note"], "keep me");
+    assert!(
+        data.contains_key("member.broken"),
+        "unknown malformed records are not deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_configmap_near_the_size_limit_gives_a_clear_error_not_a_panic() {
+    let (_ctx, cluster, ns) = start("size").await;
+    let reg = registry(&ns).await;
+    reg.upsert(test_member("geth-0", 0)).await.unwrap();
+    let filler = "x".repeat(950 * 1024);
+    let patch = json!({"data": {"operator-filler": filler}});
+    Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let err = reg.upsert(test_member("geth-1", 1)).await.unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("size") || err.to_string().contains("KiB"),
+        "{err}"
+    );
+    // Nothing that was there is lost.
+    let snap = reg.snapshot().await.unwrap();
+    assert!(snap.members.contains_key("geth-0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_resumes_and_writes_succeed_after_the_apiserver_was_down_30s() {
+    let (_ctx, mut cluster, ns) = start("outage").await;
+    let reg = registry(&ns).await;
+    let mut watch = reg.watch();
+    reg.upsert(test_member("geth-0", 0)).await.unwrap();
+    cluster.stop_apiserver().await;
+    assert!(
+        reg.upsert(test_member("geth-1", 1)).await.is_err(),
+        "apiserver is down"
+    );
+    // The outage itself is the scenario, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    cluster.start_apiserver().await.unwrap();
+    eventually(
+        "a write after the outage",
+        Duration::from_secs(30),
+        || async { reg.upsert(test_member("geth-1", 1)).await.ok() },
+    )
+    .await
+    .unwrap();
+    watch_until(
+        &mut watch,
+        "the watch to resume",
+        Duration::from_secs(60),
+        |s| s.members.contains_key("geth-1"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn without_create_permission_a_missing_configmap_is_a_clear_error() {
+    let (_ctx, cluster, ns) = start("no-create").await;
+    let roles: Api<Role> = Api::namespaced(cluster.admin(), &ns.name);
+    let patch = json!({"rules": [{
+        "apiGroups": [""], "resources": ["configmaps"],
+        "resourceNames": [NAME], "verbs": ["get", "list", "watch", "update", "patch"]
+    }]});
+    roles
+        .patch(
+            "geth-peer-sidecar",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let reg = registry(&ns).await;
+    let err = eventually(
+        "the narrowed Role to be in force",
+        Duration::from_secs(15),
+        || async { reg.upsert(test_member("geth-0", 0)).await.err() },
+    )
+    .await
+    .unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("create"), "{msg}");
+    assert!(msg.contains("configmaps"), "{msg}");
+    assert_eq!(err.kind(), "forbidden");
+    // The Role in deploy/ is sufficient: an admin-created object can then be used.
+    Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NAME}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    reg.upsert(test_member("geth-0", 0)).await.unwrap();
+}
