@@ -408,11 +408,12 @@ impl FromStr for Enode {
                 host: truncated(hostport),
                 reason: "missing ']' after an IPv6 address",
             })?;
-            let port = hostport[end + 1..]
-                .strip_prefix(':')
-                .ok_or_else(|| EnodeError::MissingPort {
-                    url: truncated(url),
-                })?;
+            let port =
+                hostport[end + 1..]
+                    .strip_prefix(':')
+                    .ok_or_else(|| EnodeError::MissingPort {
+                        url: truncated(url),
+                    })?;
             (&hostport[..=end], port)
         } else {
             hostport
@@ -463,7 +464,13 @@ impl fmt::Display for Enode {
 
 impl fmt::Debug for Enode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Enode({}@{}:{})", self.id.short(), self.host, self.tcp_port)
+        write!(
+            f,
+            "Enode({}@{}:{})",
+            self.id.short(),
+            self.host,
+            self.tcp_port
+        )
     }
 }
 
@@ -536,7 +543,10 @@ mod tests {
             ("enode://abc", "missing '@'"),
             ("enode://abc@1.2.3.4:1", "128 hex"),
             (&format!("enode://{}@1.2.3.4:1", "zz".repeat(64)), "not hex"),
-            (&format!("enode://{}@1.2.3.4:1", "00".repeat(64)), "secp256k1"),
+            (
+                &format!("enode://{}@1.2.3.4:1", "00".repeat(64)),
+                "secp256k1",
+            ),
             (&format!("enode://{KEY}@1.2.3.4"), "missing TCP port"),
             (&format!("enode://{KEY}@1.2.3.4:99999"), "TCP port"),
             (&format!("enode://{KEY}@1.2.3.4:0"), "TCP port"),

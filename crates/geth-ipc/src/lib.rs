@@ -1,9 +1,51 @@
 //! Typed JSON-RPC client for geth's admin API over IPC, HTTP and WebSocket.
 //!
 //! Without the default `client` feature this crate is only the data types
-//! ([`Enode`], [`NodeId`], [`Host`]): no tokio, no I/O.
+//! ([`Enode`], [`NodeId`], [`Host`], [`NodeInfo`], [`PeerInfo`], [`PeerEvent`]): no
+//! tokio, no I/O. With it, [`GethClient`] implements [`AdminApi`] over an
+//! [`Endpoint`]: geth's IPC socket (framing implemented here), HTTP or WebSocket.
+//! The `test-utils` feature adds `MockAdminApi` (mockall).
+#![cfg_attr(
+    feature = "client",
+    doc = r#"
+```no_run
+use geth_ipc::{AdminApi, ClientOptions, GethClient};
+
+# async fn demo() -> geth_ipc::Result<()> {
+let geth = GethClient::connect("/data/geth.ipc".parse()?, ClientOptions::default()).await?;
+let me = geth.node_info().await?;
+for peer in geth.peers().await? {
+    println!("{} {} eth ready: {}", me.id.short(), peer.id.short(), peer.eth_ready());
+}
+# Ok(())
+# }
+```
+"#
+)]
 #![forbid(unsafe_code)]
 
 mod enode;
+mod types;
+
+#[cfg(feature = "client")]
+mod client;
+#[cfg(feature = "client")]
+mod endpoint;
+#[cfg(feature = "client")]
+mod error;
+#[cfg(feature = "client")]
+mod framing;
+#[cfg(feature = "client")]
+mod ipc;
 
 pub use enode::{Enode, EnodeError, Host, NodeId};
+pub use types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports};
+
+#[cfg(all(feature = "client", any(test, feature = "test-utils")))]
+pub use client::MockAdminApi;
+#[cfg(feature = "client")]
+pub use client::{AdminApi, ClientOptions, GethClient, PeerEventStream};
+#[cfg(feature = "client")]
+pub use endpoint::Endpoint;
+#[cfg(feature = "client")]
+pub use error::{Error, Result};
