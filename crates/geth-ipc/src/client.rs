@@ -27,9 +27,11 @@ use crate::types::{NodeInfo, PeerEvent, PeerInfo};
 pub type PeerEventStream = BoxStream<'static, Result<PeerEvent>>;
 
 /// geth's admin API, as the sidecar uses it. [`GethClient`] implements it; with the
-/// `test-utils` feature, `MockAdminApi` is a mockall mock of it.
-#[async_trait::async_trait]
+/// `test-utils` feature, `MockAdminApi` is a mockall mock of it, whose expectations
+/// return plain values (`mock.expect_peers().returning(|| Ok(vec![]))`).
+// automock must come before async_trait, so the mock sees `async fn`s.
 #[cfg_attr(any(test, feature = "test-utils"), mockall::automock)]
+#[async_trait::async_trait]
 pub trait AdminApi: Send + Sync {
     /// `admin_nodeInfo`: the local node.
     async fn node_info(&self) -> Result<NodeInfo>;
