@@ -22,12 +22,6 @@ pub(crate) struct Health {
     pub(crate) registry_synced: AtomicBool,
 }
 
-impl Health {
-    pub(crate) fn ready(&self) -> bool {
-        self.geth_ok.load(Ordering::Relaxed) && self.registry_synced.load(Ordering::Relaxed)
-    }
-}
-
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,

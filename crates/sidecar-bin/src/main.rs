@@ -1,4 +1,120 @@
-//! geth-peer-sidecar (work in progress).
+//! geth-peer-sidecar: keeps every geth of a private Ethereum network on
+//! Kubernetes peered with every other, through a shared ConfigMap registry and
+//! geth's admin API over IPC.
 #![forbid(unsafe_code)]
 
-fn main() {}
+mod config;
+mod http;
+mod identity;
+mod metrics;
+mod runner;
+mod status;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use config::{Cli, Command, Common, LogFormat};
+use geth_ipc::{ClientOptions, Endpoint, GethClient};
+use peer_registry::ConfigMapRegistry;
+
+fn init_tracing(common: &Common) -> anyhow::Result<()> {
+    let level = config::level_filter(&common.logging).map_err(anyhow::Error::msg)?;
+    // Our crates at the chosen level; dependencies one notch quieter.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "warn,geth_peer_sidecar={level},geth_ipc={level},peer_registry={level},reconcile_core={level}"
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match common.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// The namespace: flag/env, else the pod's service-account namespace, else the
+/// kubeconfig's default.
+fn namespace(common: &Common, client: &kube::Client) -> String {
+    if let Some(ns) = &common.namespace {
+        return ns.clone();
+    }
+    let sa = Path::new("/var/run/secrets/kubernetes.io/serviceaccount/namespace");
+    if let Ok(ns) = std::fs::read_to_string(sa) {
+        let ns = ns.trim();
+        if !ns.is_empty() {
+            return ns.to_owned();
+        }
+    }
+    client.default_namespace().to_owned()
+}
+
+async fn kube_client(common: &Common) -> anyhow::Result<kube::Client> {
+    let config = match &common.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: not in a pod with a service account, and no KUBECONFIG",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_tracing(&cli.common) {
+        eprintln!("geth-peer-sidecar: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("geth-peer-sidecar: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let endpoint: Endpoint = cli
+        .common
+        .ipc_path
+        .parse()
+        .with_context(|| format!("IPC_PATH={:?}", cli.common.ipc_path))?;
+    let options = ClientOptions {
+        request_timeout: cli.common.rpc_timeout,
+        ..ClientOptions::default()
+    };
+    let geth = Arc::new(GethClient::new(endpoint, options));
+    let client = kube_client(&cli.common).await?;
+    let ns = namespace(&cli.common, &client);
+    let registry = Arc::new(ConfigMapRegistry::new(
+        client,
+        ns.clone(),
+        cli.common.configmap_name.clone(),
+    ));
+    match cli.command {
+        Some(Command::Status) => status::print(&*registry, &*geth, &ns, &cli.common.configmap_name).await,
+        None => {
+            let settings = runner::Settings::from_args(&cli.run, &ns, &cli.common)?;
+            runner::run(geth, registry, settings).await
+        }
+    }
+}
