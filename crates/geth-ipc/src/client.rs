@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -106,6 +106,9 @@ struct Inner {
     options: ClientOptions,
     conn: Mutex<Option<Conn>>,
     generation: AtomicU64,
+    /// HTTP only: no call has reached geth since the start or the last failure to
+    /// reach it; the next successful call counts as a new connection.
+    http_down: AtomicBool,
 }
 
 /// A client of geth's admin API over IPC, HTTP or WebSocket.
@@ -116,8 +119,9 @@ struct Inner {
 /// [`AdminApi::connection_generation`]. Every call is bounded by
 /// [`ClientOptions::request_timeout`].
 ///
-/// Over HTTP there is no persistent connection: the generation increments after a
-/// call failed to reach geth, and [`AdminApi::peer_events`] is not supported.
+/// Over HTTP there is no persistent connection: the generation increments at the
+/// first call that reaches geth and at the first one after a call failed to reach
+/// it, and [`AdminApi::peer_events`] is not supported.
 #[derive(Clone)]
 pub struct GethClient {
     inner: Arc<Inner>,
@@ -143,6 +147,7 @@ impl GethClient {
                 options,
                 conn: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                http_down: AtomicBool::new(true),
             }),
         }
     }
@@ -196,8 +201,9 @@ impl GethClient {
                 });
             }
         };
-        let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        tracing::debug!(endpoint = %self.inner.endpoint, generation, "connected to geth");
+        if let Conn::Rpc(_) = conn {
+            self.bump_generation();
+        }
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -240,6 +246,11 @@ impl GethClient {
         }
     }
 
+    fn bump_generation(&self) {
+        let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::debug!(endpoint = %self.inner.endpoint, generation, "connected to geth");
+    }
+
     /// Forgets `conn` if it is still the current connection, so the next call
     /// reconnects.
     async fn invalidate(&self, conn: &Conn) {
@@ -258,8 +269,12 @@ impl GethClient {
             self.inner.options.request_timeout,
             err,
         );
-        if !conn.is_alive() || matches!(mapped, Error::ConnectionLost | Error::Connect { .. }) {
-            self.invalidate(conn).await;
+        let broken = matches!(mapped, Error::ConnectionLost | Error::Connect { .. });
+        match conn {
+            Conn::Http(_) if broken => self.inner.http_down.store(true, Ordering::SeqCst),
+            Conn::Http(_) => {}
+            Conn::Rpc(_) if broken || !conn.is_alive() => self.invalidate(conn).await,
+            Conn::Rpc(_) => {}
         }
         mapped
     }
@@ -280,7 +295,14 @@ impl GethClient {
             }
         };
         match tokio::time::timeout(self.inner.options.request_timeout, fut).await {
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => {
+                if let Conn::Http(_) = conn
+                    && self.inner.http_down.swap(false, Ordering::SeqCst)
+                {
+                    self.bump_generation();
+                }
+                Ok(r)
+            }
             Ok(Err(e)) => Err(self.fail(method, &conn, e).await),
             Err(_) => Err(self.timeout_error(method)),
         }

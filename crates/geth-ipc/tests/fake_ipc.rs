@@ -2,6 +2,9 @@
 //! out-of-order and coalesced/split responses, huge messages, garbage, reconnects,
 //! subscriptions, timeouts, RPC errors and socket errors.
 
+#![cfg(feature = "client")]
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
