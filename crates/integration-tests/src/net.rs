@@ -1,7 +1,10 @@
 //! One network namespace per node ("pod"), joined by a per-test bridge.
 //!
-//! Addresses come from 198.18.0.0/15 (RFC 2544, reserved for benchmarking
-//! networks): each test gets its own /24 and its own bridge. The root namespace
+//! Addresses come from 10.244.0.0/16, a typical Kubernetes pod CIDR, and never
+//! leave the test's own bridge (the namespaces have no default route). Each test
+//! gets its own /24 and its own bridge. A private range matters: geth throttles
+//! inbound connections to one per IP per 30 s unless the address is loopback,
+//! RFC 1918 or link-local, which would make every reconnect wait 30 s. The root namespace
 //! holds `.1` on the bridge, which is where the test's apiserver listens, so a
 //! process in a node's namespace reaches it exactly as a pod reaches the API.
 
@@ -55,7 +58,7 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Creates a bridge on a free 198.18.0.0/15 subnet and gives the root
+    /// Creates a bridge on a free 10.244.K.0/24 subnet and gives the root
     /// namespace address `.1` on it.
     pub fn create() -> Result<Bridge> {
         static ALLOC: Mutex<()> = Mutex::new(());
@@ -65,12 +68,12 @@ impl Bridge {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        let start = (std::process::id() as usize * 7) % 512;
-        let prefix = (0..512)
-            .map(|i| (start + i) % 512)
-            .map(|k| [198u8, 18 + (k / 256) as u8, (k % 256) as u8])
+        let start = (std::process::id() as usize * 7) % 256;
+        let prefix = (0..256)
+            .map(|i| (start + i) % 256)
+            .map(|k| [10u8, 244, k as u8])
             .find(|p| !used.contains(&format!(" {}.{}.{}.", p[0], p[1], p[2])))
-            .ok_or_else(|| Error::Setup("no free 198.18.0.0/15 subnet".into()))?;
+            .ok_or_else(|| Error::Setup("no free 10.244.0.0/16 subnet".into()))?;
         let id = unique_id();
         let name = format!("gpsb{id}");
         run(&["ip", "link", "add", &name, "type", "bridge"])?;
