@@ -351,6 +351,64 @@ async fn a_silent_geth_times_out_naming_the_method() {
 }
 
 #[tokio::test]
+async fn a_late_answer_after_a_timeout_does_not_break_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("geth.ipc");
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut read, write) = stream.into_split();
+        let write = Arc::new(tokio::sync::Mutex::new(write));
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = read.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+            let mut reqs = Vec::new();
+            while let Some(Ok(v)) = it.next() {
+                reqs.push(v);
+            }
+            let used = it.byte_offset();
+            buf.drain(..used);
+            for req in reqs {
+                let write = write.clone();
+                tokio::spawn(async move {
+                    // admin_peers answers late, after the client gave up.
+                    let (delay, result) = if req["method"] == "admin_peers" {
+                        (400, json!([]))
+                    } else {
+                        (0, node_info_json())
+                    };
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let _ = write.lock().await.write_all(&reply(&req, result)).await;
+                });
+            }
+        }
+    });
+    let client = GethClient::new(
+        Endpoint::Ipc(path),
+        ClientOptions {
+            request_timeout: Duration::from_millis(200),
+            ..ClientOptions::default()
+        },
+    );
+    let err = client.peers().await.unwrap_err();
+    assert_eq!(err.kind(), "timeout");
+    tokio::time::sleep(Duration::from_millis(400)).await; // the late answer arrives
+    client.node_info().await.unwrap();
+    client.node_info().await.unwrap();
+    assert_eq!(
+        client.connection_generation(),
+        1,
+        "the late answer must not kill the connection"
+    );
+}
+
+#[tokio::test]
 async fn rpc_errors_come_back_with_geths_code_and_message() {
     let fake = FakeGeth::start(|_, req| {
         let mut v = serde_json::to_vec(&json!({
