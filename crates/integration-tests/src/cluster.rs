@@ -236,8 +236,24 @@ impl Cluster {
             .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
             .map(|e| {
                 let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-                (s(&e["verb"]), s(&e["objectRef"]["resource"]), s(&e["objectRef"]["name"]))
+                (
+                    s(&e["verb"]),
+                    s(&e["objectRef"]["resource"]),
+                    s(&e["objectRef"]["name"]),
+                )
             })
+            .collect()
+    }
+
+    /// The complete audit events (stage `ResponseComplete`, level Metadata) of
+    /// the requests the apiserver completed for `user`, in log order: besides
+    /// what [`Cluster::audited_requests`] extracts, e.g. `responseStatus.code`
+    /// and `userAgent`.
+    pub fn audit_events(&self, user: &str) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
             .collect()
     }
 

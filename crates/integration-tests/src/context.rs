@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 /// the 108-byte limit) and the logs of everything it started.
 ///
 /// On drop: when the test is panicking, prints the tail of every registered log and
-/// keeps the directory (its path is printed); otherwise removes it.
+/// keeps the directory (its path is printed); otherwise removes it, unless
+/// `GPS_KEEP_LOGS` is set.
 #[derive(Clone)]
 pub struct TestContext {
     inner: Arc<Inner>,
@@ -93,6 +94,8 @@ impl Drop for Inner {
                 self.name,
                 self.dir.display()
             );
+        } else if std::env::var_os("GPS_KEEP_LOGS").is_some() {
+            eprintln!("[{}] logs kept in {} (GPS_KEEP_LOGS)", self.name, self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

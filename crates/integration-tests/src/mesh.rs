@@ -44,7 +44,10 @@ impl Mesh {
             sidecars: Vec::new(),
             ns,
             cluster,
-            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             starts: 0,
             ctx,
         };
@@ -57,8 +60,18 @@ impl Mesh {
     /// Starts (or restarts) node `i`'s sidecar.
     pub fn start_sidecar(&mut self, i: usize) -> Result<()> {
         self.starts += 1;
-        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let sc = Sidecar::start(&self.ctx, self.net.node(i), &self.ns, &format!("{}", self.starts), &env)?;
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let sc = Sidecar::start(
+            &self.ctx,
+            self.net.node(i),
+            &self.ns,
+            &format!("{}", self.starts),
+            &env,
+        )?;
         if self.sidecars.len() <= i {
             self.sidecars.resize_with(i + 1, || None);
         }
@@ -82,7 +95,10 @@ impl Mesh {
 
     /// Node ids of nodes `members`, by index.
     pub fn ids(&self, members: &[usize]) -> BTreeMap<usize, String> {
-        members.iter().map(|&i| (i, self.net.node(i).node_id())).collect()
+        members
+            .iter()
+            .map(|&i| (i, self.net.node(i).node_id()))
+            .collect()
     }
 
     /// Waits until every node in `members` is connected to every other one.
@@ -92,8 +108,14 @@ impl Mesh {
             let ids = ids.clone();
             async move {
                 for (&i, _) in &ids {
-                    let peers: BTreeSet<String> =
-                        self.net.node(i).peer_ids().await.ok()?.into_iter().collect();
+                    let peers: BTreeSet<String> = self
+                        .net
+                        .node(i)
+                        .peer_ids()
+                        .await
+                        .ok()?
+                        .into_iter()
+                        .collect();
                     for (&j, id) in &ids {
                         if i != j && !peers.contains(id) {
                             return None;
@@ -132,10 +154,14 @@ impl Mesh {
             .iter()
             .map(|&i| self.net.node(i).name().to_owned())
             .collect();
-        eventually(&format!("registry to hold exactly {want:?}"), timeout, || {
-            let want = want.clone();
-            async move { (self.registered_pods().await == want).then_some(()) }
-        })
+        eventually(
+            &format!("registry to hold exactly {want:?}"),
+            timeout,
+            || {
+                let want = want.clone();
+                async move { (self.registered_pods().await == want).then_some(()) }
+            },
+        )
         .await
     }
 

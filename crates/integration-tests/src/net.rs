@@ -156,28 +156,14 @@ impl Netns {
     }
 
     /// Moves the namespace to a new address (the old one is removed).
+    ///
+    /// The old address goes first: deleting an interface's primary address also
+    /// deletes its secondaries on the same subnet.
     pub fn set_ip(&self, new: Ipv4Addr) -> Result<()> {
         let old = self.ip();
-        run(&[
-            "ip",
-            "-n",
-            &self.name,
-            "addr",
-            "add",
-            &format!("{new}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            &self.name,
-            "addr",
-            "del",
-            &format!("{old}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        let ns = self.name.as_str();
+        run(&["ip", "-n", ns, "addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
+        run(&["ip", "-n", ns, "addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
         *self.ip.lock().unwrap_or_else(|e| e.into_inner()) = new;
         Ok(())
     }

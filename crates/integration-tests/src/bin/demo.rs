@@ -26,7 +26,12 @@ async fn table(m: &Mesh) -> String {
         "POD", "IP", "NODE", "REGISTERED", "READY", "CONNECTED TO"
     );
     for (i, node) in m.net.nodes().iter().enumerate() {
-        let peers: BTreeSet<String> = node.peer_ids().await.unwrap_or_default().into_iter().collect();
+        let peers: BTreeSet<String> = node
+            .peer_ids()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let conn: Vec<String> = ids
             .iter()
             .enumerate()
@@ -47,7 +52,11 @@ async fn table(m: &Mesh) -> String {
             node.name(),
             node.ip().to_string(),
             &node.node_id()[..8.min(node.node_id().len())],
-            if registered.contains(node.name()) { "yes" } else { "no" },
+            if registered.contains(node.name()) {
+                "yes"
+            } else {
+                "no"
+            },
             ready,
             conn.join(","),
             if full { "  (all)" } else { "" }
@@ -60,7 +69,10 @@ async fn command(m: &mut Mesh, line: &str) -> Result<bool, String> {
     let mut parts = line.split_whitespace();
     let cmd = parts.next().unwrap_or_default();
     let n: Option<usize> = parts.next().and_then(|v| v.parse().ok());
-    let node = |n: Option<usize>| n.filter(|&i| i < m.net.nodes().len()).ok_or("which node? (index from the table)");
+    let node = |n: Option<usize>| {
+        n.filter(|&i| i < m.net.nodes().len())
+            .ok_or("which node? (index from the table)")
+    };
     match cmd {
         "" => {}
         "q" | "quit" => return Ok(false),
@@ -76,7 +88,11 @@ async fn command(m: &mut Mesh, line: &str) -> Result<bool, String> {
             if let Some(sc) = m.take_sidecar(i) {
                 sc.kill().await;
             }
-            m.net.node_mut(i).restart_on_new_ip(ip).await.map_err(|e| e.to_string())?;
+            m.net
+                .node_mut(i)
+                .restart_on_new_ip(ip)
+                .await
+                .map_err(|e| e.to_string())?;
             m.start_sidecar(i).map_err(|e| e.to_string())?;
             println!("geth-{i} moved to {ip} with its old key");
         }
@@ -108,7 +124,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--nodes" | "-n" => nodes = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--nodes" | "-n" => {
+                nodes = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "--once" => once = true,
             _ => usage(),
         }
