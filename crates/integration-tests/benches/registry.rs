@@ -1,0 +1,435 @@
+//! Registry contention benchmark on the real apiserver (issue 4); prints a table.
+//!
+//! For N = 10, 50, 200 registrants, each with its own kube client (its own
+//! connection, warmed up by one GET), all released at the same moment by a
+//! tokio `Barrier`, each upserts its own member into the one shared ConfigMap,
+//! which does not exist yet (so the first write of every registrant is a
+//! create, and all but one lose that race). Every run uses a fresh namespace.
+//!
+//! Figures per run: writes attempted (create + update requests) and conflicts
+//! (409 responses, AlreadyExists included), both counted from the apiserver's
+//! audit log; the most write attempts one registrant made (each client sends
+//! its own User-Agent, which the audit log records); registrants that gave up
+//! (`Error::Conflict`, attempts exhausted); p50 / p99 / max time from the
+//! barrier until a registrant's upsert returned; time until all were
+//! registered; and the end check: members present in the ConfigMap, and those
+//! whose upsert succeeded but which are absent (lost; must be 0).
+//!
+//! Each N runs once per entry of `variants()`: the default `RetryPolicy`,
+//! two with a longer backoff cap and more attempts, and a prototype that
+//! patches its own key before the CAS (measured: much worse at N=200, kept as
+//! evidence). `REGISTRY_BENCH_N=10,50` restricts the sizes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{Cluster, SERVICE_ACCOUNT, TestContext, TestNamespace, test_member};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use peer_registry::{
+    ConfigMapRegistry, DEFAULT_NAME, Error, MemberRecord, PeerRegistry, RetryPolicy, schema,
+};
+
+const SIZES: [usize; 3] = [10, 50, 200];
+
+/// How a registrant writes.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// `ConfigMapRegistry::upsert` as is: read, compute, CAS replace (PUT with
+    /// resourceVersion), retried per the policy.
+    Cas,
+    /// Prototype of the proposed design: first write the registrant's own
+    /// `member.<pod>` key with a JSON merge patch (no resourceVersion: the
+    /// apiserver applies it to the latest object, no client-visible conflict;
+    /// on 404 create the object, on AlreadyExists patch again), then
+    /// `upsert` the same record, which now only has to bring the derived
+    /// `static-nodes.json` up to date: it writes nothing when another
+    /// registrant's write already did, so one successful CAS serves every
+    /// member patched before it.
+    PatchThenCas,
+}
+
+/// The variants each N runs with: (label, mode, policy).
+fn variants() -> Vec<(&'static str, Mode, RetryPolicy)> {
+    let tuned = |attempts, cap_ms| RetryPolicy {
+        max_attempts: attempts,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(cap_ms),
+    };
+    vec![
+        (
+            "CAS, default 20x 20ms..1s",
+            Mode::Cas,
+            RetryPolicy::default(),
+        ),
+        ("CAS, 60x 20ms..2s", Mode::Cas, tuned(60, 2000)),
+        ("CAS, 60x 20ms..4s", Mode::Cas, tuned(60, 4000)),
+        (
+            "patch+CAS, default 20x 20ms..1s",
+            Mode::PatchThenCas,
+            RetryPolicy::default(),
+        ),
+    ]
+}
+
+/// Writes `rec` into its own key without a precondition (see [`Mode::PatchThenCas`]).
+async fn patch_own_key(api: &Api<ConfigMap>, rec: &MemberRecord) -> Result<(), String> {
+    let data = schema::encode(
+        &BTreeMap::new(),
+        &BTreeMap::from([(rec.pod.clone(), rec.clone())]),
+    );
+    let key = schema::member_key(&rec.pod);
+    let patch = serde_json::json!({ "data": { &key: &data[&key] } });
+    for _ in 0..3 {
+        match api
+            .patch(DEFAULT_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(format!("patch: {e}")),
+        }
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(DEFAULT_NAME.to_owned()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "geth-peer-sidecar".to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            data: Some(data.clone()),
+            ..ConfigMap::default()
+        };
+        match api.create(&PostParams::default(), &cm).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+            Err(e) => return Err(format!("create: {e}")),
+        }
+    }
+    Err("patch: 404 after create lost to AlreadyExists 3 times".to_owned())
+}
+
+/// A client for the namespace's service account with its own connection pool
+/// and a User-Agent naming the registrant, so the audit log tells them apart.
+/// The part before the `/` is common: the apiserver names the field manager of
+/// a write after it, and 200 distinct managers would make every write carry
+/// (and the server recompute) 200 managedFields entries, which the sidecars,
+/// sharing one User-Agent, never do.
+async fn client_as(ns: &TestNamespace, agent: &str) -> Client {
+    let yaml = std::fs::read_to_string(&ns.kubeconfig).unwrap();
+    let kc = Kubeconfig::from_yaml(&yaml).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_str(agent).unwrap(),
+    ));
+    Client::try_from(config).unwrap()
+}
+
+enum Fail {
+    /// `Error::Conflict`: the attempts were exhausted.
+    GaveUp,
+    Other(String),
+}
+
+struct Outcome {
+    elapsed: Duration,
+    result: Result<(), Fail>,
+}
+
+struct Row {
+    n: usize,
+    policy: &'static str,
+    writes: usize,
+    conflicts: usize,
+    gets: usize,
+    max_writes_one: usize,
+    gave_up: usize,
+    other_errors: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    all_registered: Option<Duration>,
+    present: usize,
+    lost: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    // Nearest rank.
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn run(
+    cluster: &Cluster,
+    n: usize,
+    (label, mode, policy): (&'static str, Mode, RetryPolicy),
+    run_no: usize,
+) -> Row {
+    let ns = cluster
+        .namespace(&format!("reg{n}-{run_no}"))
+        .await
+        .unwrap();
+    let mut registries = Vec::with_capacity(n);
+    for i in 0..n {
+        let client = client_as(&ns, &format!("registry-bench/registrant-{i}")).await;
+        let api = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+        let reg =
+            ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME).with_retry_policy(policy);
+        // Warm the connection (TLS handshake) so the race measures the CAS loop.
+        let snap = reg.snapshot().await.unwrap();
+        assert!(!snap.exists(), "the registry starts absent");
+        registries.push(Arc::new((reg, api)));
+    }
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::with_capacity(n);
+    for (i, reg) in registries.iter().enumerate() {
+        let (reg, barrier) = (reg.clone(), barrier.clone());
+        let rec = test_member(&format!("geth-{i}"), i as u32);
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let t0 = Instant::now();
+            let (reg, api) = &*reg;
+            let patched = match mode {
+                Mode::Cas => Ok(()),
+                Mode::PatchThenCas => patch_own_key(api, &rec).await.map_err(Fail::Other),
+            };
+            let result = match patched {
+                Ok(()) => reg.upsert(rec).await.map(|_| ()).map_err(|e| match e {
+                    Error::Conflict { .. } => Fail::GaveUp,
+                    e => Fail::Other(e.to_string()),
+                }),
+                Err(e) => Err(e),
+            };
+            (t0, t0.elapsed(), result)
+        }));
+    }
+    let mut starts = Vec::with_capacity(n);
+    let mut outcomes = Vec::with_capacity(n);
+    for t in tasks {
+        let (t0, elapsed, result) = t.await.unwrap();
+        starts.push(t0);
+        outcomes.push(Outcome { elapsed, result });
+    }
+    let start = starts.iter().min().copied().unwrap();
+    let ends = starts.iter().zip(&outcomes).map(|(s, o)| *s + o.elapsed);
+
+    // End state, read as admin.
+    let cm = Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
+        .get(DEFAULT_NAME)
+        .await
+        .unwrap();
+    let snap = schema::decode(&cm.data.clone().unwrap_or_default(), None);
+    let present_pods: BTreeSet<&String> = snap.members.keys().collect();
+    let static_nodes: Vec<String> =
+        serde_json::from_str(&cm.data.unwrap_or_default()["static-nodes.json"]).unwrap();
+    assert_eq!(
+        static_nodes.len(),
+        present_pods.len(),
+        "static-nodes.json out of step with the members"
+    );
+    let lost = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| o.result.is_ok() && !present_pods.contains(&format!("geth-{i}")))
+        .count();
+    let gave_up = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(Fail::GaveUp)))
+        .count();
+    let other_errors: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match &o.result {
+            Err(Fail::GaveUp) | Ok(()) => None,
+            Err(Fail::Other(e)) => Some(e.clone()),
+        })
+        .collect();
+    if !other_errors.is_empty() {
+        println!(
+            "N={n} {label}: {} other errors, first: {}",
+            other_errors.len(),
+            other_errors[0]
+        );
+    }
+    let all_registered =
+        (gave_up == 0 && other_errors.is_empty() && lost == 0).then(|| ends.max().unwrap() - start);
+
+    // Requests, from the audit log (blocking mode: complete once the response is).
+    let user = format!("system:serviceaccount:{}:{SERVICE_ACCOUNT}", ns.name);
+    let events: Vec<serde_json::Value> = cluster
+        .audit_events(&user)
+        .into_iter()
+        .filter(|e| e["objectRef"]["resource"] == "configmaps")
+        .filter(|e| {
+            e["userAgent"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("registry-bench/registrant-"))
+        })
+        .collect();
+    let is_write =
+        |e: &serde_json::Value| matches!(e["verb"].as_str(), Some("create" | "update" | "patch"));
+    let writes = events.iter().filter(|e| is_write(e)).count();
+    let conflicts = events
+        .iter()
+        .filter(|e| is_write(e) && e["responseStatus"]["code"] == 409)
+        .count();
+    // The warm-up GETs are not part of the race.
+    let gets = events.iter().filter(|e| e["verb"] == "get").count() - n;
+    let mut per_agent: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| is_write(e)) {
+        *per_agent
+            .entry(e["userAgent"].as_str().unwrap_or_default())
+            .or_default() += 1;
+    }
+
+    let mut times: Vec<Duration> = outcomes.iter().map(|o| o.elapsed).collect();
+    times.sort();
+    Row {
+        n,
+        policy: label,
+        writes,
+        conflicts,
+        gets,
+        max_writes_one: per_agent.values().copied().max().unwrap_or(0),
+        gave_up,
+        other_errors: other_errors.len(),
+        p50: percentile(&times, 50.0),
+        p99: percentile(&times, 99.0),
+        max: *times.last().unwrap(),
+        all_registered,
+        present: present_pods.len(),
+        lost,
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "N",
+        "policy",
+        "writes",
+        "409s",
+        "GETs",
+        "max writes/reg",
+        "gave up",
+        "p50",
+        "p99",
+        "max",
+        "all registered",
+        "present",
+        "lost",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.n.to_string(),
+                r.policy.to_owned(),
+                r.writes.to_string(),
+                r.conflicts.to_string(),
+                r.gets.to_string(),
+                r.max_writes_one.to_string(),
+                if r.other_errors > 0 {
+                    format!("{} (+{} other)", r.gave_up, r.other_errors)
+                } else {
+                    r.gave_up.to_string()
+                },
+                secs(r.p50),
+                secs(r.p99),
+                secs(r.max),
+                r.all_registered.map_or_else(|| "never".to_owned(), secs),
+                format!("{}/{}", r.present, r.n),
+                r.lost.to_string(),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|row| row[c].len())
+                .chain([header[c].len()])
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let line = |row: Vec<&str>| {
+        let s: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (v, w))| {
+                if c == 1 {
+                    format!("{v:<w$}")
+                } else {
+                    format!("{v:>w$}")
+                }
+            })
+            .collect();
+        println!("| {} |", s.join(" | "));
+    };
+    println!();
+    line(header.to_vec());
+    println!(
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for row in &cells {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("REGISTRY_BENCH_N").map_or_else(
+        |_| SIZES.to_vec(),
+        |v| v.split(',').map(|s| s.trim().parse().unwrap()).collect(),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        let ctx = TestContext::new("registry-bench");
+        let cluster = Cluster::start(&ctx, "127.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        let mut run_no = 0;
+        for &n in &sizes {
+            for variant in variants() {
+                let label = variant.0;
+                run_no += 1;
+                let row = run(&cluster, n, variant, run_no).await;
+                println!(
+                    "N={n} {label}: {} writes, {} conflicts, max {}",
+                    row.writes,
+                    row.conflicts,
+                    secs(row.max)
+                );
+                rows.push(row);
+            }
+        }
+    });
+    print_table(&rows);
+}
