@@ -6,7 +6,12 @@
 //! (from the moved geth's IPC answering), time to drop a deleted member from the
 //! registry and every other sidecar's desired set, and at steady state the
 //! sidecars' RSS, CPU and apiserver requests per minute (from the audit log).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
 
 use std::time::{Duration, Instant};
 
@@ -94,7 +99,11 @@ async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool) {
     let last = n - 1;
     let new_ip = m.net.fresh_ip();
     m.take_sidecar(last).unwrap().kill().await;
-    m.net.node_mut(last).restart_on_new_ip(new_ip).await.unwrap();
+    m.net
+        .node_mut(last)
+        .restart_on_new_ip(new_ip)
+        .await
+        .unwrap();
     let t0 = Instant::now();
     m.start_sidecar(last).unwrap();
     m.wait_full_mesh(&all, POLL_LIMIT).await.unwrap();

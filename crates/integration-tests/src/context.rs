@@ -95,7 +95,11 @@ impl Drop for Inner {
                 self.dir.display()
             );
         } else if std::env::var_os("GPS_KEEP_LOGS").is_some() {
-            eprintln!("[{}] logs kept in {} (GPS_KEEP_LOGS)", self.name, self.dir.display());
+            eprintln!(
+                "[{}] logs kept in {} (GPS_KEEP_LOGS)",
+                self.name,
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

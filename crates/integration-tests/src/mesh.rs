@@ -107,7 +107,7 @@ impl Mesh {
         eventually(&format!("full mesh of nodes {members:?}"), timeout, || {
             let ids = ids.clone();
             async move {
-                for (&i, _) in &ids {
+                for &i in ids.keys() {
                     let peers: BTreeSet<String> = self
                         .net
                         .node(i)

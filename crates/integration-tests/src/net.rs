@@ -162,8 +162,26 @@ impl Netns {
     pub fn set_ip(&self, new: Ipv4Addr) -> Result<()> {
         let old = self.ip();
         let ns = self.name.as_str();
-        run(&["ip", "-n", ns, "addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
-        run(&["ip", "-n", ns, "addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "del",
+            &format!("{old}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{new}/24"),
+            "dev",
+            "eth0",
+        ])?;
         *self.ip.lock().unwrap_or_else(|e| e.into_inner()) = new;
         Ok(())
     }

@@ -37,12 +37,16 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 20 attempts, 20 ms base, 1 s cap.
+    /// 60 attempts, 20 ms base, 2 s cap. Measured (benches/registry.rs): with
+    /// 200 registrants racing on one object, a 1 s cap and 20 attempts left no
+    /// headroom (one needed 17; on a slower apiserver 6-9 of 200 gave up); a 2 s
+    /// cap cut writes by a quarter and p50 from 4.6 s to 1.4 s. Nothing changes
+    /// for N <= 50, where nobody needs more than 7 attempts.
     fn default() -> Self {
         Self {
-            max_attempts: 20,
+            max_attempts: 60,
             base_delay: Duration::from_millis(20),
-            max_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(2),
         }
     }
 }

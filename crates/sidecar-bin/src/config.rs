@@ -37,11 +37,21 @@ pub(crate) enum Command {
 pub(crate) struct Common {
     /// geth's IPC socket (a path), or an http:// or ws:// endpoint for testing.
     /// geth creates the socket 0600: run the sidecar as geth's user.
-    #[arg(long, env = "IPC_PATH", default_value = "/data/geth.ipc", global = true)]
+    #[arg(
+        long,
+        env = "IPC_PATH",
+        default_value = "/data/geth.ipc",
+        global = true
+    )]
     pub(crate) ipc_path: String,
 
     /// Name of the shared registry ConfigMap.
-    #[arg(long, env = "CONFIGMAP_NAME", default_value = "geth-shared-static-nodes", global = true)]
+    #[arg(
+        long,
+        env = "CONFIGMAP_NAME",
+        default_value = "geth-shared-static-nodes",
+        global = true
+    )]
     pub(crate) configmap_name: String,
 
     /// Namespace of the ConfigMap. Default: the pod's service-account namespace,
@@ -223,7 +233,10 @@ mod tests {
             "DEAD_AFTER",
             "LISTEN_ADDR",
         ] {
-            assert!(help.contains(&format!("env: {env}")), "{env} missing from --help");
+            assert!(
+                help.contains(&format!("env: {env}")),
+                "{env} missing from --help"
+            );
         }
     }
 }

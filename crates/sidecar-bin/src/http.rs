@@ -69,9 +69,9 @@ pub(crate) async fn serve(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for probes and metrics: {e} (set LISTEN_ADDR)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} for probes and metrics: {e} (set LISTEN_ADDR)")
+    })?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(health, metrics)).await {
             tracing::error!(error = %e, "HTTP server stopped");

@@ -104,7 +104,10 @@ mod tests {
         let i = info(&format!("enode://{KEY}@127.0.0.1:30303?discport=0"));
         let mode = AdvertiseMode::resolve(None, Some("10.1.2.3"), "", "p", "s", "n").unwrap();
         let e = mode.advertised(&i, None).unwrap();
-        assert_eq!(e.to_string(), format!("enode://{KEY}@10.1.2.3:30303?discport=0"));
+        assert_eq!(
+            e.to_string(),
+            format!("enode://{KEY}@10.1.2.3:30303?discport=0")
+        );
     }
 
     #[test]
@@ -126,7 +129,10 @@ mod tests {
             "chain",
         )
         .unwrap();
-        assert_eq!(mode, AdvertiseMode::Dns("geth-0.geth.chain.svc.cluster.local".into()));
+        assert_eq!(
+            mode,
+            AdvertiseMode::Dns("geth-0.geth.chain.svc.cluster.local".into())
+        );
         let i = info(&format!("enode://{KEY}@127.0.0.1:30303"));
         let e = mode.advertised(&i, Some(30304)).unwrap();
         assert_eq!(

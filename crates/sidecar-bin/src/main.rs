@@ -76,7 +76,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("geth-peer-sidecar: {e:#}");
         return std::process::ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("geth-peer-sidecar: cannot start the runtime: {e}");
@@ -111,7 +114,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.common.configmap_name.clone(),
     ));
     match cli.command {
-        Some(Command::Status) => status::print(&*registry, &*geth, &ns, &cli.common.configmap_name).await,
+        Some(Command::Status) => {
+            status::print(&*registry, &*geth, &ns, &cli.common.configmap_name).await
+        }
         None => {
             let settings = runner::Settings::from_args(&cli.run, &ns, &cli.common)?;
             runner::run(geth, registry, settings).await

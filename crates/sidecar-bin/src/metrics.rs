@@ -46,7 +46,10 @@ impl Metrics {
             reconciles: Counter::default(),
             reconcile_errors: Family::default(),
             reconcile_duration: Histogram::new(
-                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0].into_iter(),
+                [
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]
+                .into_iter(),
             ),
             registry_writes: Family::default(),
             registry_errors: Family::default(),
@@ -57,7 +60,11 @@ impl Metrics {
             suspected_partition: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("members", "Members in the shared registry", m.members.clone());
+        registry.register(
+            "members",
+            "Members in the shared registry",
+            m.members.clone(),
+        );
         registry.register(
             "desired_peers",
             "Peers this geth should have (members but self, plus external peers)",
@@ -150,7 +157,9 @@ mod tests {
     #[test]
     fn exposition_names_every_metric_with_the_prefix() {
         let m = Metrics::new();
-        m.geth_actions.get_or_create(&Metrics::kind("add_peer")).inc();
+        m.geth_actions
+            .get_or_create(&Metrics::kind("add_peer"))
+            .inc();
         let text = m.encode();
         for name in [
             "geth_peer_sidecar_members",

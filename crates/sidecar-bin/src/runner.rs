@@ -34,7 +34,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub(crate) fn from_args(run: &RunArgs, namespace: &str, _common: &Common) -> anyhow::Result<Self> {
+    pub(crate) fn from_args(
+        run: &RunArgs,
+        namespace: &str,
+        _common: &Common,
+    ) -> anyhow::Result<Self> {
         let pod = run
             .pod_name
             .clone()
@@ -67,12 +71,23 @@ impl Settings {
     }
 }
 
-/// Errors drop geth's peer events that mean "registered but never usable".
+/// Errors of geth's drop events that mean "registered but never usable".
+///
+/// geth v1.17.5 reports a network id, genesis or fork id mismatch in the drop
+/// event only as "subprotocol error" (the detail stays in geth's debug log), so
+/// that counts too. It only marks the peer unusable in reports and metrics; the
+/// mark is cleared as soon as the peer completes the eth handshake.
 fn is_incompatible(error: &str) -> bool {
     let e = error.to_ascii_lowercase();
-    ["network id mismatch", "genesis mismatch", "fork id rejected", "incompatible"]
-        .iter()
-        .any(|p| e.contains(p))
+    [
+        "subprotocol error",
+        "network id mismatch",
+        "genesis mismatch",
+        "fork id rejected",
+        "incompatible",
+    ]
+    .iter()
+    .any(|p| e.contains(p))
 }
 
 fn jittered(base: Duration) -> Duration {
@@ -191,7 +206,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                         retry_delay = Duration::from_millis(200);
                     }
                     Err(kind) => {
-                        self.metrics.reconcile_errors.get_or_create(&Metrics::kind(kind)).inc();
+                        self.metrics
+                            .reconcile_errors
+                            .get_or_create(&Metrics::kind(kind))
+                            .inc();
                         retry_at = Some(tokio::time::Instant::now() + retry_delay);
                         retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                     }
@@ -304,7 +322,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let probes = targets.into_iter().map(|(id, enode)| async move {
             let addr = format!("{}:{}", enode.host(), enode.tcp_port());
             let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&addr)).await,
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(&addr)
+                )
+                .await,
                 Ok(Ok(_))
             );
             (id, ok)
@@ -331,7 +353,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         if state != self.geth_state {
             match &state {
                 GethState::Up => info!("geth IPC answers"),
-                GethState::Down(e) => warn!(error = %e, "waiting for geth IPC (retrying with backoff)"),
+                GethState::Down(e) => {
+                    warn!(error = %e, "waiting for geth IPC (retrying with backoff)")
+                }
                 GethState::Unknown => {}
             }
             self.health
@@ -342,7 +366,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     }
 
     fn geth_error(&mut self, e: &geth_ipc::Error) -> &'static str {
-        self.metrics.geth_rpc_errors.get_or_create(&Metrics::kind(e.kind())).inc();
+        self.metrics
+            .geth_rpc_errors
+            .get_or_create(&Metrics::kind(e.kind()))
+            .inc();
         self.set_geth_state(GethState::Down(e.to_string()));
         "geth"
     }
@@ -358,7 +385,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let generation = self.geth.connection_generation();
         if generation != self.generation {
             if self.generation != 0 {
-                info!(applied = self.applied.len(), "geth connection re-established (geth restarted?): re-applying every peer");
+                info!(
+                    applied = self.applied.len(),
+                    "geth connection re-established (geth restarted?): re-applying every peer"
+                );
             }
             self.metrics.geth_restarts.inc();
             self.applied.clear();
@@ -387,7 +417,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             match self.registry.snapshot().await {
                 Ok(s) => self.on_snapshot(s),
                 Err(e) => {
-                    self.metrics.registry_errors.get_or_create(&Metrics::kind(e.kind())).inc();
+                    self.metrics
+                        .registry_errors
+                        .get_or_create(&Metrics::kind(e.kind()))
+                        .inc();
                     warn!(error = %e, "cannot read the registry; geth's peers stay as they are");
                     return Err("registry");
                 }
@@ -487,12 +520,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         };
         match res {
             Ok(snap) => {
-                self.metrics.registry_writes.get_or_create(&Metrics::kind(label)).inc();
+                self.metrics
+                    .registry_writes
+                    .get_or_create(&Metrics::kind(label))
+                    .inc();
                 self.on_snapshot(snap);
                 Ok(())
             }
             Err(e) => {
-                self.metrics.registry_errors.get_or_create(&Metrics::kind(e.kind())).inc();
+                self.metrics
+                    .registry_errors
+                    .get_or_create(&Metrics::kind(e.kind()))
+                    .inc();
                 self.health.registry_synced.store(false, Ordering::Relaxed);
                 warn!(error = %e, "registry {label} failed; will retry");
                 Err("registry")
@@ -517,7 +556,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         match res {
             Ok(_) => {
                 info!(action = label, node = %enode.node_id().short(), enode = %enode, "geth");
-                self.metrics.geth_actions.get_or_create(&Metrics::kind(label)).inc();
+                self.metrics
+                    .geth_actions
+                    .get_or_create(&Metrics::kind(label))
+                    .inc();
                 core::apply(&mut self.applied, std::slice::from_ref(action));
                 Ok(())
             }
@@ -537,8 +579,24 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         };
         match tokio::time::timeout(Duration::from_secs(10), self.registry.remove(vec![me])).await {
             Ok(Ok(_)) => info!("deregistered"),
-            Ok(Err(e)) => warn!(error = %e, "could not deregister; other sidecars will drop this member once it is unreachable"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not deregister; other sidecars will drop this member once it is unreachable")
+            }
             Err(_) => warn!("deregistration timed out after 10 s"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatch_drops_are_incompatible_and_ordinary_drops_are_not() {
+        assert!(is_incompatible("subprotocol error"));
+        assert!(is_incompatible("network ID mismatch (1 != 2)"));
+        assert!(is_incompatible("genesis mismatch"));
+        assert!(!is_incompatible("disconnect requested"));
+        assert!(!is_incompatible("EOF"));
     }
 }

@@ -7,5 +7,7 @@
     unreachable_pub
 )]
 
+mod geth_ipc;
+mod mesh;
 mod registry;
 mod testbed;

@@ -494,12 +494,12 @@ async fn invalid_records_are_refused() {
 #[test]
 fn retry_policy_bounds() {
     let p = RetryPolicy::default();
-    assert_eq!(p.max_attempts, 20);
+    assert_eq!(p.max_attempts, 60);
     assert_eq!(p.delay_cap(1), Duration::from_millis(20));
     assert_eq!(p.delay_cap(2), Duration::from_millis(40));
-    assert_eq!(p.delay_cap(6), Duration::from_millis(640));
-    assert_eq!(p.delay_cap(7), Duration::from_secs(1));
-    assert_eq!(p.delay_cap(1000), Duration::from_secs(1));
+    assert_eq!(p.delay_cap(7), Duration::from_millis(1280));
+    assert_eq!(p.delay_cap(8), Duration::from_secs(2));
+    assert_eq!(p.delay_cap(1000), Duration::from_secs(2));
     for attempt in 1..30 {
         assert!(p.delay(attempt) <= p.delay_cap(attempt));
     }

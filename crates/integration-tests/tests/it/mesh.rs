@@ -1,0 +1,261 @@
+//! The sidecar end to end: real geth nodes, a real apiserver, each sidecar run as
+//! a pod would run it (its node's network namespace, the service account's token).
+
+use std::time::Duration;
+
+use integration_tests::{Mesh, NodeSpec, eventually};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use serde_json::json;
+
+const MESH: Duration = Duration::from_secs(60);
+
+fn all(n: usize) -> Vec<usize> {
+    (0..n).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_mesh_then_scale_to_seven_then_down_to_four() {
+    let mut m = Mesh::start("scale", 5, &[]).await.unwrap();
+    m.wait_full_mesh(&all(5), MESH).await.unwrap();
+    m.wait_registered(&all(5), MESH).await.unwrap();
+
+    m.add_nodes(vec![NodeSpec::default(); 2]).await.unwrap();
+    m.wait_full_mesh(&all(7), MESH).await.unwrap();
+    m.wait_registered(&all(7), MESH).await.unwrap();
+
+    // Scale down: pods 4..7 get SIGTERM (sidecar deregisters), geth stops.
+    for i in (4..7).rev() {
+        let sc = m.take_sidecar(i).unwrap();
+        assert_eq!(sc.terminate().await, Some(0), "sidecar {i} exit code");
+        m.net.node_mut(i).stop().await;
+    }
+    m.wait_registered(&all(4), MESH).await.unwrap();
+    // Every remaining sidecar wants exactly the 3 others (departed ones were
+    // removed from its geth's static set).
+    for i in 0..4 {
+        eventually(&format!("sidecar {i} to desire 3 peers"), MESH, || async {
+            (m.metric(i, "geth_peer_sidecar_desired_peers").await == Some(3.0)).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    m.wait_full_mesh(&all(4), MESH).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geth_killed_and_restarted_gets_every_peer_back() {
+    let mut m = Mesh::start("geth-restart", 3, &[]).await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.net.node_mut(0).kill().await;
+    m.net.node_mut(0).start().await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    let reapplied = m.metric(0, "geth_peer_sidecar_geth_reconnects_total").await;
+    assert!(
+        reapplied >= Some(2.0),
+        "the sidecar must notice the restart: {reapplied:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_and_restarted_leaves_one_record_and_the_mesh_untouched() {
+    let mut m = Mesh::start("sidecar-restart", 3, &[]).await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    m.take_sidecar(1).unwrap().kill().await;
+    // geth keeps its peers without the sidecar.
+    m.wait_full_mesh(&all(3), Duration::from_secs(5))
+        .await
+        .unwrap();
+    m.start_sidecar(1).unwrap();
+    eventually("the restarted sidecar to be ready", MESH, || async {
+        let sc = m.sidecars[1].as_ref()?;
+        (sc.get("/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    let data = m.registry_data().await;
+    let members = data.keys().filter(|k| k.starts_with("member.")).count();
+    assert_eq!(members, 3, "no duplicate record: {data:?}");
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_a_new_ip_with_its_key_is_reconnected_everywhere() {
+    let mut m = Mesh::start("ip-move", 3, &[]).await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    let old_ip = m.net.node(2).ip().to_string();
+    let new_ip = m.net.fresh_ip();
+    // The pod is replaced: its sidecar goes, geth comes back elsewhere with the
+    // same datadir, and a new sidecar starts with the new POD_IP.
+    m.take_sidecar(2).unwrap().kill().await;
+    m.net.node_mut(2).restart_on_new_ip(new_ip).await.unwrap();
+    m.start_sidecar(2).unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    eventually(
+        "the registry to carry the new address only",
+        MESH,
+        || async {
+            let data = m.registry_data().await;
+            let rec = data.get("member.geth-2")?;
+            let all = data.values().cloned().collect::<Vec<_>>().join("\n");
+            (rec.contains(&new_ip.to_string()) && !all.contains(&format!("{old_ip}:")))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // Every other node is connected to the node at its new address.
+    for i in 0..2 {
+        let peers = integration_tests::ipc_call(m.net.node(i).ipc_path(), "admin_peers", json!([]))
+            .await
+            .unwrap();
+        let text = peers.to_string();
+        assert!(
+            !text.contains(&format!("{old_ip}:")),
+            "node {i} still talks to the old IP: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_or_vandalised_configmap_is_healed() {
+    let m = Mesh::start("heal", 3, &[]).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(m.cluster.admin(), &m.ns.name);
+    cms.delete(integration_tests::CONFIGMAP, &DeleteParams::default())
+        .await
+        .unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    let patch = json!({"data": {
+        "static-nodes.json": "garbage",
+        "member.geth-0": null,
+        "member.geth-1": "{not json",
+    }});
+    cms.patch(
+        integration_tests::CONFIGMAP,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    eventually("records and static-nodes.json healed", MESH, || async {
+        let data = m.registry_data().await;
+        let list: Vec<String> = serde_json::from_str(data.get("static-nodes.json")?).ok()?;
+        let ok = list.len() == 3
+            && serde_json::from_str::<serde_json::Value>(data.get("member.geth-1")?).is_ok()
+            && data.contains_key("member.geth-0");
+        ok.then_some(())
+    })
+    .await
+    .unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_removes_the_own_record_and_exits_zero() {
+    let mut m = Mesh::start("sigterm", 2, &[]).await.unwrap();
+    m.wait_registered(&all(2), MESH).await.unwrap();
+    let sc = m.take_sidecar(1).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(sc.terminate().await, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "inside the grace period"
+    );
+    m.wait_registered(&[0], Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_another_genesis_is_reported_unusable_and_the_rest_is_fine() {
+    let mut m = Mesh::start("genesis", 2, &[]).await.unwrap();
+    m.add_nodes(vec![NodeSpec {
+        chain_id: 4242,
+        ..NodeSpec::default()
+    }])
+    .await
+    .unwrap();
+    m.wait_full_mesh(&all(2), MESH).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    eventually("node 0 to report the stranger unusable", MESH, || async {
+        (m.metric(0, "geth_peer_sidecar_unusable_peers").await >= Some(1.0)).then_some(())
+    })
+    .await
+    .unwrap();
+    m.wait_full_mesh(&all(2), Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geth_peers_are_untouched_while_the_apiserver_is_down_and_sidecars_recover() {
+    let mut m = Mesh::start("api-down", 3, &[]).await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.cluster.stop_apiserver().await;
+    // The outage is the scenario (60 s); the mesh is checked across it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < until {
+        m.wait_full_mesh(&all(3), Duration::from_secs(5))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    m.cluster.start_apiserver().await.unwrap();
+    // After the outage a new member is still picked up by everyone.
+    m.add_nodes(vec![NodeSpec::default()]).await.unwrap();
+    m.wait_full_mesh(&all(4), Duration::from_secs(90))
+        .await
+        .unwrap();
+    m.wait_registered(&all(4), MESH).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_node_never_empties_the_registry_and_rejoins_when_back() {
+    let env = [("DEAD_AFTER", "6s"), ("PROBE_INTERVAL", "1s")];
+    let m = Mesh::start("partition", 4, &env).await.unwrap();
+    m.wait_full_mesh(&all(4), MESH).await.unwrap();
+    m.wait_registered(&all(4), MESH).await.unwrap();
+    m.net.node(3).cut().unwrap();
+    // The healthy majority may drop the cut-off node once dead-after passed...
+    m.wait_registered(&all(3), Duration::from_secs(90))
+        .await
+        .unwrap();
+    // ...but the cut-off node (which cannot reach the apiserver either) removed
+    // nobody: the three healthy ones stay.
+    assert!(m.registered_pods().await.len() >= 3);
+    m.net.node(3).restore().unwrap();
+    m.wait_registered(&all(4), Duration::from_secs(90))
+        .await
+        .unwrap();
+    m.wait_full_mesh(&all(4), Duration::from_secs(90))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_sidecar_without_geth_waits_and_reports_not_ready() {
+    let mut m = Mesh::start("no-geth", 1, &[]).await.unwrap();
+    m.net.node_mut(0).stop().await;
+    let sc = m.sidecars[0].as_ref().unwrap();
+    eventually("readyz to say geth is not answering", MESH, || async {
+        let (code, body) = sc.get("/readyz").await.ok()?;
+        (code == 503 && body.contains("geth_ipc: not answering")).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sc.get("/healthz").await.unwrap().0,
+        200,
+        "alive while waiting"
+    );
+    m.net.node_mut(0).start().await.unwrap();
+    eventually("readyz to recover", MESH, || async {
+        (sc.get("/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await
+    .unwrap();
+}
