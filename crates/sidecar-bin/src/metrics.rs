@@ -45,12 +45,9 @@ impl Metrics {
             unusable_peers: Gauge::default(),
             reconciles: Counter::default(),
             reconcile_errors: Family::default(),
-            reconcile_duration: Histogram::new(
-                [
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ]
-                .into_iter(),
-            ),
+            reconcile_duration: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             registry_writes: Family::default(),
             registry_errors: Family::default(),
             geth_actions: Family::default(),

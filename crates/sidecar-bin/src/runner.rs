@@ -337,12 +337,15 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         for (id, ok) in results {
             if ok {
                 changed |= self.unreachable_since.remove(&id).is_some();
-            } else if !self.unreachable_since.contains_key(&id) {
-                self.unreachable_since.insert(id, now);
-                debug!(peer = %id.short(), "member unreachable from here");
-                changed = true;
             } else {
-                // Still unreachable: the engine decides when dead-after has passed.
+                // A new failure starts the clock; an ongoing one lets the engine
+                // check whether dead-after has passed.
+                if let std::collections::btree_map::Entry::Vacant(e) =
+                    self.unreachable_since.entry(id)
+                {
+                    e.insert(now);
+                    debug!(peer = %id.short(), "member unreachable from here");
+                }
                 changed = true;
             }
         }
