@@ -239,4 +239,35 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn readme_configuration_table_matches_the_cli() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../../README.md");
+        // Rows: | `--flag` | `ENV` | default | meaning |
+        let rows: Vec<Vec<String>> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| l.split('|').map(|c| c.trim().trim_matches('`').to_owned()).collect())
+            .collect();
+        let cmd = Cli::command();
+        let args: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "version"))
+            .collect();
+        assert_eq!(rows.len(), args.len(), "README rows vs CLI options");
+        for arg in args {
+            let long = format!("--{}", arg.get_long().unwrap_or_default());
+            let row = rows
+                .iter()
+                .find(|r| r[1] == long)
+                .unwrap_or_else(|| panic!("{long} is not in the README's configuration table"));
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(Some(row[2].clone()), env, "env of {long}");
+            if let Some(default) = arg.get_default_values().first() {
+                let default = default.to_string_lossy();
+                assert_eq!(row[3], default, "default of {long}");
+            }
+        }
+    }
 }

@@ -169,4 +169,18 @@ mod tests {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
     }
+
+    #[test]
+    fn readme_documents_every_metric() {
+        let readme = include_str!("../../../README.md");
+        let text = Metrics::new().encode();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split_whitespace().nth(2).unwrap_or_default();
+            let short = name.trim_start_matches("geth_peer_sidecar_");
+            assert!(
+                readme.contains(&format!("| `{short}")),
+                "metric {name} is not in the README's metrics table"
+            );
+        }
+    }
 }
