@@ -34,12 +34,21 @@ pub struct Mesh {
 impl Mesh {
     /// Starts the control plane and `n` nodes, then their sidecars.
     pub async fn start(name: &str, n: usize, env: &[(&str, &str)]) -> Result<Mesh> {
+        let mut mesh = Self::without_sidecars(name, n, env).await?;
+        for i in 0..n {
+            mesh.start_sidecar(i)?;
+        }
+        Ok(mesh)
+    }
+
+    /// Starts the control plane and `n` nodes; sidecars are started by the caller.
+    pub async fn without_sidecars(name: &str, n: usize, env: &[(&str, &str)]) -> Result<Mesh> {
         let ctx = TestContext::new(name);
         let bridge = Arc::new(Bridge::create()?);
         let cluster = Cluster::start(&ctx, bridge.host_ip()).await?;
         let ns = cluster.namespace(name).await?;
         let net = GethNet::start(&ctx, bridge, n).await?;
-        let mut mesh = Mesh {
+        Ok(Mesh {
             net,
             sidecars: Vec::new(),
             ns,
@@ -50,11 +59,28 @@ impl Mesh {
                 .collect(),
             starts: 0,
             ctx,
-        };
-        for i in 0..n {
-            mesh.start_sidecar(i)?;
+        })
+    }
+
+    /// The StatefulSet-style DNS name of node `i`: `geth-<i>.geth.<ns>.svc.cluster.local`.
+    pub fn dns_name(&self, i: usize) -> String {
+        format!(
+            "{}.geth.{}.svc.cluster.local",
+            self.net.node(i).name(),
+            self.ns.name
+        )
+    }
+
+    /// Writes every node's DNS name and current IP into every node namespace's
+    /// hosts file (what cluster DNS does for a headless Service).
+    pub fn write_hosts(&self) -> Result<()> {
+        let entries: Vec<_> = (0..self.net.nodes().len())
+            .map(|i| (self.net.node(i).ip(), self.dns_name(i)))
+            .collect();
+        for node in self.net.nodes() {
+            node.netns().write_hosts(&entries)?;
         }
-        Ok(mesh)
+        Ok(())
     }
 
     /// Starts (or restarts) node `i`'s sidecar.
@@ -165,13 +191,17 @@ impl Mesh {
         .await
     }
 
-    /// A metric's value from node `i`'s sidecar (`None` if absent or unreachable).
+    /// A series' value from node `i`'s sidecar: `name` is the whole series key,
+    /// e.g. `geth_peer_sidecar_members` or
+    /// `geth_peer_sidecar_geth_actions_total{kind="add_peer"}` (`None` if absent
+    /// or unreachable).
     pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
         let sc = self.sidecars.get(i)?.as_ref()?;
         let (_, body) = sc.get("/metrics").await.ok()?;
-        body.lines()
-            .find(|l| l.split([' ', '{']).next() == Some(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        // `name` is a whole series key: `metric` or `metric{label="v"}`.
+        body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
     }
 }

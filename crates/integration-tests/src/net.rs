@@ -127,6 +127,9 @@ impl Bridge {
             "eth0",
         ])?;
         run(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"])?;
+        // A hosts file from the start: `ip netns exec` bind-mounts it only if it
+        // exists when a process starts; later updates rewrite it in place.
+        ns.write_hosts(&[])?;
         Ok(ns)
     }
 }

@@ -259,3 +259,55 @@ async fn a_sidecar_without_geth_waits_and_reports_not_ready() {
     .await
     .unwrap();
 }
+
+async fn remove_peers(m: &Mesh, i: usize) -> f64 {
+    m.metric(
+        i,
+        "geth_peer_sidecar_geth_actions_total{kind=\"remove_peer\"}",
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_mode_survives_an_ip_move_without_remove_peer() {
+    let env = [
+        ("ADVERTISE", "dns"),
+        (
+            "DNS_TEMPLATE",
+            "{pod}.{service}.{namespace}.svc.cluster.local",
+        ),
+        ("SERVICE_NAME", "geth"),
+    ];
+    let mut m = Mesh::without_sidecars("dns", 3, &env).await.unwrap();
+    m.write_hosts().unwrap();
+    for i in 0..3 {
+        m.start_sidecar(i).unwrap();
+    }
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    let data = m.registry_data().await;
+    assert!(
+        data["member.geth-2"].contains(&m.dns_name(2)),
+        "published the DNS name: {}",
+        data["member.geth-2"]
+    );
+    let adds = m
+        .metric(0, "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"}")
+        .await;
+    assert!(adds >= Some(2.0), "the metric is read: {adds:?}");
+    let before = (remove_peers(&m, 0).await, remove_peers(&m, 1).await);
+
+    // The pod moves: same name, new IP; cluster DNS (the hosts files) follows.
+    let new_ip = m.net.fresh_ip();
+    m.take_sidecar(2).unwrap().kill().await;
+    m.net.node_mut(2).restart_on_new_ip(new_ip).await.unwrap();
+    m.write_hosts().unwrap();
+    m.start_sidecar(2).unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    // The others' static entry (a DNS name) never changed: no removePeer.
+    assert_eq!(
+        (remove_peers(&m, 0).await, remove_peers(&m, 1).await),
+        before
+    );
+}
