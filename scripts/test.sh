@@ -21,6 +21,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build the sidecar binary (end-to-end tests run it as a pod would)"
 cargo build --locked -p sidecar-bin
+cargo build --locked -p geth-ipc --examples
 
 step "cargo test"
 # The end-to-end tests start one apiserver and several geth nodes each: cap

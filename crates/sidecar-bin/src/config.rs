@@ -248,7 +248,11 @@ mod tests {
         let rows: Vec<Vec<String>> = readme
             .lines()
             .filter(|l| l.starts_with("| `--"))
-            .map(|l| l.split('|').map(|c| c.trim().trim_matches('`').to_owned()).collect())
+            .map(|l| {
+                l.split('|')
+                    .map(|c| c.trim().trim_matches('`').to_owned())
+                    .collect()
+            })
             .collect();
         let cmd = Cli::command();
         let args: Vec<_> = cmd
