@@ -174,6 +174,6 @@ fn main() {
         }
         println!("tearing down...");
         drop(m);
-        println!("done: no process or namespace left behind");
+        println!("done: every process stopped, namespaces and bridge removed");
     });
 }

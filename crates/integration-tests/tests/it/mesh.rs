@@ -311,3 +311,38 @@ async fn dns_mode_survives_an_ip_move_without_remove_peer() {
         before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_every_member_and_whether_this_geth_is_connected() {
+    let m = Mesh::start("status", 3, &[]).await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    let node = m.net.node(0);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", node.netns().name()])
+        .arg(integration_tests::sidecar_bin())
+        .arg("status")
+        .env("IPC_PATH", node.ipc_path())
+        .env("KUBECONFIG", &m.ns.kubeconfig)
+        .env("NAMESPACE", &m.ns.name)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("POD"), "{stdout}");
+    for i in 0..3 {
+        let row = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("geth-{i} ")))
+            .unwrap_or_else(|| panic!("geth-{i} missing:\n{stdout}"));
+        assert!(row.contains(&m.net.node(i).ip().to_string()), "{row}");
+        assert!(row.contains(&m.net.node(i).node_id()[..8]), "{row}");
+        let connected = if i == 0 { "no" } else { "yes" }; // not connected to itself
+        assert!(row.trim_end().ends_with(connected), "{row}");
+    }
+}
