@@ -26,6 +26,8 @@ pub struct Mesh {
     pub cluster: Cluster,
     /// Environment every sidecar gets (on top of the fixture's defaults).
     pub env: Vec<(String, String)>,
+    /// POD_UID per node index, when a test created real Pod objects.
+    pub pod_uids: BTreeMap<usize, String>,
     starts: usize,
     /// The test context (logs).
     pub ctx: TestContext,
@@ -57,6 +59,7 @@ impl Mesh {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            pod_uids: BTreeMap::new(),
             starts: 0,
             ctx,
         })
@@ -86,11 +89,14 @@ impl Mesh {
     /// Starts (or restarts) node `i`'s sidecar.
     pub fn start_sidecar(&mut self, i: usize) -> Result<()> {
         self.starts += 1;
-        let env: Vec<(&str, &str)> = self
+        let mut env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        if let Some(uid) = self.pod_uids.get(&i) {
+            env.push(("POD_UID", uid));
+        }
         let sc = Sidecar::start(
             &self.ctx,
             self.net.node(i),

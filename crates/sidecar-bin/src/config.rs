@@ -129,6 +129,11 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "DEAD_AFTER", value_parser = parse_duration, default_value = "120s")]
     pub(crate) dead_after: Duration,
 
+    /// A member registered or updated less than this long ago is never removed
+    /// (protects new members from stale probe or pod state).
+    #[arg(long, env = "REGISTRATION_GRACE", value_parser = parse_duration, default_value = "60s")]
+    pub(crate) registration_grace: Duration,
+
     /// How often unreachable-looking members are probed (TCP connect).
     #[arg(long, env = "PROBE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub(crate) probe_interval: Duration,
@@ -136,6 +141,12 @@ pub(crate) struct RunArgs {
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9090")]
     pub(crate) listen: SocketAddr,
+
+    /// Read the namespace's pods: a member whose pod is gone, or was replaced
+    /// (other UID or IP), is removed at once instead of after DEAD_AFTER. Needs
+    /// pods get/list in the Role (deploy/overlays/pod-evidence).
+    #[arg(long, env = "READ_PODS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) read_pods: bool,
 }
 
 /// Log output format.

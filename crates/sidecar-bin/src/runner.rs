@@ -31,6 +31,8 @@ pub(crate) struct Settings {
     pub(crate) resync: Duration,
     pub(crate) probe_interval: Duration,
     pub(crate) listen: SocketAddr,
+    /// The namespace's pods, when READ_PODS is on.
+    pub(crate) pods: Option<kube::Api<k8s_openapi::api::core::v1::Pod>>,
 }
 
 impl Settings {
@@ -62,11 +64,12 @@ impl Settings {
             engine: core::Config {
                 trusted: run.trusted,
                 dead_after: run.dead_after,
-                ..core::Config::default()
+                grace_after_register: run.registration_grace,
             },
             resync: run.resync_interval,
             probe_interval: run.probe_interval,
             listen: run.listen,
+            pods: None,
         })
     }
 }
@@ -119,6 +122,7 @@ struct Runner<G, R> {
     unusable: BTreeMap<NodeId, String>,
     last_problems: Vec<String>,
     last_report: String,
+    pods_error: Option<String>,
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT, then deregisters and returns.
@@ -152,6 +156,7 @@ where
         unusable: BTreeMap::new(),
         last_problems: Vec::new(),
         last_report: String::new(),
+        pods_error: None,
     };
     r.event_loop().await;
     r.deregister().await;
@@ -377,6 +382,48 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         "geth"
     }
 
+    /// The namespace's pods as pod evidence (READ_PODS). `None` when off or when
+    /// the list fails: the engine then falls back to reachability evidence.
+    async fn pod_evidence(&mut self) -> Option<BTreeMap<String, core::PodObservation>> {
+        let api = self.s.pods.as_ref()?;
+        match api.list(&kube::api::ListParams::default()).await {
+            Ok(list) => {
+                if self.pods_error.take().is_some() {
+                    info!("reading pods works again: pod evidence is back");
+                }
+                Some(
+                    list.items
+                        .into_iter()
+                        .filter_map(|p| {
+                            let name = p.metadata.name?;
+                            let obs = core::PodObservation {
+                                uid: p.metadata.uid,
+                                ip: p.status.and_then(|s| s.pod_ip),
+                            };
+                            Some((name, obs))
+                        })
+                        .collect(),
+                )
+            }
+            Err(e) => {
+                let msg = match &e {
+                    kube::Error::Api(s) if s.code == 403 => format!(
+                        "READ_PODS is on but the Role does not grant pods list ({}): apply deploy/overlays/pod-evidence or turn READ_PODS off; falling back to reachability evidence",
+                        s.message
+                    ),
+                    other => {
+                        format!("cannot list pods ({other}); falling back to reachability evidence")
+                    }
+                };
+                if self.pods_error.as_deref() != Some(msg.as_str()) {
+                    warn!("{msg}");
+                    self.pods_error = Some(msg);
+                }
+                None
+            }
+        }
+    }
+
     /// One pass: observe, decide, act. Errors return a metric label.
     async fn reconcile(&mut self) -> Result<(), &'static str> {
         let started = Instant::now();
@@ -450,8 +497,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 )
             })
             .collect();
+        let pods = self.pod_evidence().await;
         let obs = core::Observation {
             connected: &connected,
+            pods: pods.as_ref(),
             unreachable_since: &self.unreachable_since,
             unusable: &self.unusable,
             ..core::Observation::new(now, &me, self.snapshot.as_ref(), &self.applied)

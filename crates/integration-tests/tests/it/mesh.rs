@@ -346,3 +346,64 @@ async fn status_prints_every_member_and_whether_this_geth_is_connected() {
         assert!(row.trim_end().ends_with(connected), "{row}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::rbac::v1::Role;
+    use kube::api::PostParams;
+
+    // DEAD_AFTER is long: only pod evidence can remove the member in time.
+    let env = [
+        ("READ_PODS", "true"),
+        ("DEAD_AFTER", "600s"),
+        ("REGISTRATION_GRACE", "1s"),
+    ];
+    let mut m = Mesh::without_sidecars("pods", 3, &env).await.unwrap();
+    let admin = m.cluster.admin();
+    // The optional rule of deploy/overlays/pod-evidence.
+    let roles: Api<Role> = Api::namespaced(admin.clone(), &m.ns.name);
+    let mut role = roles.get("geth-peer-sidecar").await.unwrap();
+    role.rules.get_or_insert_with(Vec::new).push(
+        serde_json::from_value(
+            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}),
+        )
+        .unwrap(),
+    );
+    roles
+        .replace("geth-peer-sidecar", &PostParams::default(), &role)
+        .await
+        .unwrap();
+    // Pods as the kubelet would report them (nothing runs them here).
+    let pods: Api<Pod> = Api::namespaced(admin, &m.ns.name);
+    for i in 0..3 {
+        let name = m.net.node(i).name().to_owned();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "geth", "image": "ethereum/client-go:v1.17.5"}]}
+        }))
+        .unwrap();
+        let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+        let status =
+            json!({"status": {"phase": "Running", "podIP": m.net.node(i).ip().to_string()}});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+        m.pod_uids.insert(i, created.metadata.uid.unwrap());
+    }
+    for i in 0..3 {
+        m.start_sidecar(i).unwrap();
+    }
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+
+    // Pod geth-2 is deleted; its sidecar dies without deregistering.
+    m.take_sidecar(2).unwrap().kill().await;
+    m.net.node_mut(2).kill().await;
+    pods.delete("geth-2", &DeleteParams::default())
+        .await
+        .unwrap();
+    m.wait_registered(&all(2), Duration::from_secs(45))
+        .await
+        .unwrap();
+}
