@@ -194,6 +194,40 @@ impl Netns {
         run(&["ip", "link", "set", &self.veth, "down"])
     }
 
+    /// Blackholes traffic to `peers` (the link stays up: the apiserver on the
+    /// bridge's `.1` is still reachable). A p2p partition that leaves the
+    /// control plane working.
+    pub fn isolate_from(&self, peers: &[Ipv4Addr]) -> Result<()> {
+        for ip in peers {
+            run(&[
+                "ip",
+                "-n",
+                &self.name,
+                "route",
+                "add",
+                "blackhole",
+                &format!("{ip}/32"),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Removes the blackhole routes of [`Netns::isolate_from`].
+    pub fn rejoin(&self, peers: &[Ipv4Addr]) -> Result<()> {
+        for ip in peers {
+            run(&[
+                "ip",
+                "-n",
+                &self.name,
+                "route",
+                "del",
+                "blackhole",
+                &format!("{ip}/32"),
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Restores a cut link.
     pub fn restore(&self) -> Result<()> {
         run(&["ip", "link", "set", &self.veth, "up"])

@@ -407,3 +407,41 @@ async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_reaches_the_apiserver_but_no_peer_never_removes_the_majority() {
+    let env = [
+        ("DEAD_AFTER", "4s"),
+        ("PROBE_INTERVAL", "1s"),
+        ("REGISTRATION_GRACE", "1s"),
+    ];
+    let m = Mesh::start("p2p-partition", 4, &env).await.unwrap();
+    m.wait_full_mesh(&all(4), MESH).await.unwrap();
+    m.wait_registered(&all(4), MESH).await.unwrap();
+    let others: Vec<_> = (0..3).map(|i| m.net.node(i).ip()).collect();
+    let lonely = m.net.node(3).netns();
+    lonely.isolate_from(&others).unwrap();
+    // Node 3 sees every other member unreachable for far longer than DEAD_AFTER
+    // and can still write to the registry: the partition guard must stop it.
+    eventually("node 3 to suspect a partition", MESH, || async {
+        (m.metric(3, "geth_peer_sidecar_suspected_partition").await == Some(1.0)).then_some(())
+    })
+    .await
+    .unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < until {
+        let pods = m.registered_pods().await;
+        for i in 0..3 {
+            assert!(
+                pods.contains(&format!("geth-{i}")),
+                "healthy member geth-{i} removed: {pods:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    lonely.rejoin(&others).unwrap();
+    m.wait_registered(&all(4), MESH).await.unwrap();
+    m.wait_full_mesh(&all(4), Duration::from_secs(90))
+        .await
+        .unwrap();
+}
