@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test bed (geth, etcd, kube-apiserver) from the Go module proxy at the
+# Builds the test bed (geth, etcd, kube-apiserver, and the manifest tools kubectl,
+# kustomize, helm) from the Go module proxy at the
 # versions pinned in versions.env, through the consumer modules in go/, and caches
 # the binaries outside the repo. Idempotent: a second run with a warm cache only
 # checks stamps and takes about a second.
@@ -24,9 +25,10 @@ need openssl "apt-get install openssl (service-account signing keys)"
 
 log() { printf '[provision %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS]
+# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS] [VERSION_ARGS]
+# VERSION_ARGS (default --version) is how the binary is asked for its version.
 build() {
-  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-}
+  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-} vargs=${7:---version}
   local dest="$cache/$name-$version"
   local stamp
   stamp=$(cat "$here/go/$mod/go.mod" "$here/go/$mod/go.sum" <(echo "$ldflags") | sha256sum | cut -c1-16)
@@ -39,8 +41,10 @@ build() {
     (cd "$here/go/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$dest/$name.tmp" "$pkg")
     # Refuse a binary that does not report the pinned version (go get once
     # resolved a newer release behind our back).
-    if ! "$dest/$name.tmp" --version 2>&1 | head -3 | grep -qE "$want"; then
-      echo "provision: $name reports '$("$dest/$name.tmp" --version 2>&1 | head -1)', expected $version" >&2
+    # shellcheck disable=SC2086 # vargs is a word list
+    if ! "$dest/$name.tmp" $vargs 2>&1 | head -3 | grep -qE "$want"; then
+      # shellcheck disable=SC2086
+      echo "provision: $name reports '$("$dest/$name.tmp" $vargs 2>&1 | head -1)', expected $version" >&2
       exit 1
     fi
     mv -f "$dest/$name.tmp" "$dest/$name"
@@ -52,18 +56,29 @@ build() {
 
 k8s_minor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)
 k8s_ldflags="-X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION \
--X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$k8s_minor \
--X k8s.io/component-base/version/verflag.programName=kube-apiserver"
+-X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$k8s_minor"
 
 t_all=$SECONDS
-build geth "$GETH_VERSION" geth github.com/ethereum/go-ethereum/cmd/geth "Version: ${GETH_VERSION#v}"
+# geth --version prints "geth version X"; the version subcommand prints "Version: X".
+build geth "$GETH_VERSION" geth github.com/ethereum/go-ethereum/cmd/geth "^Version: ${GETH_VERSION#v}-stable$" "" version
 build etcd "$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3 "Version: ${ETCD_VERSION#v}"
-build kube-apiserver "$KUBERNETES_VERSION" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBERNETES_VERSION\$" "$k8s_ldflags"
+build kube-apiserver "$KUBERNETES_VERSION" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBERNETES_VERSION\$" \
+  "$k8s_ldflags -X k8s.io/component-base/version/verflag.programName=kube-apiserver"
+# Manifest tools (deploy/ and charts/ are checked against the real apiserver).
+build kubectl "$KUBERNETES_VERSION" kube-apiserver k8s.io/kubernetes/cmd/kubectl "^Client Version: $KUBERNETES_VERSION\$" \
+  "$k8s_ldflags" "version --client"
+# kustomize reads its own version from the module's build info: no ldflags.
+build kustomize "$KUSTOMIZE_VERSION" kustomize sigs.k8s.io/kustomize/kustomize/v5 "^$KUSTOMIZE_VERSION\$" "" version
+build helm "$HELM_VERSION" helm helm.sh/helm/v4/cmd/helm "^$HELM_VERSION(\\+|\$)" \
+  "-X helm.sh/helm/v4/internal/version.version=$HELM_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean" \
+  "version --short"
 
 cat > "$cache/versions.env" <<VERS
 GETH_VERSION=$GETH_VERSION
 ETCD_VERSION=$ETCD_VERSION
 KUBERNETES_VERSION=$KUBERNETES_VERSION
+KUSTOMIZE_VERSION=$KUSTOMIZE_VERSION
+HELM_VERSION=$HELM_VERSION
 VERS
 log "test bed ready in $((SECONDS - t_all)) s: $cache/bin"
 echo "$cache/bin"
