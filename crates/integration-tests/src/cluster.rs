@@ -273,6 +273,20 @@ impl Cluster {
         self.admin.clone().expect("apiserver is running")
     }
 
+    /// Writes a kubeconfig with cluster-admin rights (for tools such as kubectl
+    /// in fixtures and manifest checks) and returns its path.
+    ///
+    /// # Panics
+    /// When the CA certificate cannot be read or the file cannot be written.
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        let path = self.dir.join("admin.kubeconfig");
+        let yaml = self
+            .kubeconfig_yaml(&self.admin_token, "default")
+            .expect("admin kubeconfig");
+        std::fs::write(&path, yaml).expect("write admin kubeconfig");
+        path
+    }
+
     fn kubeconfig_yaml(&self, token: &str, namespace: &str) -> Result<String> {
         let ca = std::fs::read(self.dir.join("certs/apiserver.crt"))
             .map_err(io_err("read apiserver.crt"))?;

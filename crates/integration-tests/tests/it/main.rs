@@ -8,6 +8,7 @@
 )]
 
 mod geth_ipc;
+mod manifests;
 mod mesh;
 mod registry;
 mod testbed;
