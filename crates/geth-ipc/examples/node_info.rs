@@ -11,14 +11,34 @@
 //! first (IPC and WS only) and prints them for that long, then the peers again; with
 //! `--poll SECONDS` it calls `admin_nodeInfo` every second for that long, printing
 //! the connection generation (restart geth meanwhile to see it reconnect).
-//! Exits non-zero with the error message on failure.
-#![allow(clippy::print_stdout, clippy::print_stderr)]
+//! Exits non-zero with the error message on failure; exits quietly (success) when
+//! stdout is closed early, e.g. piped into `head`.
+#![allow(clippy::print_stderr)]
 
+use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use futures::StreamExt;
 use geth_ipc::{AdminApi, ClientOptions, Endpoint, Enode, GethClient, PeerInfo};
+
+/// Why [`run`] stopped early.
+enum Failure {
+    Geth(geth_ipc::Error),
+    Stdout(io::Error),
+}
+
+impl From<geth_ipc::Error> for Failure {
+    fn from(e: geth_ipc::Error) -> Self {
+        Failure::Geth(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Stdout(e)
+    }
+}
 
 /// What to do besides printing.
 #[derive(Default)]
@@ -67,20 +87,28 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&endpoint, actions).await {
+    let mut out = io::stdout().lock();
+    match run(&mut out, &endpoint, actions).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // The reader went away (e.g. `| head`): nothing left to do.
+        Err(Failure::Stdout(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Failure::Stdout(e)) => {
+            eprintln!("error writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Geth(e)) => {
             eprintln!("error ({}): {e}", e.kind());
             ExitCode::FAILURE
         }
     }
 }
 
-fn print_peers(peers: &[PeerInfo]) {
-    println!("peers:      {}", peers.len());
+fn print_peers(out: &mut impl Write, peers: &[PeerInfo]) -> io::Result<()> {
+    writeln!(out, "peers:      {}", peers.len())?;
     for p in peers {
         let n = &p.network;
-        println!(
+        writeln!(
+            out,
             "  {} {} {} -> {} inbound={} trusted={} static={} eth={} caps={}",
             p.id.short(),
             p.name,
@@ -91,38 +119,46 @@ fn print_peers(peers: &[PeerInfo]) {
             n.static_,
             if p.eth_ready() { "ready" } else { "handshake" },
             p.caps.join(",")
-        );
+        )?;
     }
+    Ok(())
 }
 
-async fn run(endpoint: &str, actions: Actions) -> geth_ipc::Result<()> {
+async fn run(out: &mut impl Write, endpoint: &str, actions: Actions) -> Result<(), Failure> {
     let endpoint: Endpoint = endpoint.parse()?;
     let geth = GethClient::connect(endpoint, ClientOptions::default()).await?;
     let info = geth.node_info().await?;
-    println!(
+    writeln!(
+        out,
         "endpoint:   {} ({})",
         geth.endpoint(),
         geth.endpoint().transport()
-    );
-    println!("id:         {}", info.id);
-    println!("name:       {}", info.name);
-    println!("enode:      {}", info.enode);
+    )?;
+    writeln!(out, "id:         {}", info.id)?;
+    writeln!(out, "name:       {}", info.name)?;
+    writeln!(out, "enode:      {}", info.enode)?;
     match info.parsed_enode() {
-        Ok(e) => println!(
+        Ok(e) => writeln!(
+            out,
             "  host {} tcp {} discport {:?}",
             e.host(),
             e.tcp_port(),
             e.disc_port()
-        ),
-        Err(e) => println!("  (does not parse: {e})"),
+        )?,
+        Err(e) => writeln!(out, "  (does not parse: {e})")?,
     }
-    println!("enr:        {}", info.enr.as_deref().unwrap_or("-"));
-    println!("ip:         {}", info.ip.as_deref().unwrap_or("-"));
-    println!(
+    writeln!(out, "enr:        {}", info.enr.as_deref().unwrap_or("-"))?;
+    writeln!(out, "ip:         {}", info.ip.as_deref().unwrap_or("-"))?;
+    writeln!(
+        out,
         "ports:      discovery {} listener {}",
         info.ports.discovery, info.ports.listener
-    );
-    println!("listenAddr: {}", info.listen_addr.as_deref().unwrap_or("-"));
+    )?;
+    writeln!(
+        out,
+        "listenAddr: {}",
+        info.listen_addr.as_deref().unwrap_or("-")
+    )?;
 
     let mut stream = match actions.events {
         Some(_) => Some(geth.peer_events().await?),
@@ -135,28 +171,28 @@ async fn run(endpoint: &str, actions: Actions) -> geth_ipc::Result<()> {
             "--add-trusted" => geth.add_trusted_peer(enode).await?,
             _ => geth.remove_trusted_peer(enode).await?,
         };
-        println!("{flag} {enode:?}: {ok}");
+        writeln!(out, "{flag} {enode:?}: {ok}")?;
     }
-    print_peers(&geth.peers().await?);
+    print_peers(out, &geth.peers().await?)?;
 
     if let (Some(duration), Some(stream)) = (actions.events, stream.as_mut()) {
-        println!("peer events for {duration:?}:");
+        writeln!(out, "peer events for {duration:?}:")?;
         let deadline = tokio::time::sleep(duration);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 () = &mut deadline => break,
                 ev = stream.next() => match ev {
-                    Some(Ok(ev)) => println!(
+                    Some(Ok(ev)) => writeln!(out,
                         "  {} {} error={:?} local={:?} remote={:?} protocol={:?}",
                         ev.kind, ev.peer.short(), ev.error, ev.local, ev.remote, ev.protocol
-                    ),
-                    Some(Err(e)) => return Err(e),
+                    )?,
+                    Some(Err(e)) => return Err(e.into()),
                     None => break,
                 },
             }
         }
-        print_peers(&geth.peers().await?);
+        print_peers(out, &geth.peers().await?)?;
     }
     if let Some(duration) = actions.poll {
         // Survives geth restarts: each call after a broken connection reconnects.
@@ -164,15 +200,20 @@ async fn run(endpoint: &str, actions: Actions) -> geth_ipc::Result<()> {
         while tokio::time::Instant::now() < end {
             tokio::time::sleep(Duration::from_secs(1)).await;
             match geth.node_info().await {
-                Ok(i) => println!(
+                Ok(i) => writeln!(
+                    out,
                     "poll: ok {} generation {}",
                     i.id.short(),
                     geth.connection_generation()
-                ),
-                Err(e) => println!("poll: {} ({e})", e.kind()),
+                )?,
+                Err(e) => writeln!(out, "poll: {} ({e})", e.kind())?,
             }
         }
     }
-    println!("connection generation: {}", geth.connection_generation());
+    writeln!(
+        out,
+        "connection generation: {}",
+        geth.connection_generation()
+    )?;
     Ok(())
 }
