@@ -19,6 +19,14 @@ pub struct Config {
     /// re-registered members from stale probe state and from a lagging pod cache.
     /// Default: 60 s.
     pub grace_after_register: Duration,
+    /// The first dial of a new pair (one of the two records written less than
+    /// this long ago) is left to one side: the member with the later record (a
+    /// newcomer or a moved node: its geth has no dial history) adds the other at
+    /// once; the other side adds it after this grace, by when the link is usually
+    /// up. Two geths dialling each other at the same moment can each keep their
+    /// own outbound connection and drop the other's, losing both, and then wait
+    /// geth's ~35 s redial timer. Default: 2 s.
+    pub dial_grace: Duration,
 }
 
 impl Default for Config {
@@ -27,6 +35,7 @@ impl Default for Config {
             trusted: false,
             dead_after: Duration::from_secs(120),
             grace_after_register: Duration::from_secs(60),
+            dial_grace: Duration::from_secs(2),
         }
     }
 }

@@ -171,6 +171,7 @@ fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord
 /// let me_enode: Enode = "enode://6f8a80d14311c39f35f516fa664deaaaa13e85b2f7493f37f6144d86991ec012937307647bd3b9a82abe2974e1407241d54947bbb39763a4cac9f77166ad92a0@10.0.0.1:30303".parse()?;
 /// let peer: Enode = "enode://5cbdf0646e5db4eaa398f365f2ea7a0e3d419b7e0330e39ce92bddedcac4f9bc6aebca40ba255960a3178d6d861a54dba813d0b813fde7b5a5082628087264da@10.0.0.2:30303".parse()?;
 /// let now = jiff::Timestamp::from_second(1_700_000_000)?;
+/// let earlier = jiff::Timestamp::from_second(1_699_990_000)?; // geth-1 registered before us
 /// let me = SelfIdentity {
 ///     pod: "geth-0".into(),
 ///     node_id: me_enode.node_id(),
@@ -186,14 +187,16 @@ fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord
 ///     enode: peer.clone(),
 ///     pod_uid: Some("uid-1".into()),
 ///     pod_ip: Some("10.0.0.2".into()),
-///     registered_at: now,
-///     updated_at: now,
+///     registered_at: earlier,
+///     updated_at: earlier,
 ///     sidecar_version: "0.1.0".into(),
 /// });
 /// let mut applied: BTreeMap<NodeId, Enode> = BTreeMap::new();
 ///
 /// let first = plan(&Config::default(), &Observation::new(now, &me, Some(&snapshot), &applied));
 /// // Register self, and peer with geth-1 (the RemovePeer clears any stale entry).
+/// // We are the newcomer of this pair, so we dial first; geth-1's sidecar adds us
+/// // after `dial_grace`, by when the link is usually up.
 /// assert!(matches!(&first.registry[..], [RegistryAction::Upsert(r)] if r.pod == "geth-0"));
 /// assert_eq!(first.geth, vec![GethAction::RemovePeer(peer.clone()), GethAction::AddPeer(peer.clone())]);
 ///
@@ -223,12 +226,18 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
     let mut registry = Vec::new();
 
     // 1. Self: register, or fix a record that differs. Never write in steady state.
+    // `my_updated` is when our record (as it will stand after this pass) changed.
+    let mut my_updated = obs.now;
     match own_record(obs, snapshot) {
         Ok(record) => {
+            my_updated = record.updated_at;
             let unchanged = snapshot.members.get(&me.pod).is_some_and(|existing| {
                 existing.same_registration(&record)
                     && existing.sidecar_version == record.sidecar_version
             });
+            if let Some(existing) = snapshot.members.get(&me.pod).filter(|_| unchanged) {
+                my_updated = existing.updated_at;
+            }
             if !unchanged {
                 report.registering = true;
                 registry.push(RegistryAction::Upsert(record));
@@ -385,6 +394,10 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         }
         external.insert(id, enode);
     }
+    let updated_at: BTreeMap<NodeId, Timestamp> = desired
+        .iter()
+        .map(|(id, (record, _))| (*id, record.updated_at))
+        .collect();
     let mut targets: BTreeMap<NodeId, (&Enode, PeerRef)> = desired
         .into_iter()
         .map(|(id, (record, peer))| (id, (&record.enode, peer)))
@@ -435,6 +448,18 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             None if connected => None,
             None => Some((*enode).clone()),
         };
+        // A new pair: only the member with the later record dials first.
+        if let Some(&peer_updated) = updated_at.get(id) {
+            let pair_new = my_updated.max(peer_updated);
+            let waited = elapsed(obs.now, pair_new);
+            let i_dial = (my_updated, me.node_id) > (peer_updated, *id);
+            if !connected && !i_dial && waited < config.dial_grace {
+                report.awaiting_dial.push(peer.clone());
+                let at = pair_new.checked_add(config.dial_grace).unwrap_or(obs.now);
+                report.recheck_at = Some(report.recheck_at.map_or(at, |r| r.min(at)));
+                continue;
+            }
+        }
         if let Some(stale) = clear {
             geth.push(GethAction::RemovePeer(stale));
         }

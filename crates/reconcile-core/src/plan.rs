@@ -261,6 +261,12 @@ pub enum Problem {
 pub struct Report {
     /// False when the registry has not been read yet (then nothing was planned).
     pub registry_synced: bool,
+    /// New pairs whose first dial is left to the other side for now
+    /// ([`Config::dial_grace`](crate::Config::dial_grace)).
+    pub awaiting_dial: Vec<PeerRef>,
+    /// When the engine wants to be asked again (the earliest grace expiry), if
+    /// anything waits on the clock.
+    pub recheck_at: Option<jiff::Timestamp>,
     /// Whether this node's own record is planned to be written.
     pub registering: bool,
     /// Number of peers this geth should have (members except self, plus external).

@@ -171,6 +171,7 @@ prop_compose! {
                 trusted,
                 dead_after: Duration::from_secs(dead_after),
                 grace_after_register: Duration::from_secs(grace),
+                dial_grace: Duration::from_secs(grace % 3),
             },
             now,
             me,

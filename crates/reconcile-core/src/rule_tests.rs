@@ -636,3 +636,65 @@ fn the_report_serializes_for_the_status_endpoint() {
     assert_eq!(json["removals"][0]["record"]["pod"], "geth-3");
     assert_eq!(json["removals"][0]["reason"]["kind"], "podGone");
 }
+
+#[test]
+fn a_new_pairs_first_dial_is_left_to_the_member_with_the_newer_record() {
+    let (a, b) = (node(0), node(1));
+    let me = identity("geth-0", &a);
+    // geth-1 registered a second after us: it dials; we wait for dial_grace.
+    let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(1))]);
+    let applied = BTreeMap::new();
+    let config = Config::default();
+    let p = plan(
+        &config,
+        &Observation::new(at(1), &me, Some(&snap), &applied),
+    );
+    assert!(p.geth.is_empty(), "{:?}", p.geth);
+    assert_eq!(p.report.awaiting_dial.len(), 1);
+    assert_eq!(p.report.recheck_at, Some(at(3)));
+    // Once the grace has passed, we add it too (usually already connected).
+    let p = plan(
+        &config,
+        &Observation::new(at(3), &me, Some(&snap), &applied),
+    );
+    assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
+    assert!(p.report.awaiting_dial.is_empty());
+}
+
+#[test]
+fn the_member_with_the_newer_record_dials_at_once() {
+    let (a, b) = (node(0), node(1));
+    let me = identity("geth-1", &b);
+    let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(1))]);
+    let applied = BTreeMap::new();
+    let p = plan(
+        &Config::default(),
+        &Observation::new(at(1), &me, Some(&snap), &applied),
+    );
+    assert_eq!(p.geth, vec![RemovePeer(a.clone()), AddPeer(a)]);
+    assert_eq!(p.report.recheck_at, None);
+}
+
+#[test]
+fn a_new_peer_already_connected_is_added_at_once_and_old_pairs_never_wait() {
+    let (a, b) = (node(0), node(1));
+    let me = identity("geth-0", &a);
+    let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(1))]);
+    let applied = BTreeMap::new();
+    let connected: BTreeMap<NodeId, PeerObservation> =
+        [(b.node_id(), PeerObservation::default())].into();
+    let obs = Observation {
+        connected: &connected,
+        ..Observation::new(at(1), &me, Some(&snap), &applied)
+    };
+    assert_eq!(
+        plan(&Config::default(), &obs).geth,
+        vec![AddPeer(b.clone())]
+    );
+    // Both records old (e.g. after a geth restart): add at once.
+    let p = plan(
+        &Config::default(),
+        &Observation::new(at(100), &me, Some(&snap), &applied),
+    );
+    assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
+}

@@ -65,6 +65,7 @@ impl Settings {
                 trusted: run.trusted,
                 dead_after: run.dead_after,
                 grace_after_register: run.registration_grace,
+                ..core::Config::default()
             },
             resync: run.resync_interval,
             probe_interval: run.probe_interval,
@@ -123,6 +124,8 @@ struct Runner<G, R> {
     last_problems: Vec<String>,
     last_report: String,
     pods_error: Option<String>,
+    /// When the engine asked to be consulted again (a new pair's dial grace).
+    recheck_at: Option<jiff::Timestamp>,
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT, then deregisters and returns.
@@ -157,6 +160,7 @@ where
         last_problems: Vec::new(),
         last_report: String::new(),
         pods_error: None,
+        recheck_at: None,
     };
     r.event_loop().await;
     r.deregister().await;
@@ -232,6 +236,16 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     None => std::future::pending().await,
                 }
             };
+            let recheck = async {
+                match self.recheck_at {
+                    Some(at) => {
+                        let wait = jiff::Timestamp::now().duration_until(at);
+                        let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => return,
                 item = watch.next() => match item {
@@ -270,6 +284,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     dirty |= self.probe_members().await;
                 }
                 _ = retry => dirty = true,
+                _ = recheck => dirty = true,
             }
         }
     }
@@ -531,6 +546,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .as_ref()
             .and_then(|s| s.members.get(&self.s.pod).cloned());
         let report = &plan.report;
+        self.recheck_at = report.recheck_at;
         self.metrics.desired_peers.set(report.desired as i64);
         self.metrics.connected_peers.set(report.connected as i64);
         self.metrics.missing_peers.set(report.missing.len() as i64);
