@@ -23,6 +23,9 @@ step "build the sidecar binary (end-to-end tests run it as a pod would)"
 cargo build --locked -p sidecar-bin
 cargo build --locked -p geth-ipc --examples
 
+step "image checks: hadolint on the Dockerfile, static release binary, sizes"
+scripts/lint-image.sh
+
 step "cargo test"
 # The end-to-end tests start one apiserver and several geth nodes each: cap
 # parallelism so two cores are not oversubscribed into timeouts.
