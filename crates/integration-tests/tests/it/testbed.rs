@@ -199,3 +199,36 @@ fn a_failed_test_leaves_no_process_or_namespace_behind() {
     assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_demo_reaches_a_full_mesh_and_tears_everything_down() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_demo"))
+        .args(["--nodes", "3", "--once"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("full mesh: every node is connected to every other"),
+        "{stdout}"
+    );
+    assert!(stdout.matches("(all)").count() >= 3, "{stdout}");
+    // Nothing the demo started still runs (its children all live under its dir).
+    let dir = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("logs: "))
+        .expect("the demo prints its log directory")
+        .to_owned();
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    let leftovers: Vec<&str> = ps.lines().filter(|l| l.contains(&dir)).collect();
+    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+}
