@@ -298,13 +298,7 @@ impl Cluster {
     }
 
     async fn client_for(&self, token: &str, namespace: &str) -> Result<Client> {
-        let yaml = self.kubeconfig_yaml(token, namespace)?;
-        let kc =
-            Kubeconfig::from_yaml(&yaml).map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
-        Ok(Client::try_from(config)?)
+        client_from_kubeconfig(&self.kubeconfig_yaml(token, namespace)?).await
     }
 
     /// A fresh namespace with the project's ServiceAccount, Role and RoleBinding
@@ -374,6 +368,15 @@ impl Cluster {
     }
 }
 
+/// A client (with its own connection pool) from kubeconfig YAML.
+async fn client_from_kubeconfig(yaml: &str) -> Result<Client> {
+    let kc = Kubeconfig::from_yaml(yaml).map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
+    Ok(Client::try_from(config)?)
+}
+
 async fn apply_rbac(admin: &Client, ns: &str) -> Result<()> {
     let path = workspace_root().join("deploy/base/rbac.yaml");
     let text =
@@ -440,12 +443,7 @@ impl TestNamespace {
     /// A new client for the service account with its own connection pool.
     pub async fn new_client(&self) -> Result<Client> {
         let yaml = std::fs::read_to_string(&self.kubeconfig).map_err(io_err("read kubeconfig"))?;
-        let kc =
-            Kubeconfig::from_yaml(&yaml).map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;
-        Ok(Client::try_from(config)?)
+        client_from_kubeconfig(&yaml).await
     }
 
     /// The apiserver URL.
