@@ -453,7 +453,13 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             let pair_new = my_updated.max(peer_updated);
             let waited = elapsed(obs.now, pair_new);
             let i_dial = (my_updated, me.node_id) > (peer_updated, *id);
-            if !connected && !i_dial && waited < config.dial_grace {
+            // A record stamped further in the future than the grace is clock
+            // skew, not a new pair: never wait on it.
+            let skewed = obs
+                .now
+                .checked_add(config.dial_grace)
+                .is_ok_and(|limit| pair_new > limit);
+            if !connected && !i_dial && !skewed && waited < config.dial_grace {
                 report.awaiting_dial.push(peer.clone());
                 let at = pair_new.checked_add(config.dial_grace).unwrap_or(obs.now);
                 report.recheck_at = Some(report.recheck_at.map_or(at, |r| r.min(at)));

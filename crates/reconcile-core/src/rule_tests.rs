@@ -698,3 +698,16 @@ fn a_new_peer_already_connected_is_added_at_once_and_old_pairs_never_wait() {
     );
     assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
 }
+
+#[test]
+fn a_peer_record_far_in_the_future_is_clock_skew_and_never_delays_the_add() {
+    let (a, b) = (node(0), node(1));
+    let me = identity("geth-0", &a);
+    let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(3600))]);
+    let applied = BTreeMap::new();
+    let p = plan(
+        &Config::default(),
+        &Observation::new(at(1), &me, Some(&snap), &applied),
+    );
+    assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
+}
