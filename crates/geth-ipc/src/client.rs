@@ -286,7 +286,17 @@ impl GethClient {
         }
     }
 
+    /// One call; if the reused connection turns out to be dead (geth restarted
+    /// and the client had not noticed the close yet), once more on a fresh one.
+    /// Every admin call is idempotent, so the retry is safe.
     async fn call<R: DeserializeOwned>(&self, method: &str, params: ArrayParams) -> Result<R> {
+        match self.call_once(method, params.clone()).await {
+            Err(Error::ConnectionLost) => self.call_once(method, params).await,
+            other => other,
+        }
+    }
+
+    async fn call_once<R: DeserializeOwned>(&self, method: &str, params: ArrayParams) -> Result<R> {
         let conn = self.conn().await?;
         let fut = async {
             match &conn {
