@@ -292,10 +292,16 @@ async fn dns_mode_survives_an_ip_move_without_remove_peer() {
         "published the DNS name: {}",
         data["member.geth-2"]
     );
-    let adds = m
-        .metric(0, "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"}")
-        .await;
-    assert!(adds >= Some(2.0), "the metric is read: {adds:?}");
+    // geth-0 has the oldest record, so its peers dialled it first; it adds them
+    // to its own static set once the dial grace has passed.
+    eventually("geth-0 to add both peers as static", MESH, || async {
+        let adds = m
+            .metric(0, "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"}")
+            .await;
+        (adds >= Some(2.0)).then_some(())
+    })
+    .await
+    .unwrap();
     let before = (remove_peers(&m, 0).await, remove_peers(&m, 1).await);
 
     // The pod moves: same name, new IP; cluster DNS (the hosts files) follows.
