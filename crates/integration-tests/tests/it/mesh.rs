@@ -51,11 +51,12 @@ async fn geth_killed_and_restarted_gets_every_peer_back() {
     m.net.node_mut(0).kill().await;
     m.net.node_mut(0).start().await.unwrap();
     m.wait_full_mesh(&all(3), MESH).await.unwrap();
-    let reapplied = m.metric(0, "geth_peer_sidecar_geth_reconnects_total").await;
-    assert!(
-        reapplied >= Some(2.0),
-        "the sidecar must notice the restart: {reapplied:?}"
-    );
+    eventually("the sidecar to notice the restart", MESH, || async {
+        let reconnects = m.metric(0, "geth_peer_sidecar_geth_reconnects_total").await;
+        (reconnects >= Some(2.0)).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
