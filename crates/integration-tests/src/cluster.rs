@@ -25,13 +25,8 @@ fn free_port() -> Result<u16> {
 
 fn random_token() -> String {
     use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .elapsed()
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    // RandomState is seeded randomly per instance: enough for a test token.
+    let h = std::collections::hash_map::RandomState::new().build_hasher();
     format!("{:016x}{:08x}", h.finish(), std::process::id())
 }
 

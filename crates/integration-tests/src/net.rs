@@ -198,32 +198,18 @@ impl Netns {
     /// bridge's `.1` is still reachable). A p2p partition that leaves the
     /// control plane working.
     pub fn isolate_from(&self, peers: &[Ipv4Addr]) -> Result<()> {
-        for ip in peers {
-            run(&[
-                "ip",
-                "-n",
-                &self.name,
-                "route",
-                "add",
-                "blackhole",
-                &format!("{ip}/32"),
-            ])?;
-        }
-        Ok(())
+        self.blackhole("add", peers)
     }
 
     /// Removes the blackhole routes of [`Netns::isolate_from`].
     pub fn rejoin(&self, peers: &[Ipv4Addr]) -> Result<()> {
+        self.blackhole("del", peers)
+    }
+
+    fn blackhole(&self, op: &str, peers: &[Ipv4Addr]) -> Result<()> {
         for ip in peers {
-            run(&[
-                "ip",
-                "-n",
-                &self.name,
-                "route",
-                "del",
-                "blackhole",
-                &format!("{ip}/32"),
-            ])?;
+            let dest = format!("{ip}/32");
+            run(&["ip", "-n", &self.name, "route", op, "blackhole", &dest])?;
         }
         Ok(())
     }

@@ -108,10 +108,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let geth = Arc::new(GethClient::new(endpoint, options));
     let client = kube_client(&cli.common).await?;
     let ns = namespace(&cli.common, &client);
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
-        kube::Api::namespaced(client.clone(), &ns);
     let registry = Arc::new(ConfigMapRegistry::new(
-        client,
+        client.clone(),
         ns.clone(),
         cli.common.configmap_name.clone(),
     ));
@@ -120,9 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             status::print(&*registry, &*geth, &ns, &cli.common.configmap_name).await
         }
         None => {
-            let mut settings = runner::Settings::from_args(&cli.run, &ns, &cli.common)?;
+            let mut settings = runner::Settings::from_args(&cli.run, &ns)?;
             if cli.run.read_pods {
-                settings.pods = Some(pods);
+                settings.pods = Some(kube::Api::namespaced(client, &ns));
             }
             runner::run(geth, registry, settings).await
         }

@@ -29,15 +29,14 @@ pub(crate) struct Metrics {
     pub(crate) registry_errors: Family<KindLabel, Counter>,
     pub(crate) geth_actions: Family<KindLabel, Counter>,
     pub(crate) geth_rpc_errors: Family<KindLabel, Counter>,
-    pub(crate) geth_restarts: Counter,
+    pub(crate) geth_reconnects: Counter,
     pub(crate) last_sync: Gauge<f64, AtomicU64>,
     pub(crate) suspected_partition: Gauge,
 }
 
 impl Metrics {
     pub(crate) fn new() -> Self {
-        let mut registry = Registry::with_prefix("geth_peer_sidecar");
-        let m = Self {
+        let mut m = Self {
             members: Gauge::default(),
             desired_peers: Gauge::default(),
             connected_peers: Gauge::default(),
@@ -52,83 +51,84 @@ impl Metrics {
             registry_errors: Family::default(),
             geth_actions: Family::default(),
             geth_rpc_errors: Family::default(),
-            geth_restarts: Counter::default(),
+            geth_reconnects: Counter::default(),
             last_sync: Gauge::default(),
             suspected_partition: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("geth_peer_sidecar"),
         };
-        registry.register(
+        m.registry.register(
             "members",
             "Members in the shared registry",
             m.members.clone(),
         );
-        registry.register(
+        m.registry.register(
             "desired_peers",
             "Peers this geth should have (members but self, plus external peers)",
             m.desired_peers.clone(),
         );
-        registry.register(
+        m.registry.register(
             "connected_peers",
             "Desired peers this geth is connected to (admin_peers)",
             m.connected_peers.clone(),
         );
-        registry.register(
+        m.registry.register(
             "missing_peers",
             "Desired peers this geth is not connected to",
             m.missing_peers.clone(),
         );
-        registry.register(
+        m.registry.register(
             "unusable_peers",
             "Peers that connect and are then dropped (network id, genesis or fork mismatch)",
             m.unusable_peers.clone(),
         );
-        registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
-        registry.register(
+        m.registry
+            .register("reconciles", "Reconcile passes", m.reconciles.clone());
+        m.registry.register(
             "reconcile_errors",
             "Reconcile passes that failed, by error kind",
             m.reconcile_errors.clone(),
         );
-        registry.register(
+        m.registry.register(
             "reconcile_duration_seconds",
             "Duration of reconcile passes",
             m.reconcile_duration.clone(),
         );
-        registry.register(
+        m.registry.register(
             "registry_writes",
             "Registry writes (upsert, remove)",
             m.registry_writes.clone(),
         );
-        registry.register(
+        m.registry.register(
             "registry_errors",
             "Registry operations that failed, by kind (conflict retries exhausted, forbidden, unavailable...)",
             m.registry_errors.clone(),
         );
-        registry.register(
+        m.registry.register(
             "geth_actions",
             "admin_* calls made to geth, by action",
             m.geth_actions.clone(),
         );
-        registry.register(
+        m.registry.register(
             "geth_rpc_errors",
             "Failed geth RPC calls, by error kind",
             m.geth_rpc_errors.clone(),
         );
-        registry.register(
+        m.registry.register(
             "geth_reconnects",
             "Times geth's connection was (re)established and every peer re-applied",
-            m.geth_restarts.clone(),
+            m.geth_reconnects.clone(),
         );
-        registry.register(
+        m.registry.register(
             "last_successful_sync_timestamp_seconds",
             "Unix time of the last reconcile pass that completed without error",
             m.last_sync.clone(),
         );
-        registry.register(
+        m.registry.register(
             "suspected_partition",
             "1 while most members look unreachable from here, so nobody is removed",
             m.suspected_partition.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 
     pub(crate) fn kind(kind: &str) -> KindLabel {

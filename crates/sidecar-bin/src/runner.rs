@@ -15,7 +15,7 @@ use rand::Rng;
 use reconcile_core as core;
 use tracing::{debug, info, warn};
 
-use crate::config::{Common, RunArgs};
+use crate::config::RunArgs;
 use crate::http::Health;
 use crate::identity::AdvertiseMode;
 use crate::metrics::Metrics;
@@ -36,11 +36,7 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub(crate) fn from_args(
-        run: &RunArgs,
-        namespace: &str,
-        _common: &Common,
-    ) -> anyhow::Result<Self> {
+    pub(crate) fn from_args(run: &RunArgs, namespace: &str) -> anyhow::Result<Self> {
         let pod = run
             .pod_name
             .clone()
@@ -455,7 +451,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     "geth connection re-established (geth restarted?): re-applying every peer"
                 );
             }
-            self.metrics.geth_restarts.inc();
+            self.metrics.geth_reconnects.inc();
             self.applied.clear();
             self.connected.clear();
             self.generation = generation;

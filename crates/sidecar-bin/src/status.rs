@@ -30,32 +30,27 @@ pub(crate) fn render(
         "AGE".to_owned(),
         "CONNECTED".to_owned(),
     ]];
+    let conn = |id: &geth_ipc::NodeId| match connected {
+        None => "?".to_owned(),
+        Some(c) if c.contains(id) => "yes".to_owned(),
+        Some(_) => "no".to_owned(),
+    };
     for m in snap.members.values() {
-        let conn = match connected {
-            None => "?".to_owned(),
-            Some(c) if c.contains(&m.node_id) => "yes".to_owned(),
-            Some(_) => "no".to_owned(),
-        };
         rows.push(vec![
             m.pod.clone(),
             m.node_id.short(),
             format!("{}:{}", m.enode.host(), m.enode.tcp_port()),
             age(m.registered_at, now),
-            conn,
+            conn(&m.node_id),
         ]);
     }
     for e in &snap.external {
-        let conn = match connected {
-            None => "?".to_owned(),
-            Some(c) if c.contains(&e.node_id()) => "yes".to_owned(),
-            Some(_) => "no".to_owned(),
-        };
         rows.push(vec![
             "(external)".to_owned(),
             e.node_id().short(),
             format!("{}:{}", e.host(), e.tcp_port()),
             "-".to_owned(),
-            conn,
+            conn(&e.node_id()),
         ]);
     }
     let widths: Vec<usize> = (0..5)

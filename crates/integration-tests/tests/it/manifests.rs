@@ -227,22 +227,21 @@ async fn every_deploy_yaml_passes_server_side_dry_run() {
     }
 }
 
+/// The objects the kustomize base and the chart both produce, sorted by kind.
+const EXPECTED_KINDS: [&str; 5] = [
+    "Role",
+    "RoleBinding",
+    "Service",
+    "ServiceAccount",
+    "StatefulSet",
+];
+
 #[tokio::test]
 async fn kustomize_builds_pass_server_side_dry_run() {
     let mut dr = DryRun::start("manifests_kustomize").await;
     for dir in ["deploy/base", "deploy/overlays/pod-evidence"] {
         let yaml = run(&dr.ctx, "kustomize", &["build", dir], None);
-        assert_eq!(
-            kinds(&yaml),
-            [
-                "Role",
-                "RoleBinding",
-                "Service",
-                "ServiceAccount",
-                "StatefulSet"
-            ],
-            "{dir}"
-        );
+        assert_eq!(kinds(&yaml), EXPECTED_KINDS, "{dir}");
         let ns = dr.fresh_namespace().await;
         dr.apply(dir, &ns, &yaml);
     }
@@ -254,17 +253,7 @@ async fn helm_chart_passes_server_side_dry_run() {
     for (what, set) in [("default values", &[][..]), ("dns values", DNS_VALUES)] {
         let ns = dr.fresh_namespace().await;
         let yaml = helm_template(&dr.ctx, &ns, set);
-        assert_eq!(
-            kinds(&yaml),
-            [
-                "Role",
-                "RoleBinding",
-                "Service",
-                "ServiceAccount",
-                "StatefulSet"
-            ],
-            "{what}"
-        );
+        assert_eq!(kinds(&yaml), EXPECTED_KINDS, "{what}");
         dr.apply(what, &ns, &yaml);
     }
 }

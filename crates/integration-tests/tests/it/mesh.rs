@@ -215,19 +215,18 @@ async fn geth_peers_are_untouched_while_the_apiserver_is_down_and_sidecars_recov
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_off_node_never_empties_the_registry_and_rejoins_when_back() {
+async fn a_cut_off_node_is_dropped_by_the_majority_and_rejoins_when_back() {
     let env = [("DEAD_AFTER", "6s"), ("PROBE_INTERVAL", "1s")];
     let m = Mesh::start("partition", 4, &env).await.unwrap();
     m.wait_full_mesh(&all(4), MESH).await.unwrap();
     m.wait_registered(&all(4), MESH).await.unwrap();
     m.net.node(3).cut().unwrap();
-    // The healthy majority may drop the cut-off node once dead-after passed...
+    // The healthy majority drops the cut-off node once dead-after has passed.
+    // (That an isolated node which can still reach the apiserver removes nobody
+    // is a_node_that_reaches_the_apiserver_but_no_peer_never_removes_the_majority.)
     m.wait_registered(&all(3), Duration::from_secs(90))
         .await
         .unwrap();
-    // ...but the cut-off node (which cannot reach the apiserver either) removed
-    // nobody: the three healthy ones stay.
-    assert!(m.registered_pods().await.len() >= 3);
     m.net.node(3).restore().unwrap();
     m.wait_registered(&all(4), Duration::from_secs(90))
         .await

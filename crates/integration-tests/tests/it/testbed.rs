@@ -147,6 +147,18 @@ async fn cleanup_probe_fails_on_purpose() {
     panic!("failing on purpose to prove cleanup");
 }
 
+/// Fails if any running process mentions `dir` in its command line (every child
+/// a fixture starts has its datadir, log or socket under the test directory).
+fn assert_no_process_refers_to(dir: &str) {
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    let leftovers: Vec<&str> = ps.lines().filter(|l| l.contains(dir)).collect();
+    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+}
+
 #[test]
 fn a_failed_test_leaves_no_process_or_namespace_behind() {
     let record = tempfile::NamedTempFile::new().unwrap();
@@ -190,13 +202,7 @@ fn a_failed_test_leaves_no_process_or_namespace_behind() {
         "bridge {bridge} left behind"
     );
     // No process still refers to the probe's directory (geth, etcd, apiserver).
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "pid,args"])
-        .output()
-        .unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    let leftovers: Vec<&str> = ps.lines().filter(|l| l.contains(&dir)).collect();
-    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+    assert_no_process_refers_to(&dir);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -224,11 +230,5 @@ fn the_demo_reaches_a_full_mesh_and_tears_everything_down() {
         .find_map(|l| l.strip_prefix("logs: "))
         .expect("the demo prints its log directory")
         .to_owned();
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "pid,args"])
-        .output()
-        .unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    let leftovers: Vec<&str> = ps.lines().filter(|l| l.contains(&dir)).collect();
-    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+    assert_no_process_refers_to(&dir);
 }
