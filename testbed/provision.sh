@@ -8,6 +8,7 @@
 #   testbed/provision.sh            build what is missing, print the bin directory
 #   GPS_TESTBED_CACHE=/dir ...      use another cache directory
 set -euo pipefail
+shopt -s nullglob
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.env
@@ -25,20 +26,24 @@ need openssl "apt-get install openssl (service-account signing keys)"
 
 log() { printf '[provision %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS] [VERSION_ARGS]
+# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS] [VERSION_ARGS] [TAGS]
 # VERSION_ARGS (default --version) is how the binary is asked for its version.
 build() {
-  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-} vargs=${7:---version}
+  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-} vargs=${7:---version} tags=${8:-}
   local dest="$cache/$name-$version"
   local stamp
-  stamp=$(cat "$here/go/$mod/go.mod" "$here/go/$mod/go.sum" <(echo "$ldflags") | sha256sum | cut -c1-16)
+  # The stamp covers the module, its own sources (if any), ldflags and tags.
+  local sources=("$here/go/$mod/go.mod")
+  [[ -f "$here/go/$mod/go.sum" ]] && sources+=("$here/go/$mod/go.sum")
+  sources+=("$here/go/$mod"/*.go)
+  stamp=$(cat "${sources[@]}" <(echo "$ldflags${tags:+ tags=$tags}") 2>/dev/null | sha256sum | cut -c1-16)
   if [[ -x "$dest/$name" && "$(cat "$dest/.stamp" 2>/dev/null)" == "$stamp" ]]; then
     log "$name $version: cached at $dest"
   else
     log "$name $version: building (cold builds take minutes on 2 cores)"
     local t0=$SECONDS
     mkdir -p "$dest"
-    (cd "$here/go/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$dest/$name.tmp" "$pkg")
+    (cd "$here/go/$mod" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$dest/$name.tmp" "$pkg")
     # Refuse a binary that does not report the pinned version (go get once
     # resolved a newer release behind our back).
     # shellcheck disable=SC2086 # vargs is a word list
@@ -73,12 +78,31 @@ build helm "$HELM_VERSION" helm helm.sh/helm/v4/cmd/helm "^$HELM_VERSION(\\+|\$)
   "-X helm.sh/helm/v4/internal/version.version=$HELM_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean" \
   "version --short"
 
+# The real node (kubelet + containerd): the node components from their own
+# consumer module of the same Kubernetes release, containerd v2 (the CRI plugin
+# is built in), and the pod sandbox program of the locally assembled pause image.
+for component in kubelet kube-controller-manager kube-scheduler kube-proxy; do
+  build "$component" "$KUBERNETES_VERSION" kube-node "k8s.io/kubernetes/cmd/$component" "$KUBERNETES_VERSION\$" \
+    "$k8s_ldflags -X k8s.io/component-base/version/verflag.programName=$component"
+done
+containerd_ldflags="-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+containerd_tags="no_btrfs no_devmapper no_zfs no_aufs"
+build containerd "$CONTAINERD_VERSION" containerd github.com/containerd/containerd/v2/cmd/containerd \
+  " $CONTAINERD_VERSION( |\$)" "$containerd_ldflags" --version "$containerd_tags"
+build containerd-shim-runc-v2 "$CONTAINERD_VERSION" containerd github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+  "Version: +$CONTAINERD_VERSION" "$containerd_ldflags" -v "$containerd_tags"
+build ctr "$CONTAINERD_VERSION" containerd github.com/containerd/containerd/v2/cmd/ctr \
+  " $CONTAINERD_VERSION(\$| )" "$containerd_ldflags" --version "$containerd_tags"
+build pause "$PAUSE_VERSION" pause gps-testbed/pause "^pause gps-testbed ${PAUSE_VERSION#v}\$" "" -v
+
 cat > "$cache/versions.env" <<VERS
 GETH_VERSION=$GETH_VERSION
 ETCD_VERSION=$ETCD_VERSION
 KUBERNETES_VERSION=$KUBERNETES_VERSION
 KUSTOMIZE_VERSION=$KUSTOMIZE_VERSION
 HELM_VERSION=$HELM_VERSION
+CONTAINERD_VERSION=$CONTAINERD_VERSION
+PAUSE_VERSION=$PAUSE_VERSION
 VERS
 log "test bed ready in $((SECONDS - t_all)) s: $cache/bin"
 echo "$cache/bin"

@@ -15,6 +15,15 @@ use kube::{Api, Client, Config};
 
 use crate::{Error, Proc, Result, TestContext, eventually, io_err, testbed, workspace_root};
 
+/// The Service CIDR of every test cluster (never routed off the machine).
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+
+/// The token of a node component, derived from the admin token (both stay in
+/// the test's own directory).
+pub(crate) fn component_token(admin_token: &str, component: &str) -> String {
+    format!("{admin_token}-{component}")
+}
+
 /// The name of the ServiceAccount, Role and RoleBinding in `deploy/base/rbac.yaml`.
 pub const SERVICE_ACCOUNT: &str = "geth-peer-sidecar";
 
@@ -52,6 +61,7 @@ pub struct Cluster {
     ctx: TestContext,
     dir: PathBuf,
     address: Ipv4Addr,
+    node: Option<NodeControlPlane>,
     port: u16,
     etcd_port: u16,
     admin_token: String,
@@ -60,11 +70,40 @@ pub struct Cluster {
     admin: Option<Client>,
 }
 
+/// How the control plane of a real node ([`crate::KubeNode`]) differs from the
+/// bare apiserver: it runs in the node's network namespace, admits pods with
+/// projected service-account tokens, authorizes kubelets with the Node
+/// authorizer, and knows the identities of the node's components.
+#[derive(Clone, Debug)]
+pub struct NodeControlPlane {
+    /// The node's network namespace (etcd and kube-apiserver run in it).
+    pub netns: String,
+    /// The node's name: the kubelet authenticates as `system:node:<name>`.
+    pub node_name: String,
+}
+
+/// Bearer tokens of the real node's components, one per identity the built-in
+/// RBAC roles expect (written to the apiserver's token file).
+pub(crate) const COMPONENT_USERS: [(&str, &str); 3] = [
+    ("kube-controller-manager", "system:kube-controller-manager"),
+    ("kube-scheduler", "system:kube-scheduler"),
+    ("kube-proxy", "system:kube-proxy"),
+];
+
 impl Cluster {
     /// Starts etcd and kube-apiserver listening on `address` (127.0.0.1, or a
     /// [`crate::Bridge`]'s host address so node namespaces can reach it) and waits
     /// for `/readyz`.
     pub async fn start(ctx: &TestContext, address: Ipv4Addr) -> Result<Cluster> {
+        Self::start_with(ctx, address, None).await
+    }
+
+    /// [`Cluster::start`], as the control plane of a real node when `node` is set.
+    pub async fn start_with(
+        ctx: &TestContext,
+        address: Ipv4Addr,
+        node: Option<NodeControlPlane>,
+    ) -> Result<Cluster> {
         let tb = testbed();
         let dir = ctx.path("cluster");
         std::fs::create_dir_all(&dir).map_err(io_err("create cluster dir"))?;
@@ -85,11 +124,22 @@ impl Cluster {
         )
         .map_err(io_err("write audit policy"))?;
         let admin_token = random_token();
-        std::fs::write(
-            dir.join("tokens.csv"),
-            format!("{admin_token},admin,admin,system:masters\n"),
-        )
-        .map_err(io_err("write tokens.csv"))?;
+        let mut tokens = format!("{admin_token},admin,admin,system:masters\n");
+        if let Some(node) = &node {
+            let name = &node.node_name;
+            tokens += &format!(
+                "{},system:node:{name},node-{name},system:nodes\n",
+                component_token(&admin_token, "kubelet")
+            );
+            for (component, user) in COMPONENT_USERS {
+                tokens += &format!(
+                    "{},{user},{user}\n",
+                    component_token(&admin_token, component)
+                );
+            }
+        }
+        std::fs::write(dir.join("tokens.csv"), tokens).map_err(io_err("write tokens.csv"))?;
+        let netns = node.as_ref().map(|n| n.netns.clone());
 
         let etcd_port = free_port()?;
         let etcd_peer = free_port()?;
@@ -98,7 +148,7 @@ impl Cluster {
         let etcd = Proc::spawn(
             ctx,
             "etcd",
-            None,
+            netns.as_deref(),
             &tb.bin("etcd"),
             [
                 "--name",
@@ -125,6 +175,7 @@ impl Cluster {
             ctx: ctx.clone(),
             dir,
             address,
+            node,
             port: free_port()?,
             etcd_port,
             admin_token,
@@ -142,34 +193,49 @@ impl Cluster {
         let tb = testbed();
         let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
         let addr = self.address.to_string();
-        let proc = Proc::spawn(
-            &self.ctx,
-            "kube-apiserver",
-            None,
-            &tb.bin("kube-apiserver"),
-            [
-                format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
-                format!("--bind-address={addr}"),
-                format!("--advertise-address={addr}"),
-                format!("--secure-port={}", self.port),
-                format!("--cert-dir={}", d("certs")),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
+        let mut args: Vec<String> = vec![
+            format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
+            format!("--bind-address={addr}"),
+            format!("--advertise-address={addr}"),
+            format!("--secure-port={}", self.port),
+            format!("--cert-dir={}", d("certs")),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--token-auth-file={}", d("tokens.csv")),
+            format!("--service-account-issuer=https://{addr}:{}", self.port),
+            format!("--service-account-key-file={}", d("sa.pub")),
+            format!("--service-account-signing-key-file={}", d("sa.key")),
+            "--allow-privileged=true".into(),
+            "--enable-priority-and-fairness=false".into(),
+            format!("--audit-policy-file={}", d("audit-policy.yaml")),
+            format!("--audit-log-path={}", d("audit.log")),
+            "--audit-log-mode=blocking".into(),
+            "--v=1".into(),
+        ];
+        if self.node.is_some() {
+            // A real node: kubelets are authorized as nodes, pods get projected
+            // service-account tokens (the ServiceAccount admission plugin), the
+            // `kubernetes` Service's endpoint is this address, and `kubectl
+            // logs/exec` reach the kubelet by its InternalIP.
+            args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]);
+        } else {
+            args.extend([
                 "--authorization-mode=RBAC".into(),
-                format!("--token-auth-file={}", d("tokens.csv")),
-                format!("--service-account-issuer=https://{addr}:{}", self.port),
-                format!("--service-account-key-file={}", d("sa.pub")),
-                format!("--service-account-signing-key-file={}", d("sa.key")),
                 "--disable-admission-plugins=ServiceAccount".into(),
-                "--allow-privileged=true".into(),
-                "--enable-priority-and-fairness=false".into(),
                 // 1.37 refuses a loopback advertise address with the default
                 // lease reconciler; there are no Endpoints consumers here.
                 "--endpoint-reconciler-type=none".into(),
-                format!("--audit-policy-file={}", d("audit-policy.yaml")),
-                format!("--audit-log-path={}", d("audit.log")),
-                "--audit-log-mode=blocking".into(),
-                "--v=1".into(),
-            ],
+            ]);
+        }
+        let netns = self.node.as_ref().map(|n| n.netns.clone());
+        let proc = Proc::spawn(
+            &self.ctx,
+            "kube-apiserver",
+            netns.as_deref(),
+            &tb.bin("kube-apiserver"),
+            args,
             &[],
         )?;
         self.apiserver = Some(proc);
@@ -250,6 +316,21 @@ impl Cluster {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
             .collect()
+    }
+
+    /// The control plane's working directory (certificates, keys, tokens, audit log).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Writes a kubeconfig for a node component's identity (see
+    /// [`NodeControlPlane`]) and returns its path.
+    pub fn component_kubeconfig(&self, component: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{component}.kubeconfig"));
+        let yaml =
+            self.kubeconfig_yaml(&component_token(&self.admin_token, component), "default")?;
+        std::fs::write(&path, yaml).map_err(io_err("write component kubeconfig"))?;
+        Ok(path)
     }
 
     /// The API server URL.

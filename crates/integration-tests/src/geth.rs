@@ -40,7 +40,8 @@ impl Default for NodeSpec {
     }
 }
 
-fn genesis(chain_id: u64) -> Value {
+/// The genesis of the test chains (post-merge from block 0, no allocations).
+pub(crate) fn genesis(chain_id: u64) -> Value {
     json!({
         "config": {
             "chainId": chain_id, "homesteadBlock": 0, "eip150Block": 0, "eip155Block": 0,

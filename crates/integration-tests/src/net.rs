@@ -153,6 +153,11 @@ impl Netns {
         &self.name
     }
 
+    /// The host side of its veth pair (on the bridge).
+    pub fn veth(&self) -> &str {
+        &self.veth
+    }
+
     /// The current address.
     pub fn ip(&self) -> Ipv4Addr {
         *self.ip.lock().unwrap_or_else(|e| e.into_inner())

@@ -36,6 +36,28 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let prefix: Vec<&str> = match netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => Vec::new(),
+        };
+        Self::spawn_with(ctx, name, &prefix, program, args, envs)
+    }
+
+    /// Spawns `prefix... setpriv --pdeathsig KILL -- program args...`: the
+    /// prefix is a command that enters namespaces and then executes the rest
+    /// (e.g. `nsenter -t PID -m -n --`), so the process id is still the program's.
+    pub fn spawn_with<I, S>(
+        ctx: &TestContext,
+        name: &str,
+        prefix: &[&str],
+        program: &Path,
+        args: I,
+        envs: &[(&str, &str)],
+    ) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let log = ctx.path(&format!("logs/{name}.log"));
         ctx.register_log(log.clone());
         let out = std::fs::OpenOptions::new()
@@ -44,20 +66,17 @@ impl Proc {
             .open(&log)
             .map_err(io_err(format!("open log {}", log.display())))?;
         let err = out.try_clone().map_err(io_err("clone log handle"))?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = tokio::process::Command::new("ip");
-                c.args(["netns", "exec", ns, "setpriv", "--pdeathsig", "KILL", "--"]);
-                c.arg(program);
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest);
+                c.arg("setpriv");
                 c
             }
-            None => {
-                let mut c = tokio::process::Command::new("setpriv");
-                c.args(["--pdeathsig", "KILL", "--"]);
-                c.arg(program);
-                c
-            }
+            None => tokio::process::Command::new("setpriv"),
         };
+        cmd.args(["--pdeathsig", "KILL", "--"]);
+        cmd.arg(program);
         cmd.args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
@@ -146,4 +165,18 @@ impl Drop for Proc {
         let _ = self.child.start_kill();
         let _ = self.child.try_wait();
     }
+}
+
+/// Every running process whose command line mentions `text` (e.g. a test's
+/// directory), as `pid args` lines: what a teardown must leave empty.
+pub fn processes_referring_to(text: &str) -> Vec<String> {
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    ps.lines()
+        .filter(|l| l.contains(text) && !l.contains(" ps -eo "))
+        .map(str::to_owned)
+        .collect()
 }

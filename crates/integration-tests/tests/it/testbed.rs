@@ -150,12 +150,7 @@ async fn cleanup_probe_fails_on_purpose() {
 /// Fails if any running process mentions `dir` in its command line (every child
 /// a fixture starts has its datadir, log or socket under the test directory).
 fn assert_no_process_refers_to(dir: &str) {
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "pid,args"])
-        .output()
-        .unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    let leftovers: Vec<&str> = ps.lines().filter(|l| l.contains(dir)).collect();
+    let leftovers = integration_tests::processes_referring_to(dir);
     assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
 }
 
@@ -207,9 +202,9 @@ fn a_failed_test_leaves_no_process_or_namespace_behind() {
 }
 
 #[test]
-fn the_demo_reaches_a_full_mesh_and_tears_everything_down() {
+fn the_netns_demo_reaches_a_full_mesh_and_tears_everything_down() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_demo"))
-        .args(["--nodes", "3", "--once"])
+        .args(["--netns", "--nodes", "3", "--once"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();

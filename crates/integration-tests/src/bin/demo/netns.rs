@@ -1,8 +1,5 @@
-//! A local demo mesh: the test-bed apiserver, N geth nodes and N sidecars run
-//! as pods would, a live table of members and connections, and commands to
-//! kill, restart or move nodes to watch the mesh heal. Ctrl-C (or `q`) tears
-//! everything down.
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+//! The network-namespace demo (`--netns`): the test-bed apiserver, N geth
+//! nodes each in its own network namespace and N sidecars run as pods would.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -10,13 +7,8 @@ use std::time::Duration;
 use integration_tests::Mesh;
 use tokio::io::AsyncBufReadExt;
 
-const HELP: &str = "commands: k N = kill -9 geth N and restart it | m N = move node N to a new IP \
+pub(crate) const HELP: &str = "commands: k N = kill -9 geth N and restart it | m N = move node N to a new IP \
 (pod replaced, same key) | c N / r N = cut / restore node N's network | a = add a node | q = quit";
-
-fn usage() -> ! {
-    eprintln!("usage: demo [--nodes N] [--once]\n  {HELP}");
-    std::process::exit(2);
-}
 
 async fn table(m: &Mesh) -> String {
     let registered = m.registered_pods().await;
@@ -118,62 +110,41 @@ async fn command(m: &mut Mesh, line: &str) -> Result<bool, String> {
     Ok(true)
 }
 
-fn main() {
-    let mut nodes = 3usize;
-    let mut once = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--nodes" | "-n" => {
-                nodes = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| usage())
-            }
-            "--once" => once = true,
-            _ => usage(),
+/// Runs the demo until `q`, Ctrl-C, or (with `once`) a full mesh.
+pub(crate) async fn run(nodes: usize, once: bool) {
+    println!("starting apiserver, {nodes} geth nodes and {nodes} sidecars...");
+    let mut m = Mesh::start("demo", nodes, &[("LOGGING", "INFO")])
+        .await
+        .expect("start the demo mesh");
+    println!("logs: {}\n{HELP}", m.ctx.dir().display());
+    let started = std::time::Instant::now();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut last = String::new();
+    loop {
+        let t = table(&m).await;
+        if t != last {
+            println!("\n[{:>5.1}s]\n{t}", started.elapsed().as_secs_f64());
+            last = t.clone();
+        }
+        if once && t.lines().skip(1).all(|l| l.ends_with("(all)")) {
+            println!("full mesh: every node is connected to every other");
+            break;
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            line = lines.next_line(), if stdin_open => match line {
+                Ok(Some(l)) => match command(&mut m, l.trim()).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => println!("{e}"),
+                },
+                _ => stdin_open = false,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    rt.block_on(async move {
-        println!("starting apiserver, {nodes} geth nodes and {nodes} sidecars...");
-        let mut m = Mesh::start("demo", nodes, &[("LOGGING", "INFO")])
-            .await
-            .expect("start the demo mesh");
-        println!("logs: {}\n{HELP}", m.ctx.dir().display());
-        let started = std::time::Instant::now();
-        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-        let mut stdin_open = true;
-        let mut last = String::new();
-        loop {
-            let t = table(&m).await;
-            if t != last {
-                println!("\n[{:>5.1}s]\n{t}", started.elapsed().as_secs_f64());
-                last = t.clone();
-            }
-            if once && t.lines().skip(1).all(|l| l.ends_with("(all)")) {
-                println!("full mesh: every node is connected to every other");
-                break;
-            }
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                line = lines.next_line(), if stdin_open => match line {
-                    Ok(Some(l)) => match command(&mut m, l.trim()).await {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(e) => println!("{e}"),
-                    },
-                    _ => stdin_open = false,
-                },
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-        println!("tearing down...");
-        drop(m);
-        println!("done: every process stopped, namespaces and bridge removed");
-    });
+    println!("tearing down...");
+    drop(m);
+    println!("done: every process stopped, namespaces and bridge removed");
 }

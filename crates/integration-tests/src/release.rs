@@ -1,0 +1,212 @@
+//! An installation of the project on a [`KubeNode`] (the Helm chart or the
+//! kustomize manifests) in one namespace, and geth's own view of the mesh in its
+//! pods: `admin.peers` through `geth attach` in the geth container.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Api;
+use kube::api::ListParams;
+use peer_registry::{MemberRecord, schema};
+
+use crate::{Error, KubeNode, Result, eventually};
+
+/// A pod of the StatefulSet as the apiserver reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    /// Pod name (e.g. `geth-0`).
+    pub name: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Pod IP, once assigned.
+    pub ip: Option<Ipv4Addr>,
+    /// All containers ready.
+    pub ready: bool,
+    /// Being deleted (deletionTimestamp set).
+    pub deleting: bool,
+    /// When the pod's containers last started (the latest start among them).
+    pub started_at: Option<jiff::Timestamp>,
+}
+
+/// The project installed in namespace `ns` of a node.
+pub struct Release<'a> {
+    node: &'a KubeNode,
+    /// The namespace.
+    pub ns: String,
+    /// The StatefulSet (and headless Service) name; pods are `<name>-<i>`.
+    pub statefulset: String,
+    /// The registry ConfigMap's name.
+    pub configmap: String,
+}
+
+impl<'a> Release<'a> {
+    /// A handle on what is (or will be) installed in `ns`.
+    pub fn new(node: &'a KubeNode, ns: &str, statefulset: &str, configmap: &str) -> Self {
+        Release {
+            node,
+            ns: ns.to_owned(),
+            statefulset: statefulset.to_owned(),
+            configmap: configmap.to_owned(),
+        }
+    }
+
+    /// The node this release runs on.
+    pub fn node(&self) -> &KubeNode {
+        self.node
+    }
+
+    /// `kubectl -n <ns> args...`.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.ns.as_str()];
+        all.extend_from_slice(args);
+        self.node.kubectl(&all)
+    }
+
+    /// The StatefulSet's pods, by name.
+    pub async fn pods(&self) -> Result<Vec<PodView>> {
+        let pods: Api<Pod> = Api::namespaced(self.node.admin(), &self.ns);
+        let list = pods.list(&ListParams::default()).await?;
+        let prefix = format!("{}-", self.statefulset);
+        let mut out: Vec<PodView> = list
+            .items
+            .into_iter()
+            .filter(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .is_some_and(|i| i.parse::<u32>().is_ok())
+            })
+            .map(|p| {
+                let status = p.status.unwrap_or_default();
+                let statuses = status.container_statuses.unwrap_or_default();
+                PodView {
+                    name: p.metadata.name.unwrap_or_default(),
+                    uid: p.metadata.uid.unwrap_or_default(),
+                    ip: status.pod_ip.and_then(|ip| ip.parse().ok()),
+                    ready: !statuses.is_empty() && statuses.iter().all(|c| c.ready),
+                    deleting: p.metadata.deletion_timestamp.is_some(),
+                    started_at: statuses
+                        .iter()
+                        .filter_map(|c| c.state.as_ref()?.running.as_ref()?.started_at.as_ref())
+                        .map(|t| t.0)
+                        .max(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The remote IPs of the peers geth in `pod` is connected to, from geth's
+    /// own `admin.peers`.
+    pub fn geth_peer_ips(&self, pod: &str) -> Result<BTreeSet<Ipv4Addr>> {
+        let js = "admin.peers.map(function(p){return p.network.remoteAddress}).join(' ')";
+        let out = self.kubectl(&[
+            "exec",
+            pod,
+            "-c",
+            "geth",
+            "--",
+            "geth",
+            "--exec",
+            js,
+            "attach",
+            "/ipc/geth.ipc",
+        ])?;
+        let text = out.trim().trim_matches('"');
+        Ok(text
+            .split_whitespace()
+            .filter_map(|addr| {
+                addr.rsplit_once(':')?
+                    .0
+                    .trim_matches(['[', ']'])
+                    .parse()
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// Each pod's peer IPs as geth sees them.
+    pub fn mesh(&self, pods: &[PodView]) -> Result<BTreeMap<String, BTreeSet<Ipv4Addr>>> {
+        pods.iter()
+            .map(|p| Ok((p.name.clone(), self.geth_peer_ips(&p.name)?)))
+            .collect()
+    }
+
+    /// Waits until exactly `n` pods run, all ready with IPs, and every geth is
+    /// connected to exactly the other `n - 1` (by IP, in geth's own view).
+    /// Returns the pods and how long it took.
+    pub async fn wait_full_mesh(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<(Vec<PodView>, Duration)> {
+        let t0 = Instant::now();
+        let what = format!("a full mesh of {n} pods in {}", self.ns);
+        let result = eventually(&what, timeout, || async {
+            let pods = self.pods().await.ok()?;
+            if pods.len() != n
+                || pods
+                    .iter()
+                    .any(|p| !p.ready || p.deleting || p.ip.is_none())
+            {
+                return None;
+            }
+            let mesh = self.mesh(&pods).ok()?;
+            let all: BTreeSet<Ipv4Addr> = pods.iter().filter_map(|p| p.ip).collect();
+            let full = pods.iter().all(|p| {
+                let mut others = all.clone();
+                p.ip.map(|ip| others.remove(&ip));
+                mesh.get(&p.name) == Some(&others)
+            });
+            full.then_some(pods)
+        })
+        .await;
+        match result {
+            Ok(pods) => Ok((pods, t0.elapsed())),
+            Err(e) => Err(Error::Setup(format!("{e}\n{}", self.diagnostics().await))),
+        }
+    }
+
+    /// The registry's members (decoded as the sidecar decodes them).
+    pub async fn members(&self) -> Result<BTreeMap<String, MemberRecord>> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.node.admin(), &self.ns);
+        let data = cms
+            .get_opt(&self.configmap)
+            .await?
+            .and_then(|cm| cm.data)
+            .unwrap_or_default();
+        Ok(schema::decode(&data, None).members)
+    }
+
+    /// The sidecar container's log in `pod`.
+    pub fn sidecar_log(&self, pod: &str) -> Result<String> {
+        self.kubectl(&["logs", pod, "-c", "geth-peer-sidecar"])
+    }
+
+    /// What to print when something did not happen: pods, events, and the tail
+    /// of every sidecar's log.
+    pub async fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        out += &self
+            .kubectl(&["get", "pods,pvc", "-o", "wide"])
+            .unwrap_or_else(|e| e.to_string());
+        out += &self
+            .kubectl(&["get", "events", "--sort-by=.lastTimestamp"])
+            .map(|t| t.lines().rev().take(25).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_else(|e| e.to_string());
+        for p in self.pods().await.unwrap_or_default() {
+            let log = self.sidecar_log(&p.name).unwrap_or_else(|e| e.to_string());
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            out += &format!(
+                "\n--- {} sidecar log (last 15 lines, newest first) ---\n{}",
+                p.name,
+                tail.join("\n")
+            );
+        }
+        out
+    }
+}

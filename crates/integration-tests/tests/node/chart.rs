@@ -1,0 +1,727 @@
+//! The Helm chart, unchanged, on the real node with the real images.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{KubeNode, PodView, Release, eventually, test_member, workspace_root};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+
+use crate::Shared;
+
+/// The release name; the chart then names its objects `geth-peer-sidecar*`.
+pub const RELEASE: &str = "geth-peer-sidecar";
+/// The chart's StatefulSet for [`RELEASE`].
+pub const STATEFULSET: &str = "geth-peer-sidecar-geth";
+/// The chart's default registry name.
+pub const CONFIGMAP: &str = "geth-shared-static-nodes";
+/// Time for a whole release to come up and mesh on two cores.
+pub const MESH_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Values every test sets: small requests so 7 pods fit on a 2-core node, and
+/// a small geth cache.
+const TEST_VALUES: [&str; 6] = [
+    "--set-json",
+    r#"geth.extraArgs=["--nodiscover","--syncmode=full","--networkid=1337","--maxpeers=50","--cache=16"]"#,
+    "--set",
+    "resources.geth.requests.cpu=10m,resources.geth.requests.memory=64Mi",
+    "--set",
+    "resources.sidecar.requests.cpu=5m",
+];
+
+/// `helm install` of the chart in a fresh namespace with `volumes` volumes.
+pub async fn install<'a>(
+    node: &'a KubeNode,
+    hint: &str,
+    volumes: usize,
+    values: &[&str],
+) -> Release<'a> {
+    let ns = node.namespace(hint, STATEFULSET, volumes).await.unwrap();
+    let chart = workspace_root().join("charts/geth-peer-sidecar");
+    let chart = chart.to_string_lossy();
+    let mut args = vec!["install", RELEASE, &chart, "-n", &ns];
+    args.extend(TEST_VALUES);
+    args.extend(values);
+    node.helm(&args).unwrap();
+    Release::new(node, &ns, STATEFULSET, CONFIGMAP)
+}
+
+pub async fn helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_and_status(
+    shared: Arc<Shared>,
+) {
+    let node = shared.node().await;
+    let t0 = Instant::now();
+    let release = install(&node, "chart-five", 5, &["--set", "replicas=5"]).await;
+    let (pods, _) = release.wait_full_mesh(5, MESH_TIMEOUT).await.unwrap();
+    eprintln!(
+        "[chart] helm install to a full mesh of 5 (geth's admin.peers): {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    for p in &pods {
+        let log = release.sidecar_log(&p.name).unwrap();
+        assert!(
+            !log.trim().is_empty(),
+            "{}: the sidecar logs something",
+            p.name
+        );
+        assert!(
+            !log.contains('\u{1b}'),
+            "{}: `kubectl logs` shows terminal escape codes:\n{}",
+            p.name,
+            log.lines().take(3).collect::<Vec<_>>().join("\n")
+        );
+    }
+    let status = release
+        .kubectl(&[
+            "exec",
+            &pods[0].name,
+            "-c",
+            "geth-peer-sidecar",
+            "--",
+            "/usr/local/bin/geth-peer-sidecar",
+            "status",
+        ])
+        .unwrap();
+    for p in &pods {
+        assert!(
+            status.contains(&p.name),
+            "`status` in the pod lists {}:\n{status}",
+            p.name
+        );
+    }
+}
+
+pub async fn deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_drops_the_old_one(
+    shared: Arc<Shared>,
+) {
+    let node = shared.node().await;
+    let release = install(&node, "chart-delete", 3, &["--set", "replicas=3"]).await;
+    let (before, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let victim = before[1].clone();
+    let t0 = Instant::now();
+    release
+        .kubectl(&["delete", "pod", &victim.name, "--wait=true"])
+        .unwrap();
+    let (after, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    eprintln!(
+        "[chart] pod deleted to full mesh again: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let back = after.iter().find(|p| p.name == victim.name).unwrap();
+    assert_ne!(back.uid, victim.uid, "a new pod replaced {}", victim.name);
+    assert_ne!(back.ip, victim.ip, "the replacement has a new IP");
+    // wait_full_mesh: every geth's peers are exactly the current IPs, so no
+    // geth is connected to the old address; the registry agrees.
+    let members = release.members().await.unwrap();
+    let record = &members[&victim.name];
+    assert_eq!(record.pod_uid.as_deref(), Some(back.uid.as_str()));
+    assert_eq!(
+        record.pod_ip.as_deref(),
+        back.ip.map(|ip| ip.to_string()).as_deref()
+    );
+    let old = victim.ip.unwrap().to_string();
+    assert!(
+        members
+            .values()
+            .all(|m| !m.enode.to_string().contains(&old)),
+        "no member advertises the old address {old}: {members:?}"
+    );
+}
+
+pub async fn rolling_update_never_loses_more_than_the_pod_being_replaced(shared: Arc<Shared>) {
+    let node = shared.node().await;
+    let release = install(&node, "chart-rolling", 3, &["--set", "replicas=3"]).await;
+    let (before, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let old_uids: BTreeSet<String> = before.iter().map(|p| p.uid.clone()).collect();
+    release
+        .kubectl(&[
+            "patch",
+            "statefulset",
+            STATEFULSET,
+            "-p",
+            r#"{"spec":{"template":{"metadata":{"annotations":{"gps-test/rollout":"1"}}}}}"#,
+        ])
+        .unwrap();
+    // A pod that has run this long is expected to be meshed with every other
+    // such pod, whatever else is being replaced.
+    let settled = jiff::SignedDuration::from_secs(10);
+    let deadline = Instant::now() + MESH_TIMEOUT;
+    let mut samples = 0;
+    let mut violations = Vec::new();
+    loop {
+        let pods = release.pods().await.unwrap();
+        let now = jiff::Timestamp::now();
+        let stable = |pods: &[PodView]| -> BTreeMap<String, PodView> {
+            pods.iter()
+                .filter(|p| p.ready && !p.deleting && p.ip.is_some())
+                .filter(|p| {
+                    p.started_at
+                        .is_some_and(|t| now.duration_since(t) >= settled)
+                })
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect()
+        };
+        let stable_before = stable(&pods);
+        let mesh = release.mesh(&stable_before.values().cloned().collect::<Vec<_>>());
+        let stable_after = stable(&release.pods().await.unwrap());
+        if let Ok(mesh) = mesh {
+            samples += 1;
+            // Only pairs that stayed the same pods during the sample count.
+            let kept: Vec<&PodView> = stable_before
+                .values()
+                .filter(|p| stable_after.get(&p.name).is_some_and(|q| q.uid == p.uid))
+                .collect();
+            for a in &kept {
+                for b in &kept {
+                    if a.name != b.name && !mesh[&a.name].contains(&b.ip.unwrap()) {
+                        violations.push(format!("{} not connected to {}", a.name, b.name));
+                    }
+                }
+            }
+        }
+        let done = pods.len() == 3
+            && pods
+                .iter()
+                .all(|p| p.ready && !p.deleting && !old_uids.contains(&p.uid));
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not finish:\n{}",
+            release.diagnostics().await
+        );
+    }
+    assert!(
+        samples >= 3,
+        "sampled the mesh during the rollout ({samples} samples)"
+    );
+    assert!(
+        violations.is_empty(),
+        "settled pods lost each other during the rollout: {violations:?}"
+    );
+    release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+}
+
+/// Adds a member record by hand for a pod that does not exist, registered an
+/// hour ago (past any registration grace).
+async fn add_ghost_member(release: &Release<'_>, pod: &str) {
+    let mut ghost = test_member(pod, 77);
+    let hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    ghost.registered_at = hour_ago;
+    ghost.updated_at = hour_ago;
+    let cms: Api<ConfigMap> = Api::namespaced(release.node().admin(), &release.ns);
+    let patch = serde_json::json!({ "data": {
+        format!("member.{pod}"): serde_json::to_string(&ghost).unwrap()
+    }});
+    cms.patch(
+        &release.configmap,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+/// The requests the sidecars (their service account) made on pods.
+fn pod_requests(release: &Release<'_>) -> Vec<String> {
+    let user = format!("system:serviceaccount:{}:{RELEASE}", release.ns);
+    release
+        .node()
+        .control_plane()
+        .audited_requests(&user)
+        .into_iter()
+        .filter(|(_, resource, _)| resource == "pods")
+        .map(|(verb, _, name)| format!("{verb} {name}"))
+        .collect()
+}
+
+pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departed_ones(
+    shared: Arc<Shared>,
+) {
+    let node = shared.node().await;
+    let release = install(
+        &node,
+        "chart-scale",
+        7,
+        &["--set", "replicas=5", "--set", "podEvidence=true"],
+    )
+    .await;
+    release.wait_full_mesh(5, MESH_TIMEOUT).await.unwrap();
+    // Pod evidence is really on: the sidecars follow pods, and a member whose
+    // pod does not exist is removed at once (DEAD_AFTER is 120 s).
+    assert!(
+        !pod_requests(&release).is_empty(),
+        "with podEvidence=true the sidecars read pods"
+    );
+    let ghost = format!("{STATEFULSET}-99");
+    add_ghost_member(&release, &ghost).await;
+    let t0 = Instant::now();
+    eventually(
+        "the ghost member removed",
+        Duration::from_secs(30),
+        || async { (!release.members().await.ok()?.contains_key(&ghost)).then_some(()) },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "[chart] a member without a pod removed by pod evidence in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    release
+        .kubectl(&["scale", "statefulset", STATEFULSET, "--replicas=7"])
+        .unwrap();
+    release.wait_full_mesh(7, MESH_TIMEOUT).await.unwrap();
+    release
+        .kubectl(&["scale", "statefulset", STATEFULSET, "--replicas=3"])
+        .unwrap();
+    let (pods, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let names: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
+    eventually(
+        "only the 3 remaining members registered",
+        Duration::from_secs(60),
+        || async {
+            let members: BTreeSet<String> = release.members().await.ok()?.into_keys().collect();
+            (members == names).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+pub async fn pod_deletion_deregisters_the_member_within_the_grace_period(shared: Arc<Shared>) {
+    let node = shared.node().await;
+    let release = install(&node, "chart-sigterm", 3, &["--set", "replicas=3"]).await;
+    let (pods, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let victim = pods[2].clone();
+    let t0 = Instant::now();
+    release
+        .kubectl(&["delete", "pod", &victim.name, "--wait=false"])
+        .unwrap();
+    // The record goes away (the old pod's sidecar deregisters on SIGTERM)
+    // before the replacement registers again with a new UID.
+    let outcome = eventually(
+        "the member record removed or replaced",
+        Duration::from_secs(30),
+        || async {
+            let members = release.members().await.ok()?;
+            match members.get(&victim.name) {
+                None => Some("removed"),
+                Some(m) if m.pod_uid.as_deref() != Some(victim.uid.as_str()) => Some("replaced"),
+                Some(_) => None,
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outcome, "removed",
+        "the deleted pod's sidecar deregistered before its replacement registered"
+    );
+    eprintln!(
+        "[chart] deregistered {:.2} s after `kubectl delete pod` (grace period 30 s)",
+        t0.elapsed().as_secs_f64()
+    );
+    // The write came from the deleted pod itself (its bound token names it).
+    let user = format!("system:serviceaccount:{}:{RELEASE}", release.ns);
+    let by_victim = release
+        .node()
+        .control_plane()
+        .audit_events(&user)
+        .into_iter()
+        .filter(|e| {
+            e["user"]["extra"]["authentication.kubernetes.io/pod-uid"][0] == victim.uid.as_str()
+                && matches!(e["verb"].as_str(), Some("update" | "patch"))
+        })
+        .count();
+    assert!(by_victim > 0, "the deleted pod wrote the registry");
+    release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+}
+
+/// The container's OCI runtime spec, as containerd generated it.
+fn container_spec(node: &KubeNode, pod: &Pod, container: &str) -> serde_json::Value {
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == container))
+        .and_then(|c| c.container_id.clone())
+        .expect("the container runs");
+    let id = id.trim_start_matches("containerd://");
+    let info: serde_json::Value =
+        serde_json::from_str(&node.ctr(&["containers", "info", id]).unwrap()).unwrap();
+    info["Spec"].clone()
+}
+
+pub async fn sidecar_runs_non_root_read_only_without_capabilities_and_opens_the_0600_socket(
+    shared: Arc<Shared>,
+) {
+    let node = shared.node().await;
+    let release = install(&node, "chart-security", 1, &["--set", "replicas=1"]).await;
+    // Ready means /readyz answered 200: geth's IPC socket answered the sidecar.
+    let (pods, _) = release.wait_full_mesh(1, MESH_TIMEOUT).await.unwrap();
+    let pod: Pod = Api::namespaced(node.admin(), &release.ns)
+        .get(&pods[0].name)
+        .await
+        .unwrap();
+    let spec = container_spec(&node, &pod, "geth-peer-sidecar");
+    assert_eq!(
+        spec["process"]["user"]["uid"], 10001,
+        "non-root uid: {spec}"
+    );
+    assert_eq!(spec["process"]["user"]["gid"], 10001, "gid");
+    assert_eq!(spec["root"]["readonly"], true, "read-only root filesystem");
+    assert_eq!(
+        spec["process"]["noNewPrivileges"], true,
+        "no privilege escalation"
+    );
+    for set in [
+        "bounding",
+        "effective",
+        "permitted",
+        "inheritable",
+        "ambient",
+    ] {
+        let caps = &spec["process"]["capabilities"][set];
+        assert!(
+            caps.is_null() || caps.as_array().is_some_and(Vec::is_empty),
+            "no {set} capabilities: {caps}"
+        );
+    }
+    // The live process agrees.
+    let tasks = node.ctr(&["tasks", "ls"]).unwrap();
+    let id = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|c| c.name == "geth-peer-sidecar")
+        .unwrap()
+        .container_id
+        .clone()
+        .unwrap();
+    let id = id.trim_start_matches("containerd://");
+    let pid = tasks
+        .lines()
+        .find(|l| l.starts_with(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .expect("the sidecar's task");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| {
+                l[k.len()..]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), "10001 10001 10001 10001", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    // geth's socket is 0600 and the sidecar (same uid) uses it.
+    let ls = release
+        .kubectl(&[
+            "exec",
+            &pods[0].name,
+            "-c",
+            "geth",
+            "--",
+            "ls",
+            "-ln",
+            "/ipc/geth.ipc",
+        ])
+        .unwrap();
+    assert!(ls.starts_with("srw-------"), "geth's socket is 0600: {ls}");
+    let members = release.members().await.unwrap();
+    assert!(
+        members.contains_key(&pods[0].name),
+        "the sidecar read geth's node info through the socket and registered: {members:?}"
+    );
+}
+
+/// One row of the chart-values table: a value set to something other than its
+/// default, and where it must show up.
+struct ValueRow {
+    path: &'static str,
+    set: &'static str,
+    check: fn(&Rendered) -> bool,
+}
+
+/// What reached the cluster from one install.
+struct Rendered {
+    pod: serde_json::Value,
+    pods: usize,
+    role: serde_json::Value,
+    pvc: serde_json::Value,
+}
+
+impl Rendered {
+    fn container(&self, name: &str) -> &serde_json::Value {
+        self.pod["spec"]["containers"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+            .unwrap_or(&serde_json::Value::Null)
+    }
+    fn env(&self, name: &str) -> Option<String> {
+        self.container("geth-peer-sidecar")["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == name)?["value"]
+            .as_str()
+            .map(str::to_owned)
+    }
+    fn init(&self) -> &serde_json::Value {
+        &self.pod["spec"]["initContainers"][0]
+    }
+}
+
+const VALUE_TABLE: &[ValueRow] = &[
+    ValueRow {
+        path: "replicas",
+        set: "2",
+        check: |r| r.pods == 2,
+    },
+    ValueRow {
+        path: "images.geth.repository",
+        set: "example.invalid/geth",
+        check: |r| {
+            r.container("geth")["image"] == "example.invalid/geth:t-geth"
+                && r.init()["image"] == "example.invalid/geth:t-geth"
+        },
+    },
+    ValueRow {
+        path: "images.geth.tag",
+        set: "t-geth",
+        check: |r| {
+            r.container("geth")["image"]
+                .as_str()
+                .is_some_and(|i| i.ends_with(":t-geth"))
+        },
+    },
+    ValueRow {
+        path: "images.geth.pullPolicy",
+        set: "Always",
+        check: |r| {
+            r.container("geth")["imagePullPolicy"] == "Always"
+                && r.init()["imagePullPolicy"] == "Always"
+        },
+    },
+    ValueRow {
+        path: "images.sidecar.repository",
+        set: "example.invalid/sidecar",
+        check: |r| r.container("geth-peer-sidecar")["image"] == "example.invalid/sidecar:t-side",
+    },
+    ValueRow {
+        path: "images.sidecar.tag",
+        set: "t-side",
+        check: |r| {
+            r.container("geth-peer-sidecar")["image"]
+                .as_str()
+                .is_some_and(|i| i.ends_with(":t-side"))
+        },
+    },
+    ValueRow {
+        path: "images.sidecar.pullPolicy",
+        set: "Never",
+        check: |r| r.container("geth-peer-sidecar")["imagePullPolicy"] == "Never",
+    },
+    ValueRow {
+        path: "configmapName",
+        set: "reg-x",
+        check: |r| {
+            r.env("CONFIGMAP_NAME").as_deref() == Some("reg-x")
+                && r.role.to_string().contains("\"reg-x\"")
+        },
+    },
+    ValueRow {
+        path: "advertise",
+        set: "dns",
+        check: |r| r.env("ADVERTISE").as_deref() == Some("dns"),
+    },
+    ValueRow {
+        path: "trusted",
+        set: "true",
+        check: |r| r.env("TRUSTED_PEERS").as_deref() == Some("true"),
+    },
+    ValueRow {
+        path: "podEvidence",
+        set: "true",
+        check: |r| {
+            r.env("READ_PODS").as_deref() == Some("true") && r.role.to_string().contains("\"pods\"")
+        },
+    },
+    ValueRow {
+        path: "logLevel",
+        set: "DEBUG",
+        check: |r| r.env("LOGGING").as_deref() == Some("DEBUG"),
+    },
+    ValueRow {
+        path: "geth.extraArgs",
+        set: "[\"--maxpeers=77\"]",
+        check: |r| {
+            r.container("geth")["args"]
+                .to_string()
+                .contains("--maxpeers=77")
+        },
+    },
+    ValueRow {
+        path: "geth.genesisConfigMap",
+        set: "genesis-x",
+        check: |r| {
+            r.pod["spec"]["volumes"]
+                .to_string()
+                .contains("\"genesis-x\"")
+        },
+    },
+    ValueRow {
+        path: "geth.storage.size",
+        set: "3Gi",
+        check: |r| r.pvc["spec"]["resources"]["requests"]["storage"] == "3Gi",
+    },
+    ValueRow {
+        path: "geth.storage.storageClassName",
+        set: "fast-x",
+        check: |r| r.pvc["spec"]["storageClassName"] == "fast-x",
+    },
+    ValueRow {
+        path: "resources.geth.requests.cpu",
+        set: "123m",
+        check: |r| r.container("geth")["resources"]["requests"]["cpu"] == "123m",
+    },
+    ValueRow {
+        path: "resources.geth.requests.memory",
+        set: "65Mi",
+        check: |r| r.container("geth")["resources"]["requests"]["memory"] == "65Mi",
+    },
+    ValueRow {
+        path: "resources.geth.limits.memory",
+        set: "1500Mi",
+        check: |r| r.container("geth")["resources"]["limits"]["memory"] == "1500Mi",
+    },
+    ValueRow {
+        path: "resources.sidecar.requests.cpu",
+        set: "7m",
+        check: |r| r.container("geth-peer-sidecar")["resources"]["requests"]["cpu"] == "7m",
+    },
+    ValueRow {
+        path: "resources.sidecar.requests.memory",
+        set: "17Mi",
+        check: |r| r.container("geth-peer-sidecar")["resources"]["requests"]["memory"] == "17Mi",
+    },
+    ValueRow {
+        path: "resources.sidecar.limits.memory",
+        set: "65Mi",
+        check: |r| r.container("geth-peer-sidecar")["resources"]["limits"]["memory"] == "65Mi",
+    },
+    ValueRow {
+        path: "uid",
+        set: "10555",
+        check: |r| {
+            r.pod["spec"]["securityContext"]["runAsUser"] == 10555
+                && r.pod["spec"]["securityContext"]["fsGroup"] == 10555
+        },
+    },
+];
+
+/// Every leaf of values.yaml, as dotted paths (lists are leaves).
+fn value_leaves(v: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, child) in m {
+                let key = k.as_str().unwrap_or_default();
+                let path = if prefix.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                value_leaves(child, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
+    let values_path = workspace_root().join("charts/geth-peer-sidecar/values.yaml");
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(values_path).unwrap()).unwrap();
+    let mut leaves = Vec::new();
+    value_leaves(&values, "", &mut leaves);
+    let covered: BTreeSet<&str> = VALUE_TABLE.iter().map(|r| r.path).collect();
+    let missing: Vec<&String> = leaves
+        .iter()
+        .filter(|l| !covered.contains(l.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "chart values without a row in VALUE_TABLE (add where each must reach the pod): {missing:?}"
+    );
+    let node = shared.node().await;
+    let ns = node
+        .namespace("chart-values", STATEFULSET, 0)
+        .await
+        .unwrap();
+    let chart = workspace_root().join("charts/geth-peer-sidecar");
+    let chart = chart.to_string_lossy();
+    let mut args: Vec<String> = ["install", RELEASE, &chart, "-n", &ns]
+        .map(String::from)
+        .to_vec();
+    for row in VALUE_TABLE {
+        let flag = if row.set.starts_with('[') {
+            "--set-json"
+        } else {
+            "--set-string"
+        };
+        let flag = if matches!(row.path, "replicas" | "uid" | "trusted" | "podEvidence") {
+            "--set"
+        } else {
+            flag
+        };
+        args.push(flag.into());
+        args.push(format!("{}={}", row.path, row.set));
+    }
+    node.helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .unwrap();
+    let release = Release::new(&node, &ns, STATEFULSET, "reg-x");
+    let pods_api: Api<Pod> = Api::namespaced(node.admin(), &ns);
+    let pod = eventually(
+        "the StatefulSet's pods created",
+        Duration::from_secs(60),
+        || async {
+            let pods = release.pods().await.ok()?;
+            (pods.len() == 2).then_some(())?;
+            pods_api.get(&format!("{STATEFULSET}-0")).await.ok()
+        },
+    )
+    .await
+    .unwrap();
+    let get = |kind: &str, name: &str| -> serde_json::Value {
+        serde_json::from_str(&release.kubectl(&["get", kind, name, "-o", "json"]).unwrap()).unwrap()
+    };
+    let rendered = Rendered {
+        pod: serde_json::to_value(&pod).unwrap(),
+        pods: release.pods().await.unwrap().len(),
+        role: get("role", RELEASE),
+        pvc: get("pvc", &format!("data-{STATEFULSET}-0")),
+    };
+    let wrong: Vec<&str> = VALUE_TABLE
+        .iter()
+        .filter(|row| !(row.check)(&rendered))
+        .map(|row| row.path)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "chart values accepted but not reaching the pod: {wrong:?}\npod: {}",
+        rendered.pod["spec"]
+    );
+    // The pods never start (the images do not exist): remove them now.
+    node.helm(&["uninstall", RELEASE, "-n", &ns]).unwrap();
+}
