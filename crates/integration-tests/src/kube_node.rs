@@ -29,7 +29,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, PersistentVolume};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, PersistentVolume, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use nix::sys::signal::{Signal, kill};
@@ -475,7 +475,8 @@ state = "{state}"
                     cdir.join("certs/apiserver.crt").display()
                 ),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--use-service-account-credentials=false".into(),
+                // Each controller with its own service account, as kubeadm runs it.
+                "--use-service-account-credentials=true".into(),
                 "--v=1".into(),
             ],
             &[],
@@ -599,7 +600,24 @@ state = "{state}"
             }
         })
         .await
-        .map_err(|e| self.exited("kubelet", e))
+        .map_err(|e| self.exited("kubelet", e))?;
+        self.wait_default_service_account("default").await
+    }
+
+    /// Pods of a namespace are admitted once the controller-manager has
+    /// created its `default` ServiceAccount.
+    async fn wait_default_service_account(&self, ns: &str) -> Result<()> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.admin(), ns);
+        eventually(
+            "the default ServiceAccount",
+            Duration::from_secs(60),
+            || {
+                let sas = sas.clone();
+                async move { sas.get_opt("default").await.ok()?.map(|_| ()) }
+            },
+        )
+        .await
+        .map_err(|e| self.exited("kube-controller-manager", e))
     }
 
     /// How long [`KubeNode::start`] took until the Node was Ready.
@@ -691,6 +709,7 @@ state = "{state}"
             )
             .await?;
         self.volumes(&name, statefulset, 0..volumes).await?;
+        self.wait_default_service_account(&name).await?;
         Ok(name)
     }
 

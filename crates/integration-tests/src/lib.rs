@@ -35,7 +35,9 @@ pub use kube_node::{KubeNode, NODE_NAME, POD_UID};
 pub use mesh::{CONFIGMAP, Mesh};
 pub use net::{Bridge, Netns};
 pub use process::{Proc, processes_referring_to};
-pub use release::{PodView, Release};
+pub use release::{
+    CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, PodView, Release, SMALL_NODE_VALUES,
+};
 pub use rpc::ipc_call;
 pub use sidecar::{SIDECAR_HTTP_PORT, Sidecar, http_get, sidecar_bin};
 pub use testbed::{Testbed, testbed, workspace_root};

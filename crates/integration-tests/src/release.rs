@@ -13,6 +13,24 @@ use peer_registry::{MemberRecord, schema};
 
 use crate::{Error, KubeNode, Result, eventually};
 
+/// The release name the fixtures install the chart as: the chart then names
+/// its objects `geth-peer-sidecar*`.
+pub const CHART_RELEASE: &str = "geth-peer-sidecar";
+/// The chart's StatefulSet (and headless Service) for [`CHART_RELEASE`].
+pub const CHART_STATEFULSET: &str = "geth-peer-sidecar-geth";
+/// The chart's (and `deploy/`'s) default registry name.
+pub const DEFAULT_CONFIGMAP: &str = "geth-shared-static-nodes";
+
+/// Values the fixtures add to every chart install: small requests so that
+/// nine pods fit on a two-core node, and a small geth cache. Nothing else of
+/// the chart changes.
+pub const SMALL_NODE_VALUES: [&str; 4] = [
+    "--set-json",
+    r#"geth.extraArgs=["--nodiscover","--syncmode=full","--networkid=1337","--maxpeers=50","--cache=16"]"#,
+    "--set",
+    "resources.geth.requests.cpu=10m,resources.geth.requests.memory=64Mi,resources.sidecar.requests.cpu=5m",
+];
+
 /// A pod of the StatefulSet as the apiserver reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodView {
@@ -50,6 +68,30 @@ impl<'a> Release<'a> {
             statefulset: statefulset.to_owned(),
             configmap: configmap.to_owned(),
         }
+    }
+
+    /// `helm install` of the repository's chart, unchanged, as
+    /// [`CHART_RELEASE`] in a fresh namespace (see [`KubeNode::namespace`]) with
+    /// `volumes` volumes, [`SMALL_NODE_VALUES`] and then `values` (helm flags).
+    pub async fn install_chart(
+        node: &'a KubeNode,
+        hint: &str,
+        volumes: usize,
+        values: &[&str],
+    ) -> Result<Release<'a>> {
+        let ns = node.namespace(hint, CHART_STATEFULSET, volumes).await?;
+        let chart = crate::workspace_root().join("charts/geth-peer-sidecar");
+        let chart = chart.to_string_lossy();
+        let mut args = vec!["install", CHART_RELEASE, &chart, "-n", &ns];
+        args.extend(SMALL_NODE_VALUES);
+        args.extend(values);
+        node.helm(&args)?;
+        Ok(Release::new(
+            node,
+            &ns,
+            CHART_STATEFULSET,
+            DEFAULT_CONFIGMAP,
+        ))
     }
 
     /// The node this release runs on.
@@ -111,6 +153,10 @@ impl<'a> Release<'a> {
             "geth",
             "--",
             "geth",
+            // The console keeps its history in the datadir: the root
+            // filesystem is read-only, /data (the volume) is not.
+            "--datadir",
+            "/data",
             "--exec",
             js,
             "attach",

@@ -11,41 +11,23 @@ use kube::api::{Patch, PatchParams};
 
 use crate::Shared;
 
-/// The release name; the chart then names its objects `geth-peer-sidecar*`.
-pub const RELEASE: &str = "geth-peer-sidecar";
-/// The chart's StatefulSet for [`RELEASE`].
-pub const STATEFULSET: &str = "geth-peer-sidecar-geth";
-/// The chart's default registry name.
-pub const CONFIGMAP: &str = "geth-shared-static-nodes";
+pub use integration_tests::{
+    CHART_RELEASE as RELEASE, CHART_STATEFULSET as STATEFULSET, DEFAULT_CONFIGMAP as CONFIGMAP,
+};
+
 /// Time for a whole release to come up and mesh on two cores.
 pub const MESH_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Values every test sets: small requests so 7 pods fit on a 2-core node, and
-/// a small geth cache.
-const TEST_VALUES: [&str; 6] = [
-    "--set-json",
-    r#"geth.extraArgs=["--nodiscover","--syncmode=full","--networkid=1337","--maxpeers=50","--cache=16"]"#,
-    "--set",
-    "resources.geth.requests.cpu=10m,resources.geth.requests.memory=64Mi",
-    "--set",
-    "resources.sidecar.requests.cpu=5m",
-];
-
-/// `helm install` of the chart in a fresh namespace with `volumes` volumes.
+/// The chart, installed in a fresh namespace (see [`Release::install_chart`]).
 pub async fn install<'a>(
     node: &'a KubeNode,
     hint: &str,
     volumes: usize,
     values: &[&str],
 ) -> Release<'a> {
-    let ns = node.namespace(hint, STATEFULSET, volumes).await.unwrap();
-    let chart = workspace_root().join("charts/geth-peer-sidecar");
-    let chart = chart.to_string_lossy();
-    let mut args = vec!["install", RELEASE, &chart, "-n", &ns];
-    args.extend(TEST_VALUES);
-    args.extend(values);
-    node.helm(&args).unwrap();
-    Release::new(node, &ns, STATEFULSET, CONFIGMAP)
+    Release::install_chart(node, hint, volumes, values)
+        .await
+        .unwrap()
 }
 
 pub async fn helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_and_status(

@@ -8,16 +8,25 @@ use crate::Shared;
 use crate::chart::{CONFIGMAP, MESH_TIMEOUT};
 
 /// `kubectl apply -k` of `dir` (deploy/base or an overlay) into a fresh
-/// namespace through a one-line overlay that only sets the namespace.
+/// namespace, through a one-line overlay that only sets the namespace. (A
+/// kustomization may not name an absolute path: the manifests are copied,
+/// unchanged, next to the overlay.)
 async fn apply<'a>(node: &'a KubeNode, hint: &str, dir: &str) -> Release<'a> {
     let ns = node.namespace(hint, "geth", 3).await.unwrap();
-    let overlay = node.dir().join("kustomize").join(&ns);
+    let work = node.dir().join("kustomize").join(&ns);
+    let overlay = work.join("overlay");
     std::fs::create_dir_all(&overlay).unwrap();
+    let copy = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(workspace_root().join("deploy"))
+        .arg(work.join("deploy"))
+        .status()
+        .unwrap();
+    assert!(copy.success(), "copy deploy/");
     std::fs::write(
         overlay.join("kustomization.yaml"),
         format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {ns}\nresources:\n  - {}\n",
-            workspace_root().join(dir).display()
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {ns}\nresources:\n  - ../{dir}\n"
         ),
     )
     .unwrap();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use integration_tests::{KubeNode, Release, TestContext, workspace_root};
+use integration_tests::{KubeNode, Release, TestContext};
 use tokio::io::AsyncBufReadExt;
 
 pub(crate) const HELP: &str = "commands: d N = delete pod N (it returns on a new IP) | \
@@ -13,7 +13,7 @@ k N = stop geth in pod N (the container restarts and forgets its peers) | s N = 
 
 /// Pods the demo can scale to (one volume each is prepared).
 pub(crate) const MAX_NODES: usize = 9;
-const STATEFULSET: &str = "geth-peer-sidecar-geth";
+use integration_tests::CHART_STATEFULSET as STATEFULSET;
 
 async fn table(r: &Release<'_>) -> String {
     let pods = r.pods().await.unwrap_or_default();
@@ -113,30 +113,20 @@ pub(crate) async fn run(nodes: usize, once: bool) -> Result<(), String> {
     );
     let node = KubeNode::start(&ctx).await.map_err(|e| e.to_string())?;
     println!("node Ready after {:.1} s", node.ready_after().as_secs_f64());
-    let ns = node
-        .namespace("demo", STATEFULSET, MAX_NODES)
-        .await
-        .map_err(|e| e.to_string())?;
-    let chart = workspace_root().join("charts/geth-peer-sidecar");
-    node.helm(&[
-        "install",
-        "geth-peer-sidecar",
-        &chart.to_string_lossy(),
-        "-n",
-        &ns,
-        "--set",
-        &format!("replicas={nodes}"),
-        "--set-json",
-        r#"geth.extraArgs=["--nodiscover","--syncmode=full","--networkid=1337","--maxpeers=50","--cache=16"]"#,
-        "--set",
-        "resources.geth.requests.cpu=10m,resources.geth.requests.memory=64Mi,resources.sidecar.requests.cpu=5m",
-    ])
+    let release = Release::install_chart(
+        &node,
+        "demo",
+        MAX_NODES,
+        &["--set", &format!("replicas={nodes}")],
+    )
+    .await
     .map_err(|e| e.to_string())?;
     println!(
-        "helm chart installed in namespace {ns}; kubectl --kubeconfig {} -n {ns} ...\n{HELP}",
-        node.kubeconfig().display()
+        "helm chart installed in namespace {}; kubectl --kubeconfig {} -n {} ...\n{HELP}",
+        release.ns,
+        node.kubeconfig().display(),
+        release.ns
     );
-    let release = Release::new(&node, &ns, STATEFULSET, "geth-shared-static-nodes");
     let started = std::time::Instant::now();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
