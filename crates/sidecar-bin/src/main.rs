@@ -27,9 +27,12 @@ fn init_tracing(common: &Common) -> anyhow::Result<()> {
             "warn,geth_peer_sidecar={level},geth_ipc={level},peer_registry={level},reconcile_core={level}"
         ))
     });
+    // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false);
     match common.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
