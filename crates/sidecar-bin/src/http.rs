@@ -20,6 +20,9 @@ pub(crate) struct Health {
     /// The registry has been read (or watched) at least once and the last
     /// registry operation did not fail.
     pub(crate) registry_synced: AtomicBool,
+    /// Why this node cannot register itself (its advertised address is unusable),
+    /// while it keeps peering with the others.
+    pub(crate) advertise_problem: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -39,12 +42,19 @@ pub(crate) fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let geth = s.health.geth_ok.load(Ordering::Relaxed);
     let reg = s.health.registry_synced.load(Ordering::Relaxed);
+    let advertise = s
+        .health
+        .advertise_problem
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let body = format!(
-        "geth_ipc: {}\nregistry: {}\n",
+        "geth_ipc: {}\nregistry: {}\nadvertise: {}\n",
         if geth { "ok" } else { "not answering" },
-        if reg { "synced" } else { "not synced" }
+        if reg { "synced" } else { "not synced" },
+        advertise.as_deref().unwrap_or("ok")
     );
-    let code = if geth && reg {
+    let code = if geth && reg && advertise.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -29,6 +29,7 @@ pub(crate) struct Metrics {
     pub(crate) registry_errors: Family<KindLabel, Counter>,
     pub(crate) geth_actions: Family<KindLabel, Counter>,
     pub(crate) geth_rpc_errors: Family<KindLabel, Counter>,
+    pub(crate) geth_action_errors: Family<KindLabel, Counter>,
     pub(crate) geth_reconnects: Counter,
     pub(crate) last_sync: Gauge<f64, AtomicU64>,
     pub(crate) suspected_partition: Gauge,
@@ -51,6 +52,7 @@ impl Metrics {
             registry_errors: Family::default(),
             geth_actions: Family::default(),
             geth_rpc_errors: Family::default(),
+            geth_action_errors: Family::default(),
             geth_reconnects: Counter::default(),
             last_sync: Gauge::default(),
             suspected_partition: Gauge::default(),
@@ -112,6 +114,11 @@ impl Metrics {
             "geth_rpc_errors",
             "Failed geth RPC calls, by error kind",
             m.geth_rpc_errors.clone(),
+        );
+        m.registry.register(
+            "geth_action_errors",
+            "geth actions (add_peer, remove_peer, ...) that failed, by action; the pass goes on with the others",
+            m.geth_action_errors.clone(),
         );
         m.registry.register(
             "geth_reconnects",

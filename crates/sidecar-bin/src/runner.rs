@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use geth_ipc::{AdminApi, Enode, NodeId, PeerEvent, PeerEventKind, PeerEventStream};
+use geth_ipc::{AdminApi, Enode, Host, NodeId, PeerEvent, PeerEventKind, PeerEventStream};
 use peer_registry::{MemberRecord, PeerRegistry, Snapshot};
 use rand::Rng;
 use reconcile_core as core;
@@ -95,6 +95,15 @@ fn jittered(base: Duration) -> Duration {
     base.mul_f64(f)
 }
 
+/// Why one geth action failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActionError {
+    /// geth did not answer (connection lost, timeout): the pass stops.
+    GethDown,
+    /// geth answered with an error for this action only: the pass goes on.
+    Refused,
+}
+
 /// geth's state as the log reports it: one line per change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum GethState {
@@ -139,25 +148,7 @@ where
         version = env!("CARGO_PKG_VERSION"),
         "geth-peer-sidecar starting"
     );
-    let mut r = Runner {
-        geth,
-        registry,
-        s,
-        metrics,
-        health,
-        snapshot: None,
-        applied: BTreeMap::new(),
-        generation: 0,
-        geth_state: GethState::Unknown,
-        me: None,
-        unreachable_since: BTreeMap::new(),
-        connected: BTreeSet::new(),
-        unusable: BTreeMap::new(),
-        last_problems: Vec::new(),
-        last_report: String::new(),
-        pods_error: None,
-        recheck_at: None,
-    };
+    let mut r = Runner::new(geth, registry, s, metrics, health);
     r.event_loop().await;
     r.deregister().await;
     Ok(())
@@ -192,6 +183,34 @@ async fn next_event(events: &mut Option<PeerEventStream>) -> Option<geth_ipc::Re
 }
 
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
+    fn new(
+        geth: Arc<G>,
+        registry: Arc<R>,
+        s: Settings,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            geth,
+            registry,
+            s,
+            metrics,
+            health,
+            snapshot: None,
+            applied: BTreeMap::new(),
+            generation: 0,
+            geth_state: GethState::Unknown,
+            me: None,
+            unreachable_since: BTreeMap::new(),
+            connected: BTreeSet::new(),
+            unusable: BTreeMap::new(),
+            last_problems: Vec::new(),
+            last_report: String::new(),
+            pods_error: None,
+            recheck_at: None,
+        }
+    }
+
     async fn event_loop(&mut self) {
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
@@ -246,8 +265,16 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 _ = &mut shutdown => return,
                 item = watch.next() => match item {
                     Some(Ok(snap)) => {
-                        self.on_snapshot(snap);
-                        dirty = true;
+                        if self.is_stale(&snap) {
+                            debug!(
+                                event = snap.resource_version.as_deref().unwrap_or("-"),
+                                held = self.snapshot.as_ref().and_then(|s| s.resource_version.as_deref()).unwrap_or("-"),
+                                "registry watch event older than the snapshot held; ignored"
+                            );
+                        } else {
+                            self.on_snapshot(snap);
+                            dirty = true;
+                        }
                     }
                     Some(Err(e)) => {
                         self.metrics.registry_errors.get_or_create(&Metrics::kind(e.kind())).inc();
@@ -285,6 +312,27 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
+    /// True when a watch event is older than the snapshot held (typically the
+    /// one our own write returned, which the watch delivers only later).
+    ///
+    /// resourceVersions are opaque in general, but for one object they come from
+    /// etcd's revision counter, which only grows: a smaller number is an older
+    /// state of the same ConfigMap. Versions that do not parse as numbers (another
+    /// storage backend) are never treated as stale, so the watch always wins there.
+    fn is_stale(&self, event: &Snapshot) -> bool {
+        let held = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.resource_version.as_deref());
+        match (held, event.resource_version.as_deref()) {
+            (Some(held), Some(event)) => match (held.parse::<u64>(), event.parse::<u64>()) {
+                (Ok(held), Ok(event)) => event < held,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     fn on_snapshot(&mut self, snap: Snapshot) {
         if snap.problems != self.last_problems {
             for p in &snap.problems {
@@ -297,13 +345,17 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.snapshot = Some(snap);
     }
 
-    /// Returns true when the event calls for a reconcile.
+    /// Returns true when the event calls for a reconcile (any change of the peer
+    /// set but an incompatible peer's drop, which geth's redial repeats).
     fn on_peer_event(&mut self, ev: PeerEvent) -> bool {
         match ev.kind {
             PeerEventKind::Add => {
                 self.connected.insert(ev.peer);
                 self.unreachable_since.remove(&ev.peer);
-                false
+                // The reports (connected_peers, missing_peers, the summary) are
+                // computed by a pass: without one they would lag until the next
+                // resync.
+                true
             }
             PeerEventKind::Drop => {
                 self.connected.remove(&ev.peer);
@@ -384,6 +436,23 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
+    /// Logs a change of the advertise problem and shows it on /readyz.
+    fn set_advertise_problem(&mut self, problem: Option<String>) {
+        let mut held = self
+            .health
+            .advertise_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *held != problem {
+            match &problem {
+                Some(msg) => warn!("not registering this node, peering with the others: {msg}"),
+                None if held.is_some() => info!("the advertised address is usable again"),
+                None => {}
+            }
+            *held = problem;
+        }
+    }
+
     fn geth_error(&mut self, e: &geth_ipc::Error) -> &'static str {
         self.metrics
             .geth_rpc_errors
@@ -458,10 +527,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
         self.set_geth_state(GethState::Up);
         let advertised = match self.s.advertise.advertised(&info, self.s.p2p_port) {
-            Ok(e) => e,
+            Ok(e) => {
+                self.set_advertise_problem(None);
+                e
+            }
             Err(msg) => {
-                warn!("{msg}");
-                return Err("advertise");
+                self.set_advertise_problem(Some(msg));
+                // Peer with the others all the same: an unspecified address makes
+                // the engine skip our own registration and nothing else.
+                match info.parsed_enode() {
+                    Ok(e) => e.with_host(Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into())),
+                    Err(_) => return Err("advertise"),
+                }
             }
         };
         let peers = match self.geth.peers().await {
@@ -532,9 +609,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             }
         }
         for action in &plan.geth {
-            if let Err(kind) = self.apply_geth(action).await {
-                result = Err(kind);
-                break;
+            match self.apply_geth(action).await {
+                Ok(()) => {}
+                Err(ActionError::GethDown) => {
+                    // geth stopped answering: the rest would fail the same way.
+                    result = Err("geth");
+                    break;
+                }
+                Err(ActionError::Refused) => result = Err("geth_action"),
             }
         }
         self.me = self
@@ -603,7 +685,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
-    async fn apply_geth(&mut self, action: &core::GethAction) -> Result<(), &'static str> {
+    /// Applies one geth action. A refusal (geth answered with an error) is counted
+    /// and logged for this action alone; only a connection failure marks geth down.
+    async fn apply_geth(&mut self, action: &core::GethAction) -> Result<(), ActionError> {
         use core::GethAction as A;
         let (label, enode) = match action {
             A::AddPeer(e) => ("add_peer", e),
@@ -629,7 +713,20 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             }
             Err(e) => {
                 warn!(action = label, node = %enode.node_id().short(), error = %e, "geth call failed");
-                Err(self.geth_error(&e))
+                self.metrics
+                    .geth_action_errors
+                    .get_or_create(&Metrics::kind(label))
+                    .inc();
+                if e.is_connection_error() {
+                    self.geth_error(&e);
+                    Err(ActionError::GethDown)
+                } else {
+                    self.metrics
+                        .geth_rpc_errors
+                        .get_or_create(&Metrics::kind(e.kind()))
+                        .inc();
+                    Err(ActionError::Refused)
+                }
             }
         }
     }
@@ -654,6 +751,181 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use geth_ipc::{MockAdminApi, NodeInfo};
+    use peer_registry::MockPeerRegistry;
+
+    const KEYS: [&str; 3] = [
+        "79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798483ada7726a3c4655da4fbfc0e1108a8fd17b448a68554199c47d08ffb10d4b8",
+        "c6047f9441ed7d6d3045406e95c07cd85c778e4b8cef3ca7abac09b95c709ee51ae168fea63dc339a3c58419466ceaeef7f632653266d0e1236431a950cfe52a",
+        "5cbdf0646e5db4eaa398f365f2ea7a0e3d419b7e0330e39ce92bddedcac4f9bc6aebca40ba255960a3178d6d861a54dba813d0b813fde7b5a5082628087264da",
+    ];
+
+    fn enode(i: usize) -> Enode {
+        format!("enode://{}@10.0.0.{}:30303", KEYS[i], i + 1)
+            .parse()
+            .expect("valid enode")
+    }
+
+    fn record(i: usize) -> MemberRecord {
+        let e = enode(i);
+        let long_ago = jiff::Timestamp::from_second(1_700_000_000).expect("timestamp");
+        MemberRecord {
+            pod: format!("geth-{i}"),
+            node_id: e.node_id(),
+            enode: e.clone(),
+            pod_uid: None,
+            pod_ip: Some(e.host().to_string()),
+            registered_at: long_ago,
+            updated_at: long_ago,
+            sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// A registry holding geth-0 (this node), geth-1 and geth-2.
+    fn snapshot(rv: &str) -> Snapshot {
+        Snapshot {
+            resource_version: Some(rv.to_owned()),
+            members: (0..3).map(|i| (format!("geth-{i}"), record(i))).collect(),
+            ..Snapshot::default()
+        }
+    }
+
+    fn registry() -> MockPeerRegistry {
+        let mut reg = MockPeerRegistry::new();
+        reg.expect_snapshot().returning(|| Ok(snapshot("10")));
+        reg.expect_upsert().returning(|_| Ok(snapshot("11")));
+        reg
+    }
+
+    /// geth as node 0, reporting `host` in its enode, connected to nobody.
+    fn geth(host: &str) -> MockAdminApi {
+        let info: NodeInfo = serde_json::from_value(serde_json::json!({
+            "id": enode(0).node_id().to_string(),
+            "enode": format!("enode://{}@{host}:30303", KEYS[0]),
+            "ports": {"discovery": 0, "listener": 30303},
+        }))
+        .expect("node info");
+        let mut g = MockAdminApi::new();
+        g.expect_node_info().returning(move || Ok(info.clone()));
+        g.expect_connection_generation().return_const(1u64);
+        g.expect_peers().returning(|| Ok(vec![]));
+        g.expect_remove_peer().returning(|_| Ok(true));
+        g
+    }
+
+    fn runner(
+        geth: MockAdminApi,
+        advertise: AdvertiseMode,
+    ) -> Runner<MockAdminApi, MockPeerRegistry> {
+        let s = Settings {
+            pod: "geth-0".into(),
+            pod_ip: Some("10.0.0.1".into()),
+            pod_uid: None,
+            advertise,
+            p2p_port: None,
+            engine: core::Config::default(),
+            resync: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(5),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            pods: None,
+        };
+        Runner::new(
+            Arc::new(geth),
+            Arc::new(registry()),
+            s,
+            Arc::new(Metrics::new()),
+            Arc::new(Health::default()),
+        )
+    }
+
+    fn pod_ip() -> AdvertiseMode {
+        AdvertiseMode::PodIp("10.0.0.1".parse().expect("ip"))
+    }
+
+    fn count(
+        family: &prometheus_client::metrics::family::Family<
+            crate::metrics::KindLabel,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        kind: &str,
+    ) -> u64 {
+        family.get_or_create(&Metrics::kind(kind)).get()
+    }
+
+    #[tokio::test]
+    async fn a_refused_add_peer_is_counted_alone_and_the_pass_goes_on_with_geth_up() {
+        let refused = enode(1).node_id();
+        let mut g = geth("10.0.0.1");
+        g.expect_add_peer()
+            .withf(move |e| e.node_id() == refused)
+            .times(1)
+            .returning(|_| {
+                Err(geth_ipc::Error::Rpc {
+                    code: -32000,
+                    message: "invalid enode".into(),
+                })
+            });
+        let accepted = enode(2).node_id();
+        g.expect_add_peer()
+            .withf(move |e| e.node_id() == accepted)
+            .times(1)
+            .returning(|_| Ok(true));
+        let mut r = runner(g, pod_ip());
+        assert_eq!(r.reconcile().await, Err("geth_action"));
+        assert_eq!(r.geth_state, GethState::Up);
+        assert!(r.health.geth_ok.load(Ordering::Relaxed));
+        assert_eq!(count(&r.metrics.geth_action_errors, "add_peer"), 1);
+        assert!(r.applied.contains_key(&enode(2).node_id()));
+        assert!(!r.applied.contains_key(&enode(1).node_id()));
+    }
+
+    #[tokio::test]
+    async fn an_action_that_loses_the_connection_marks_geth_down_and_stops_the_pass() {
+        let mut g = geth("10.0.0.1");
+        g.expect_add_peer()
+            .times(1)
+            .returning(|_| Err(geth_ipc::Error::ConnectionLost));
+        let mut r = runner(g, pod_ip());
+        assert_eq!(r.reconcile().await, Err("geth"));
+        assert!(matches!(r.geth_state, GethState::Down(_)));
+        assert!(!r.health.geth_ok.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn an_unusable_advertised_address_still_peers_with_the_others_and_says_why() {
+        let mut g = geth("127.0.0.1");
+        g.expect_add_peer().times(2).returning(|_| Ok(true));
+        let mut r = runner(g, AdvertiseMode::Geth);
+        let _ = r.reconcile().await;
+        assert_eq!(r.applied.len(), 2, "peered with geth-1 and geth-2");
+        let problem = r.health.advertise_problem.lock().expect("lock").clone();
+        assert!(problem.is_some_and(|p| p.contains("127.0.0.1")));
+    }
+
+    #[tokio::test]
+    async fn a_watch_event_older_than_the_snapshot_held_is_stale() {
+        let mut r = runner(geth("10.0.0.1"), pod_ip());
+        r.on_snapshot(snapshot("11"));
+        assert!(r.is_stale(&snapshot("10")));
+        assert!(!r.is_stale(&snapshot("11")));
+        assert!(!r.is_stale(&snapshot("12")));
+        assert!(!r.is_stale(&snapshot("not-a-number")));
+    }
+
+    #[tokio::test]
+    async fn a_peer_connecting_calls_for_a_pass_so_reports_follow_geth() {
+        let mut r = runner(geth("10.0.0.1"), pod_ip());
+        let ev = PeerEvent {
+            kind: PeerEventKind::Add,
+            peer: enode(1).node_id(),
+            error: None,
+            protocol: None,
+            local: None,
+            remote: None,
+        };
+        assert!(r.on_peer_event(ev));
+        assert!(r.connected.contains(&enode(1).node_id()));
+    }
 
     #[test]
     fn mismatch_drops_are_incompatible_and_ordinary_drops_are_not() {
