@@ -44,6 +44,59 @@ async fn five_nodes_mesh_then_scale_to_seven_then_down_to_four() {
     m.wait_full_mesh(&all(4), MESH).await.unwrap();
 }
 
+/// How fast the sidecar's reports must follow geth's admin_peers: the behaviour
+/// itself ("about a second"), with room for a loaded 2-core test machine, and far
+/// below the 24-36 s resync that used to be the only thing updating them.
+const REPORT_LAG: Duration = Duration::from_secs(3);
+
+/// Waits until every sidecar of `members` reports `connected` connected and
+/// `missing` missing peers.
+async fn wait_reports(m: &Mesh, members: &[usize], connected: f64, missing: f64) {
+    eventually(
+        &format!("sidecars {members:?} to report {connected} connected, {missing} missing"),
+        REPORT_LAG,
+        || async {
+            for &i in members {
+                let c = m.metric(i, "geth_peer_sidecar_connected_peers").await;
+                let x = m.metric(i, "geth_peer_sidecar_missing_peers").await;
+                if c != Some(connected) || x != Some(missing) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_and_missing_peers_follow_admin_peers_within_seconds() {
+    let mut m = Mesh::start("reports", 4, &[]).await.unwrap();
+    m.wait_full_mesh(&all(4), MESH).await.unwrap();
+    wait_reports(&m, &all(4), 3.0, 0.0).await;
+
+    // A geth goes away: the others count it missing.
+    m.net.node_mut(3).kill().await;
+    eventually("geth 3 to leave the others' admin_peers", MESH, || async {
+        let id = m.ids(&[3]).remove(&3)?;
+        for i in 0..3 {
+            if m.net.node(i).peer_ids().await.ok()?.contains(&id) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    wait_reports(&m, &[0, 1, 2], 2.0, 1.0).await;
+
+    // It comes back: as soon as admin_peers shows the full mesh, so do the reports.
+    m.net.node_mut(3).start().await.unwrap();
+    m.wait_full_mesh(&all(4), MESH).await.unwrap();
+    wait_reports(&m, &all(4), 3.0, 0.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geth_killed_and_restarted_gets_every_peer_back() {
     let mut m = Mesh::start("geth-restart", 3, &[]).await.unwrap();
