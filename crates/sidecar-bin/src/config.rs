@@ -169,7 +169,11 @@ pub(crate) enum Advertise {
     Geth,
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h` or a plain number of seconds.
+/// The longest duration accepted by [`parse_duration`].
+const MAX_DURATION: Duration = Duration::from_secs(7 * 86_400);
+
+/// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds; rejects 0 and anything over
+/// a week, with a message saying why.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -187,6 +191,19 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));
+    }
+    if secs <= 0.0 {
+        return Err(format!(
+            "duration {s:?} is zero: an interval of 0 is a busy loop and a timeout of 0 \
+             always fails; give a positive duration such as 500ms or 30s"
+        ));
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "duration {s:?} is longer than {} days, which no interval or timeout here \
+             needs; give e.g. 30s, 2m or 1h",
+            MAX_DURATION.as_secs() / 86_400
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -217,6 +234,15 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("soon").unwrap_err().contains("soon"));
         assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn zero_and_absurd_durations_are_rejected_with_the_reason() {
+        assert!(parse_duration("0").unwrap_err().contains("zero"));
+        assert!(parse_duration("0ms").unwrap_err().contains("zero"));
+        assert!(parse_duration("200h").unwrap_err().contains("7 days"));
+        assert!(parse_duration("99999999999999999999h").is_err());
+        assert!(parse_duration("168h").is_ok());
     }
 
     #[test]

@@ -90,6 +90,11 @@ fn is_incompatible(error: &str) -> bool {
     .any(|p| e.contains(p))
 }
 
+/// The longest wait between retries of a failed pass while geth does not answer.
+const GETH_RETRY_CAP: Duration = Duration::from_secs(1);
+/// The longest wait between retries of a pass that failed for another reason.
+const RETRY_CAP: Duration = Duration::from_secs(5);
+
 fn jittered(base: Duration) -> Duration {
     let f = rand::rng().random_range(0.8..1.2);
     base.mul_f64(f)
@@ -127,6 +132,8 @@ struct Runner<G, R> {
     connected: BTreeSet<NodeId>,
     unusable: BTreeMap<NodeId, String>,
     last_problems: Vec<String>,
+    /// The engine's problems of the last pass: each is warned once, when it appears.
+    last_engine_problems: Vec<String>,
     last_report: String,
     pods_error: Option<String>,
     /// When the engine asked to be consulted again (a new pair's dial grace).
@@ -205,6 +212,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             connected: BTreeSet::new(),
             unusable: BTreeMap::new(),
             last_problems: Vec::new(),
+            last_engine_problems: Vec::new(),
             last_report: String::new(),
             pods_error: None,
             recheck_at: None,
@@ -234,8 +242,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                             .reconcile_errors
                             .get_or_create(&Metrics::kind(kind))
                             .inc();
+                        // Waiting for geth costs one stat/connect of a local socket:
+                        // poll it at least every second so a sidecar started first
+                        // registers within a second of geth. The apiserver gets up
+                        // to 5 s between retries.
+                        let cap = if kind == "geth" {
+                            GETH_RETRY_CAP
+                        } else {
+                            RETRY_CAP
+                        };
+                        retry_delay = retry_delay.min(cap);
                         retry_at = Some(tokio::time::Instant::now() + retry_delay);
-                        retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+                        retry_delay = (retry_delay * 2).min(cap);
                     }
                 }
                 if events.is_none() && self.geth_state == GethState::Up {
@@ -594,11 +612,25 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             ..core::Observation::new(now, &me, self.snapshot.as_ref(), &self.applied)
         };
         let plan = core::plan(&self.s.engine, &obs);
-        for problem in &plan.report.problems {
-            if !self.last_problems.contains(&problem.to_string()) {
+        let problems: Vec<String> = plan
+            .report
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for problem in &problems {
+            if !self.last_engine_problems.contains(problem) {
                 warn!(problem = %problem, "configuration or registry problem");
             }
         }
+        for gone in self
+            .last_engine_problems
+            .iter()
+            .filter(|p| !problems.contains(p))
+        {
+            info!(problem = %gone, "problem resolved");
+        }
+        self.last_engine_problems = problems;
         for removal in &plan.report.removals {
             info!("{removal}");
         }
