@@ -286,6 +286,14 @@ impl GethNode {
         }
     }
 
+    /// Freezes geth (SIGSTOP): its sockets stay open but nothing answers, like a
+    /// geth that hangs (`kill` still ends it).
+    pub fn freeze(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
     /// Stop (SIGTERM) then start again.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop().await;

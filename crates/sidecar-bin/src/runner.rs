@@ -232,7 +232,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         loop {
             if dirty {
                 dirty = false;
-                match self.reconcile().await {
+                // A pass may wait on a hung geth or a slow apiserver: SIGTERM
+                // abandons it so deregistration fits the pod's grace period.
+                let outcome = tokio::select! {
+                    _ = &mut shutdown => return,
+                    outcome = self.reconcile() => outcome,
+                };
+                match outcome {
                     Ok(()) => {
                         retry_at = None;
                         retry_delay = Duration::from_millis(200);
@@ -257,7 +263,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     }
                 }
                 if events.is_none() && self.geth_state == GethState::Up {
-                    match self.geth.peer_events().await {
+                    let subscribed = tokio::select! {
+                        _ = &mut shutdown => return,
+                        subscribed = self.geth.peer_events() => subscribed,
+                    };
+                    match subscribed {
                         Ok(stream) => events = Some(stream),
                         Err(e) => debug!(error = %e, "cannot subscribe to geth peer events yet"),
                     }
@@ -322,7 +332,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
                 _ = tokio::time::sleep_until(probe_at) => {
                     probe_at = tokio::time::Instant::now() + self.s.probe_interval;
-                    dirty |= self.probe_members().await;
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        changed = self.probe_members() => dirty |= changed,
+                    }
                 }
                 _ = retry => dirty = true,
                 _ = recheck => dirty = true,

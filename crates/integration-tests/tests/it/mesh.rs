@@ -234,6 +234,35 @@ async fn sigterm_removes_the_own_record_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deregisters_at_once_while_a_geth_call_hangs() {
+    // Passes every second; a geth call may hang for a minute before timing out.
+    let env = [("RESYNC_INTERVAL", "1s"), ("RPC_TIMEOUT", "60s")];
+    let mut m = Mesh::start("sigterm-hung", 2, &env).await.unwrap();
+    m.wait_registered(&all(2), MESH).await.unwrap();
+    m.net.node(1).freeze();
+    let passes = "geth_peer_sidecar_reconciles_total";
+    let before = m.metric(1, passes).await.unwrap();
+    eventually("a pass to start against the frozen geth", MESH, || async {
+        (m.metric(1, passes).await? > before).then_some(())
+    })
+    .await
+    .unwrap();
+    let sc = m.take_sidecar(1).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(sc.terminate().await, Some(0));
+    // The behaviour itself: far inside the 30 s grace, not after the 60 s call.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "SIGTERM waited for the hung geth call: {:?}",
+        started.elapsed()
+    );
+    m.wait_registered(&[0], Duration::from_secs(5))
+        .await
+        .unwrap();
+    m.net.node_mut(1).kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_on_another_genesis_is_reported_unusable_and_the_rest_is_fine() {
     let mut m = Mesh::start("genesis", 2, &[]).await.unwrap();
     m.add_nodes(vec![NodeSpec {
