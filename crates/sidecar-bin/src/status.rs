@@ -17,12 +17,17 @@ fn age(since: jiff::Timestamp, now: jiff::Timestamp) -> String {
     }
 }
 
-/// Renders the table. `connected` is None when geth could not be asked.
-pub(crate) fn render(
-    snap: &Snapshot,
-    connected: Option<&BTreeSet<geth_ipc::NodeId>>,
-    now: jiff::Timestamp,
-) -> String {
+/// What this geth says about the peers: its own node id and its connected
+/// peers (admin_nodeInfo, admin_peers).
+pub(crate) struct GethView {
+    /// This geth's node id: its member row shows `self`.
+    pub(crate) own: geth_ipc::NodeId,
+    /// The node ids in admin_peers.
+    pub(crate) connected: BTreeSet<geth_ipc::NodeId>,
+}
+
+/// Renders the table. `geth` is None when geth could not be asked.
+pub(crate) fn render(snap: &Snapshot, geth: Option<&GethView>, now: jiff::Timestamp) -> String {
     let mut rows = vec![vec![
         "POD".to_owned(),
         "NODE".to_owned(),
@@ -30,9 +35,10 @@ pub(crate) fn render(
         "AGE".to_owned(),
         "CONNECTED".to_owned(),
     ]];
-    let conn = |id: &geth_ipc::NodeId| match connected {
+    let conn = |id: &geth_ipc::NodeId| match geth {
         None => "?".to_owned(),
-        Some(c) if c.contains(id) => "yes".to_owned(),
+        Some(g) if g.own == *id => "self".to_owned(),
+        Some(g) if g.connected.contains(id) => "yes".to_owned(),
         Some(_) => "no".to_owned(),
     };
     for m in snap.members.values() {
@@ -81,14 +87,18 @@ pub(crate) async fn print<R: PeerRegistry, G: AdminApi>(
         .snapshot()
         .await
         .map_err(|e| anyhow::anyhow!("reading ConfigMap {namespace}/{name}: {e}"))?;
-    let connected = match tokio::time::timeout(Duration::from_secs(3), geth.peers()).await {
-        Ok(Ok(peers)) => Some(peers.into_iter().map(|p| p.id).collect()),
-        _ => None,
-    };
+    let view = tokio::time::timeout(Duration::from_secs(3), async {
+        let own = geth.node_info().await.ok()?.id;
+        let connected = geth.peers().await.ok()?.into_iter().map(|p| p.id).collect();
+        Some(GethView { own, connected })
+    })
+    .await
+    .ok()
+    .flatten();
     if !snap.exists() {
         eprintln!("ConfigMap {namespace}/{name} does not exist yet (no sidecar has registered)");
     }
-    let table = render(&snap, connected.as_ref(), jiff::Timestamp::now());
+    let table = render(&snap, view.as_ref(), jiff::Timestamp::now());
     #[allow(clippy::print_stdout)]
     {
         print!("{table}");

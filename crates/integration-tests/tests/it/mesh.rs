@@ -451,7 +451,7 @@ async fn dns_mode_survives_an_ip_move_without_remove_peer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_prints_every_member_and_whether_this_geth_is_connected() {
+async fn status_prints_every_member_marks_its_own_as_self_and_whether_this_geth_is_connected() {
     let m = Mesh::start("status", 3, &[]).await.unwrap();
     m.wait_full_mesh(&all(3), MESH).await.unwrap();
     m.wait_registered(&all(3), MESH).await.unwrap();
@@ -480,7 +480,7 @@ async fn status_prints_every_member_and_whether_this_geth_is_connected() {
             .unwrap_or_else(|| panic!("geth-{i} missing:\n{stdout}"));
         assert!(row.contains(&m.net.node(i).ip().to_string()), "{row}");
         assert!(row.contains(&m.net.node(i).node_id()[..8]), "{row}");
-        let connected = if i == 0 { "no" } else { "yes" }; // not connected to itself
+        let connected = if i == 0 { "self" } else { "yes" };
         assert!(row.trim_end().ends_with(connected), "{row}");
     }
 }
