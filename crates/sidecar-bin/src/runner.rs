@@ -138,7 +138,15 @@ struct Runner<G, R> {
     pods_error: Option<String>,
     /// When the engine asked to be consulted again (a new pair's dial grace).
     recheck_at: Option<jiff::Timestamp>,
+    /// Since when some missing peers have all been reachable (see [`MESH_LIMIT_AFTER`]).
+    stuck_since: Option<jiff::Timestamp>,
+    /// The mesh-limit warning is given once per process.
+    mesh_limit_warned: bool,
 }
+
+/// How long reachable members may stay unconnected before the log names geth's
+/// peer limits as the likely cause.
+const MESH_LIMIT_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
 
 /// Runs the sidecar until SIGTERM/SIGINT, then deregisters and returns.
 pub(crate) async fn run<G, R>(geth: Arc<G>, registry: Arc<R>, s: Settings) -> anyhow::Result<()>
@@ -216,6 +224,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             last_report: String::new(),
             pods_error: None,
             recheck_at: None,
+            stuck_since: None,
+            mesh_limit_warned: false,
         }
     }
 
@@ -467,6 +477,35 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
+    /// Warns once when reachable members stay unconnected: geth's peer limits
+    /// (maxpeers, and its outbound dial cap of maxpeers/3 that --trusted does not
+    /// lift) are then the usual cause, which no admin call can change.
+    fn note_mesh_limit(&mut self, report: &core::Report, now: jiff::Timestamp) {
+        let stuck = !report.missing.is_empty()
+            && report
+                .missing
+                .iter()
+                .all(|p| !self.unreachable_since.contains_key(&p.node_id));
+        if !stuck {
+            self.stuck_since = None;
+            return;
+        }
+        let since = *self.stuck_since.get_or_insert(now);
+        if !self.mesh_limit_warned && now.duration_since(since) >= MESH_LIMIT_AFTER {
+            self.mesh_limit_warned = true;
+            warn!(
+                connected = report.connected,
+                desired = report.desired,
+                "{} reachable member(s) stayed unconnected for {}s: geth's peer limits are the \
+                 likely cause (--maxpeers, and at most maxpeers/3 outbound dials, which \
+                 TRUSTED_PEERS does not lift); for a full mesh of N nodes start geth with \
+                 --maxpeers of at least 3 x (N - 1)",
+                report.missing.len(),
+                MESH_LIMIT_AFTER.as_secs()
+            );
+        }
+    }
+
     /// Logs a change of the advertise problem and shows it on /readyz.
     fn set_advertise_problem(&mut self, problem: Option<String>) {
         let mut held = self
@@ -677,6 +716,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.metrics
             .suspected_partition
             .set(i64::from(report.suspected_partition));
+        self.note_mesh_limit(report, now);
         let summary = report.to_string();
         if summary != self.last_report {
             info!("{summary}");
@@ -955,6 +995,30 @@ mod tests {
         assert!(!r.is_stale(&snapshot("11")));
         assert!(!r.is_stale(&snapshot("12")));
         assert!(!r.is_stale(&snapshot("not-a-number")));
+    }
+
+    #[tokio::test]
+    async fn reachable_members_unconnected_for_a_minute_name_geths_peer_limits_once() {
+        let mut r = runner(geth("10.0.0.1"), pod_ip());
+        let report = core::Report {
+            missing: vec![core::PeerRef {
+                pod: Some("geth-1".into()),
+                node_id: enode(1).node_id(),
+            }],
+            ..core::Report::default()
+        };
+        let t0 = jiff::Timestamp::from_second(1_700_000_000).expect("timestamp");
+        r.note_mesh_limit(&report, t0);
+        assert!(!r.mesh_limit_warned, "not before a minute");
+        r.note_mesh_limit(&report, t0 + jiff::SignedDuration::from_secs(61));
+        assert!(r.mesh_limit_warned);
+
+        // An unreachable member is a network matter, not geth's limits.
+        let mut r = runner(geth("10.0.0.1"), pod_ip());
+        r.unreachable_since.insert(enode(1).node_id(), t0);
+        r.note_mesh_limit(&report, t0);
+        r.note_mesh_limit(&report, t0 + jiff::SignedDuration::from_secs(61));
+        assert!(!r.mesh_limit_warned);
     }
 
     #[tokio::test]
