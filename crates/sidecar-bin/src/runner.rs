@@ -838,6 +838,7 @@ mod tests {
     use super::*;
     use geth_ipc::{MockAdminApi, NodeInfo};
     use peer_registry::MockPeerRegistry;
+    use std::sync::atomic::AtomicU64;
 
     const KEYS: [&str; 3] = [
         "79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798483ada7726a3c4655da4fbfc0e1108a8fd17b448a68554199c47d08ffb10d4b8",
@@ -875,32 +876,62 @@ mod tests {
         }
     }
 
-    fn registry() -> MockPeerRegistry {
+    fn registry(snap: Snapshot) -> MockPeerRegistry {
         let mut reg = MockPeerRegistry::new();
-        reg.expect_snapshot().returning(|| Ok(snapshot("10")));
-        reg.expect_upsert().returning(|_| Ok(snapshot("11")));
+        let read = snap.clone();
+        reg.expect_snapshot().returning(move || Ok(read.clone()));
+        reg.expect_upsert().returning(move |_| Ok(snap.clone()));
         reg
     }
 
     /// geth as node 0, reporting `host` in its enode, connected to nobody.
     fn geth(host: &str) -> MockAdminApi {
+        let mut g = geth_connected(host, &[], Arc::new(AtomicU64::new(1)));
+        g.expect_remove_peer().returning(|_| Ok(true));
+        g
+    }
+
+    /// geth as node 0, connected (outbound) to the nodes `connected`, on the
+    /// connection generation `generation` holds.
+    fn geth_connected(host: &str, connected: &[usize], generation: Arc<AtomicU64>) -> MockAdminApi {
         let info: NodeInfo = serde_json::from_value(serde_json::json!({
             "id": enode(0).node_id().to_string(),
             "enode": format!("enode://{}@{host}:30303", KEYS[0]),
             "ports": {"discovery": 0, "listener": 30303},
         }))
         .expect("node info");
+        let peers: Vec<geth_ipc::PeerInfo> = connected
+            .iter()
+            .map(|&i| {
+                serde_json::from_value(serde_json::json!({
+                    "id": enode(i).node_id().to_string(),
+                    "enode": enode(i).to_string(),
+                    "network": {"localAddress": "10.0.0.1:40000", "remoteAddress": format!("10.0.0.{}:30303", i + 1),
+                                "inbound": false, "trusted": false, "static": true},
+                    "protocols": {"eth": {}},
+                }))
+                .expect("peer info")
+            })
+            .collect();
         let mut g = MockAdminApi::new();
         g.expect_node_info().returning(move || Ok(info.clone()));
-        g.expect_connection_generation().return_const(1u64);
-        g.expect_peers().returning(|| Ok(vec![]));
-        g.expect_remove_peer().returning(|_| Ok(true));
+        g.expect_connection_generation()
+            .returning(move || generation.load(Ordering::Relaxed));
+        g.expect_peers().returning(move || Ok(peers.clone()));
         g
     }
 
     fn runner(
         geth: MockAdminApi,
         advertise: AdvertiseMode,
+    ) -> Runner<MockAdminApi, MockPeerRegistry> {
+        runner_on(geth, advertise, snapshot("10"))
+    }
+
+    fn runner_on(
+        geth: MockAdminApi,
+        advertise: AdvertiseMode,
+        snap: Snapshot,
     ) -> Runner<MockAdminApi, MockPeerRegistry> {
         let s = Settings {
             pod: "geth-0".into(),
@@ -916,7 +947,7 @@ mod tests {
         };
         Runner::new(
             Arc::new(geth),
-            Arc::new(registry()),
+            Arc::new(registry(snap)),
             s,
             Arc::new(Metrics::new()),
             Arc::new(Health::default()),
@@ -1019,6 +1050,62 @@ mod tests {
         r.note_mesh_limit(&report, t0);
         r.note_mesh_limit(&report, t0 + jiff::SignedDuration::from_secs(61));
         assert!(!r.mesh_limit_warned);
+    }
+
+    #[tokio::test]
+    async fn a_new_geth_connection_re_applies_every_peer() {
+        let generation = Arc::new(AtomicU64::new(1));
+        let mut g = geth_connected("10.0.0.1", &[], generation.clone());
+        g.expect_remove_peer().returning(|_| Ok(true));
+        g.expect_add_peer().times(4).returning(|_| Ok(true));
+        let mut r = runner(g, pod_ip());
+        assert_eq!(r.reconcile().await, Ok(()));
+        assert_eq!(
+            r.reconcile().await,
+            Ok(()),
+            "nothing more on the same connection"
+        );
+        generation.store(2, Ordering::Relaxed);
+        assert_eq!(r.reconcile().await, Ok(()));
+        assert_eq!(r.metrics.geth_reconnects.get(), 2);
+        assert_eq!(r.applied.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connected_peer_that_moved_is_deferred_never_cut() {
+        let mut g = geth_connected("10.0.0.1", &[1], Arc::new(AtomicU64::new(1)));
+        let moved = enode(1).node_id();
+        g.expect_remove_peer()
+            .withf(move |e| e.node_id() == moved)
+            .never();
+        g.expect_remove_peer().returning(|_| Ok(true));
+        g.expect_add_peer().times(1).returning(|_| Ok(true));
+        let mut r = runner(g, pod_ip());
+        let old = enode(1).with_host(Host::Ip("10.0.0.99".parse().expect("ip")));
+        r.generation = 1; // the same geth connection as when `old` was applied
+        r.applied.insert(moved, old.clone());
+        assert_eq!(r.reconcile().await, Ok(()));
+        assert_eq!(r.applied.get(&moved), Some(&old), "still the old address");
+    }
+
+    #[tokio::test]
+    async fn a_new_pair_waits_for_the_newcomer_to_dial_and_asks_for_a_recheck() {
+        let mut snap = snapshot("10");
+        let now = jiff::Timestamp::now();
+        let newcomer = snap.members.get_mut("geth-1").expect("geth-1");
+        newcomer.registered_at = now;
+        newcomer.updated_at = now;
+        let mut g = geth("10.0.0.1");
+        let waiting = enode(1).node_id();
+        g.expect_add_peer()
+            .withf(move |e| e.node_id() == waiting)
+            .never();
+        g.expect_add_peer().times(1).returning(|_| Ok(true));
+        let mut r = runner_on(g, pod_ip(), snap);
+        assert_eq!(r.reconcile().await, Ok(()));
+        let recheck = r.recheck_at.expect("a recheck after the dial grace");
+        let grace = core::Config::default().dial_grace;
+        assert!(recheck > now && recheck <= now + grace, "{recheck}");
     }
 
     #[tokio::test]
