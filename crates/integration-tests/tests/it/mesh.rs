@@ -44,6 +44,10 @@ async fn five_nodes_mesh_then_scale_to_seven_then_down_to_four() {
     m.wait_full_mesh(&all(4), MESH).await.unwrap();
 }
 
+/// A bound well below geth's static redial interval (30 s dial history + 5 s):
+/// a reconnect within it was made by the sidecar, not by geth's timer.
+const REDIAL_BOUND: Duration = Duration::from_secs(15);
+
 /// How fast the sidecar's reports must follow geth's admin_peers: the behaviour
 /// itself ("about a second"), with room for a loaded 2-core test machine, and far
 /// below the 24-36 s resync that used to be the only thing updating them.
@@ -107,12 +111,22 @@ async fn reports_follow_admin_peers_within_seconds_and_logs_carry_no_colour() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn geth_killed_and_restarted_gets_every_peer_back() {
+async fn geth_killed_and_restarted_is_re_applied_by_its_sidecar_well_before_geths_redial() {
     let mut m = Mesh::start("geth-restart", 3, &[]).await.unwrap();
     m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    let adds = "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"}";
+    let before = m.metric(0, adds).await.unwrap_or(0.0);
     m.net.node_mut(0).kill().await;
     m.net.node_mut(0).start().await.unwrap();
-    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    // The restarted node's own sidecar re-adds both peers...
+    eventually("sidecar 0 to re-add both peers", MESH, || async {
+        (m.metric(0, adds).await? >= before + 2.0).then_some(())
+    })
+    .await
+    .unwrap();
+    // ...so the mesh is back well before the others' static redial (~35 s)
+    // could have done it alone.
+    m.wait_full_mesh(&all(3), REDIAL_BOUND).await.unwrap();
     eventually("the sidecar to notice the restart", MESH, || async {
         let reconnects = m.metric(0, "geth_peer_sidecar_geth_reconnects_total").await;
         (reconnects >= Some(2.0)).then_some(())
