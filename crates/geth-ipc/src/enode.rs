@@ -189,6 +189,21 @@ impl Host {
             Host::Dns(name) => name.eq_ignore_ascii_case("localhost"),
         }
     }
+
+    /// True for an address no pod should be made to dial: loopback, unspecified
+    /// ([`Host::is_local`]), multicast or link-local (169.254.0.0/16, fe80::/10).
+    /// A registry record with such an address would point every geth at its own
+    /// node or at hosts outside the pod network.
+    pub fn is_unroutable(&self) -> bool {
+        self.is_local()
+            || match self {
+                Host::Ip(IpAddr::V4(v4)) => v4.is_multicast() || v4.is_link_local(),
+                Host::Ip(IpAddr::V6(v6)) => {
+                    v6.is_multicast() || (v6.segments()[0] & 0xffc0) == 0xfe80
+                }
+                Host::Dns(_) => false,
+            }
+    }
 }
 
 impl fmt::Display for Host {

@@ -268,11 +268,14 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             });
             continue;
         }
-        if record.enode.host().is_local() {
+        if record.enode.host().is_unroutable() {
+            // Never dialled: anyone who may patch the ConfigMap could otherwise
+            // point every geth at its own node or outside the pod network.
             report.problems.push(Problem::MemberAdvertisesLocalAddress {
                 pod: record.pod.clone(),
                 enode: record.enode.to_string(),
             });
+            continue;
         }
         others.push(Other {
             record,

@@ -229,8 +229,12 @@ pub enum Problem {
         /// The pod ignored for dialling.
         ignored: String,
     },
-    /// A member advertises a loopback/unspecified address (an old sidecar?).
-    #[error("member {pod} advertises a local address ({enode}): dialling it cannot reach it")]
+    /// A member advertises a loopback, unspecified, multicast or link-local
+    /// address: the record is refused (never dialled).
+    #[error(
+        "registry key member.{pod} advertises {enode}, a loopback, unspecified, multicast or \
+         link-local address: refused, no geth dials it; fix or delete that key"
+    )]
     MemberAdvertisesLocalAddress {
         /// The member.
         pod: String,

@@ -212,6 +212,48 @@ fn never_publishes_a_loopback_address() {
 }
 
 #[test]
+fn members_at_loopback_unspecified_multicast_or_link_local_addresses_are_refused() {
+    for ip in [
+        "127.0.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "169.254.1.1",
+        "::1",
+        "fe80::1",
+        "ff02::1",
+    ] {
+        let mut w = World::mesh(2);
+        w.applied.clear();
+        let bad = node(1).with_host(Host::Ip(ip.parse().expect("ip")));
+        w.snap_mut()
+            .members
+            .get_mut("geth-1")
+            .expect("geth-1")
+            .enode = bad;
+        let p = w.plan();
+        assert!(
+            !p.geth
+                .iter()
+                .any(|a| a.enode().node_id() == node(1).node_id()),
+            "{ip} dialled: {:?}",
+            p.geth
+        );
+        assert!(
+            p.geth.contains(&AddPeer(node(2))),
+            "{ip}: the others still peered"
+        );
+        assert_eq!(p.report.desired, 1, "{ip}: not counted as missing");
+        assert!(
+            p.report
+                .problems
+                .iter()
+                .any(|pr| pr.to_string().contains("member.geth-1")),
+            "{ip}: the warning names the key"
+        );
+    }
+}
+
+#[test]
 fn never_publishes_an_enode_whose_key_is_not_this_geths() {
     let mut w = World::mesh(1);
     w.snap_mut().members.remove("geth-0");
