@@ -286,6 +286,21 @@ impl GethNode {
         }
     }
 
+    /// Freezes geth (SIGSTOP): its IPC socket still accepts requests, and
+    /// nothing answers them until [`GethNode::resume`].
+    pub fn pause(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Thaws a paused geth (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Stop (SIGTERM) then start again.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop().await;

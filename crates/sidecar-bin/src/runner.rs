@@ -31,6 +31,7 @@ pub(crate) struct Settings {
     pub(crate) resync: Duration,
     pub(crate) probe_interval: Duration,
     pub(crate) listen: SocketAddr,
+    pub(crate) liveness_timeout: Option<Duration>,
     /// The namespace's pods, when READ_PODS is on.
     pub(crate) pods: Option<kube::Api<k8s_openapi::api::core::v1::Pod>>,
 }
@@ -66,6 +67,7 @@ impl Settings {
             resync: run.resync_interval,
             probe_interval: run.probe_interval,
             listen: run.listen,
+            liveness_timeout: run.checked_liveness_timeout().map_err(anyhow::Error::msg)?,
             pods: None,
         })
     }
@@ -131,7 +133,7 @@ where
     R: PeerRegistry + 'static,
 {
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(s.liveness_timeout));
     crate::http::serve(s.listen, health.clone(), metrics.clone()).await?;
     info!(
         pod = %s.pod,
@@ -219,6 +221,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                         retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                     }
                 }
+                self.health.pass_completed();
                 if events.is_none() && self.geth_state == GethState::Up {
                     match self.geth.peer_events().await {
                         Ok(stream) => events = Some(stream),
@@ -542,6 +545,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .as_ref()
             .and_then(|s| s.members.get(&self.s.pod).cloned());
         let report = &plan.report;
+        self.health
+            .publish(&self.s.pod, report, self.snapshot.as_ref(), &self.connected);
         self.recheck_at = report.recheck_at;
         self.metrics.desired_peers.set(report.desired as i64);
         self.metrics.connected_peers.set(report.connected as i64);

@@ -11,4 +11,5 @@ mod geth_ipc;
 mod manifests;
 mod mesh;
 mod registry;
+mod status;
 mod testbed;
