@@ -15,8 +15,10 @@ use crate::Shared;
 pub const RELEASE: &str = "geth-peer-sidecar";
 /// The chart's StatefulSet for [`RELEASE`].
 pub const STATEFULSET: &str = "geth-peer-sidecar-geth";
-/// The chart's default registry name.
+/// The registry name of deploy/ (the kustomize base).
 pub const CONFIGMAP: &str = "geth-shared-static-nodes";
+/// The chart's default registry name for [`RELEASE`] (derived from the release).
+pub const CHART_CONFIGMAP: &str = "geth-peer-sidecar-static-nodes";
 /// Time for a whole release to come up and mesh on two cores.
 pub const MESH_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -45,7 +47,7 @@ pub async fn install<'a>(
     args.extend(TEST_VALUES);
     args.extend(values);
     node.helm(&args).unwrap();
-    Release::new(node, &ns, STATEFULSET, CONFIGMAP)
+    Release::new(node, &ns, STATEFULSET, CHART_CONFIGMAP)
 }
 
 pub async fn helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_and_status(
