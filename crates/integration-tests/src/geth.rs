@@ -294,6 +294,13 @@ impl GethNode {
         }
     }
 
+    /// Thaws a frozen geth (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Stop (SIGTERM) then start again.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop().await;

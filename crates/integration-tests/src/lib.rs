@@ -36,7 +36,8 @@ pub use mesh::{CONFIGMAP, Mesh};
 pub use net::{Bridge, Netns};
 pub use process::{Proc, processes_referring_to};
 pub use release::{
-    CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, PodView, Release, SMALL_NODE_VALUES,
+    CHART_CONFIGMAP, CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, PodView, Release,
+    SMALL_NODE_VALUES,
 };
 pub use rpc::ipc_call;
 pub use sidecar::{SIDECAR_HTTP_PORT, Sidecar, http_get, sidecar_bin};

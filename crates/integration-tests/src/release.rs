@@ -18,8 +18,11 @@ use crate::{Error, KubeNode, Result, eventually};
 pub const CHART_RELEASE: &str = "geth-peer-sidecar";
 /// The chart's StatefulSet (and headless Service) for [`CHART_RELEASE`].
 pub const CHART_STATEFULSET: &str = "geth-peer-sidecar-geth";
-/// The chart's (and `deploy/`'s) default registry name.
+/// `deploy/`'s registry name (the seed's default).
 pub const DEFAULT_CONFIGMAP: &str = "geth-shared-static-nodes";
+/// The chart's default registry name for [`CHART_RELEASE`]: derived from the
+/// release, so two releases in one namespace never mesh into each other.
+pub const CHART_CONFIGMAP: &str = "geth-peer-sidecar-static-nodes";
 
 /// Values the fixtures add to every chart install: small requests so that
 /// nine pods fit on a two-core node, and a small geth cache. Nothing else of

@@ -27,9 +27,14 @@ pub(crate) struct Cli {
 /// Subcommands; without one the sidecar runs.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Print a table of the registry's members (and, with --ipc-path reachable,
-    /// whether this geth is connected to each), then exit.
-    Status,
+    /// Print the registry's members (and, with --ipc-path reachable, whether
+    /// this geth is connected to each), then exit. Needs only the kubeconfig
+    /// (or the pod's service account): it works from outside the pod.
+    Status {
+        /// Output format: a table, or JSON for tools.
+        #[arg(short = 'o', long, value_enum, default_value_t = crate::status::Output::Table)]
+        output: crate::status::Output,
+    },
 }
 
 /// Options shared by the sidecar and `status`.
@@ -138,15 +143,42 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "PROBE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub(crate) probe_interval: Duration,
 
-    /// Address of the HTTP server for /healthz, /readyz and /metrics.
+    /// Address of the HTTP server for /healthz, /readyz, /status and /metrics.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9090")]
     pub(crate) listen: SocketAddr,
+
+    /// /healthz fails (503) when the event loop has not completed a pass for
+    /// this long, so a stuck loop gets the container restarted. The loop passes
+    /// at least every 1.2 x RESYNC_INTERVAL, so this must be longer; 0 turns
+    /// the check off.
+    #[arg(long, env = "LIVENESS_TIMEOUT", value_parser = parse_duration, default_value = "2m")]
+    pub(crate) liveness_timeout: Duration,
 
     /// Read the namespace's pods: a member whose pod is gone, or was replaced
     /// (other UID or IP), is removed at once instead of after DEAD_AFTER. Needs
     /// pods get/list in the Role (deploy/overlays/pod-evidence).
     #[arg(long, env = "READ_PODS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub(crate) read_pods: bool,
+}
+
+impl RunArgs {
+    /// LIVENESS_TIMEOUT, checked against RESYNC_INTERVAL: a healthy but idle loop
+    /// passes only at each (jittered, up to +20%) resync, so a shorter timeout
+    /// would restart healthy containers. `None` when the check is off.
+    pub(crate) fn checked_liveness_timeout(&self) -> Result<Option<Duration>, String> {
+        if self.liveness_timeout.is_zero() {
+            return Ok(None);
+        }
+        let idle_gap = self.resync_interval.mul_f64(1.2);
+        if self.liveness_timeout <= idle_gap {
+            return Err(format!(
+                "LIVENESS_TIMEOUT={:?} is not longer than 1.2 x RESYNC_INTERVAL ({:?}): an idle, \
+                 healthy loop would fail /healthz; raise LIVENESS_TIMEOUT (or set 0 to turn the check off)",
+                self.liveness_timeout, idle_gap
+            ));
+        }
+        Ok(Some(self.liveness_timeout))
+    }
 }
 
 /// Log output format.
@@ -269,12 +301,42 @@ mod tests {
             "RESYNC_INTERVAL",
             "DEAD_AFTER",
             "LISTEN_ADDR",
+            "LIVENESS_TIMEOUT",
         ] {
             assert!(
                 help.contains(&format!("env: {env}")),
                 "{env} missing from --help"
             );
         }
+    }
+
+    #[test]
+    fn liveness_timeout_must_exceed_the_idle_resync_gap() {
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["geth-peer-sidecar"];
+            argv.extend(extra);
+            Cli::try_parse_from(argv).unwrap().run
+        };
+        assert_eq!(
+            args(&[]).checked_liveness_timeout(),
+            Ok(Some(Duration::from_secs(120)))
+        );
+        assert_eq!(
+            args(&["--liveness-timeout", "0"]).checked_liveness_timeout(),
+            Ok(None)
+        );
+        let err = args(&["--liveness-timeout", "35s"])
+            .checked_liveness_timeout()
+            .unwrap_err();
+        assert!(
+            err.contains("LIVENESS_TIMEOUT") && err.contains("RESYNC_INTERVAL"),
+            "{err}"
+        );
+        assert!(
+            args(&["--liveness-timeout", "3s", "--resync-interval", "2s"])
+                .checked_liveness_timeout()
+                .is_ok()
+        );
     }
 
     #[test]

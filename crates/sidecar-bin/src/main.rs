@@ -117,8 +117,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.common.configmap_name.clone(),
     ));
     match cli.command {
-        Some(Command::Status) => {
-            status::print(&*registry, &*geth, &ns, &cli.common.configmap_name).await
+        Some(Command::Status { output }) => {
+            status::print(&*registry, &*geth, &ns, &cli.common.configmap_name, output).await
         }
         None => {
             let mut settings = runner::Settings::from_args(&cli.run, &ns)?;

@@ -177,6 +177,96 @@ mod tests {
         }
     }
 
+    /// Every sample name the exposition can carry: gauges as named, counters
+    /// with `_total`, histograms with `_bucket`, `_sum` and `_count`.
+    /// (Families appear in the exposition once they have a child: each gets one.)
+    fn exposed_series() -> std::collections::BTreeSet<String> {
+        let m = Metrics::new();
+        for family in [
+            &m.reconcile_errors,
+            &m.registry_writes,
+            &m.registry_errors,
+            &m.geth_actions,
+            &m.geth_rpc_errors,
+        ] {
+            family.get_or_create(&Metrics::kind("any")).inc();
+        }
+        let text = m.encode();
+        let mut names = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut words = line.split_whitespace().skip(2);
+            let (name, kind) = (words.next().unwrap_or_default(), words.next());
+            match kind {
+                Some("counter") => {
+                    names.insert(format!("{name}_total"));
+                }
+                Some("histogram") => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    names.insert(name.to_owned());
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_metric_the_grafana_dashboard_queries_is_exposed() {
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../charts/geth-peer-sidecar/dashboards/geth-peer-sidecar.json"
+        ))
+        .unwrap();
+        let exposed = exposed_series();
+        let mut queries = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let targets = panel["targets"].as_array().unwrap();
+            assert!(
+                !targets.is_empty(),
+                "panel {} queries nothing",
+                panel["title"]
+            );
+            queries.extend(
+                targets
+                    .iter()
+                    .map(|t| t["expr"].as_str().unwrap().to_owned()),
+            );
+        }
+        for v in dashboard["templating"]["list"].as_array().unwrap() {
+            if let Some(q) = v["query"]["query"].as_str() {
+                queries.push(q.to_owned());
+            }
+        }
+        let mut used = std::collections::BTreeSet::new();
+        for q in &queries {
+            for (i, _) in q.match_indices("geth_peer_sidecar_") {
+                let name: String = q[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exposed.contains(&name),
+                    "the dashboard queries {name}, which /metrics does not expose ({q})"
+                );
+                used.insert(name);
+            }
+        }
+        // The panels: members, connected/missing/unusable per pod,
+        // reconcile errors, registry writes.
+        for must in [
+            "geth_peer_sidecar_members",
+            "geth_peer_sidecar_connected_peers",
+            "geth_peer_sidecar_missing_peers",
+            "geth_peer_sidecar_unusable_peers",
+            "geth_peer_sidecar_reconcile_errors_total",
+            "geth_peer_sidecar_registry_writes_total",
+        ] {
+            assert!(used.contains(must), "the dashboard does not show {must}");
+        }
+    }
+
     #[test]
     fn readme_documents_every_metric() {
         let readme = include_str!("../../../README.md");

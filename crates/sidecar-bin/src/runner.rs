@@ -31,6 +31,7 @@ pub(crate) struct Settings {
     pub(crate) resync: Duration,
     pub(crate) probe_interval: Duration,
     pub(crate) listen: SocketAddr,
+    pub(crate) liveness_timeout: Option<Duration>,
     /// The namespace's pods, when READ_PODS is on.
     pub(crate) pods: Option<kube::Api<k8s_openapi::api::core::v1::Pod>>,
 }
@@ -66,6 +67,7 @@ impl Settings {
             resync: run.resync_interval,
             probe_interval: run.probe_interval,
             listen: run.listen,
+            liveness_timeout: run.checked_liveness_timeout().map_err(anyhow::Error::msg)?,
             pods: None,
         })
     }
@@ -155,7 +157,7 @@ where
     R: PeerRegistry + 'static,
 {
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(s.liveness_timeout));
     crate::http::serve(s.listen, health.clone(), metrics.clone()).await?;
     info!(
         pod = %s.pod,
@@ -272,6 +274,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                         retry_delay = (retry_delay * 2).min(cap);
                     }
                 }
+                self.health.pass_completed();
                 if events.is_none() && self.geth_state == GethState::Up {
                     let subscribed = tokio::select! {
                         _ = &mut shutdown => return,
@@ -708,6 +711,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .as_ref()
             .and_then(|s| s.members.get(&self.s.pod).cloned());
         let report = &plan.report;
+        self.health
+            .publish(&self.s.pod, report, self.snapshot.as_ref(), &self.connected);
         self.recheck_at = report.recheck_at;
         self.metrics.desired_peers.set(report.desired as i64);
         self.metrics.connected_peers.set(report.connected as i64);
@@ -944,13 +949,14 @@ mod tests {
             probe_interval: Duration::from_secs(5),
             listen: "127.0.0.1:0".parse().expect("addr"),
             pods: None,
+            liveness_timeout: None,
         };
         Runner::new(
             Arc::new(geth),
             Arc::new(registry(snap)),
             s,
             Arc::new(Metrics::new()),
-            Arc::new(Health::default()),
+            Arc::new(Health::new(None)),
         )
     }
 

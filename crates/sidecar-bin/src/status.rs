@@ -1,11 +1,92 @@
-//! `geth-peer-sidecar status`: the registry's members as a table.
+//! The registry as `geth-peer-sidecar status` and the `/status` endpoint show it:
+//! a table for people, JSON for tools.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use geth_ipc::AdminApi;
-use peer_registry::{PeerRegistry, Snapshot};
+use geth_ipc::{AdminApi, NodeId};
+use peer_registry::{MemberRecord, PeerRegistry, Snapshot};
+use serde::Serialize;
+
+/// Output format of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// An aligned table.
+    Table,
+    /// One JSON object (the `registry` part of the `/status` endpoint).
+    Json,
+}
+
+/// One member, with whether this geth is connected to it (`None`: unknown,
+/// geth could not be asked, e.g. from outside the pod).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct MemberView<'a> {
+    #[serde(flatten)]
+    record: &'a MemberRecord,
+    connected: Option<bool>,
+    /// This geth's own record (shown as `self`).
+    #[serde(rename = "self", skip_serializing_if = "std::ops::Not::not")]
+    is_self: bool,
+}
+
+/// One external peer (ConfigMap key `external-peers.json`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ExternalView<'a> {
+    enode: &'a geth_ipc::Enode,
+    node_id: NodeId,
+    connected: Option<bool>,
+}
+
+/// The registry at one resourceVersion, and this geth's connections to it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RegistryView<'a> {
+    /// False when the ConfigMap does not exist yet.
+    exists: bool,
+    resource_version: Option<&'a str>,
+    members: Vec<MemberView<'a>>,
+    external: Vec<ExternalView<'a>>,
+    /// Problems found while decoding the ConfigMap.
+    problems: &'a [String],
+}
+
+impl<'a> RegistryView<'a> {
+    /// `connected` is `None` when geth could not be asked; `own` is this
+    /// geth's node id, when known.
+    pub(crate) fn new(
+        snap: &'a Snapshot,
+        connected: Option<&BTreeSet<NodeId>>,
+        own: Option<&NodeId>,
+    ) -> Self {
+        let conn = |id: &NodeId| connected.map(|c| c.contains(id));
+        RegistryView {
+            exists: snap.exists(),
+            resource_version: snap.resource_version.as_deref(),
+            members: snap
+                .members
+                .values()
+                .map(|record| MemberView {
+                    record,
+                    connected: conn(&record.node_id),
+                    is_self: own == Some(&record.node_id),
+                })
+                .collect(),
+            external: snap
+                .external
+                .iter()
+                .map(|enode| ExternalView {
+                    enode,
+                    node_id: enode.node_id(),
+                    connected: conn(&enode.node_id()),
+                })
+                .collect(),
+            problems: &snap.problems,
+        }
+    }
+}
 
 fn age(since: jiff::Timestamp, now: jiff::Timestamp) -> String {
     let secs = now.as_second().saturating_sub(since.as_second()).max(0);
@@ -17,17 +98,17 @@ fn age(since: jiff::Timestamp, now: jiff::Timestamp) -> String {
     }
 }
 
-/// What this geth says about the peers: its own node id and its connected
-/// peers (admin_nodeInfo, admin_peers).
-pub(crate) struct GethView {
-    /// This geth's node id: its member row shows `self`.
-    pub(crate) own: geth_ipc::NodeId,
-    /// The node ids in admin_peers.
-    pub(crate) connected: BTreeSet<geth_ipc::NodeId>,
+fn yes_no(connected: Option<bool>) -> String {
+    match connected {
+        None => "?",
+        Some(true) => "yes",
+        Some(false) => "no",
+    }
+    .to_owned()
 }
 
-/// Renders the table. `geth` is None when geth could not be asked.
-pub(crate) fn render(snap: &Snapshot, geth: Option<&GethView>, now: jiff::Timestamp) -> String {
+/// Renders the table.
+pub(crate) fn render(view: &RegistryView<'_>, now: jiff::Timestamp) -> String {
     let mut rows = vec![vec![
         "POD".to_owned(),
         "NODE".to_owned(),
@@ -35,28 +116,27 @@ pub(crate) fn render(snap: &Snapshot, geth: Option<&GethView>, now: jiff::Timest
         "AGE".to_owned(),
         "CONNECTED".to_owned(),
     ]];
-    let conn = |id: &geth_ipc::NodeId| match geth {
-        None => "?".to_owned(),
-        Some(g) if g.own == *id => "self".to_owned(),
-        Some(g) if g.connected.contains(id) => "yes".to_owned(),
-        Some(_) => "no".to_owned(),
-    };
-    for m in snap.members.values() {
+    for m in &view.members {
+        let r = m.record;
         rows.push(vec![
-            m.pod.clone(),
-            m.node_id.short(),
-            format!("{}:{}", m.enode.host(), m.enode.tcp_port()),
-            age(m.registered_at, now),
-            conn(&m.node_id),
+            r.pod.clone(),
+            r.node_id.short(),
+            format!("{}:{}", r.enode.host(), r.enode.tcp_port()),
+            age(r.registered_at, now),
+            if m.is_self {
+                "self".to_owned()
+            } else {
+                yes_no(m.connected)
+            },
         ]);
     }
-    for e in &snap.external {
+    for e in &view.external {
         rows.push(vec![
             "(external)".to_owned(),
-            e.node_id().short(),
-            format!("{}:{}", e.host(), e.tcp_port()),
+            e.node_id.short(),
+            format!("{}:{}", e.enode.host(), e.enode.tcp_port()),
             "-".to_owned(),
-            conn(&e.node_id()),
+            yes_no(e.connected),
         ]);
     }
     let widths: Vec<usize> = (0..5)
@@ -71,26 +151,32 @@ pub(crate) fn render(snap: &Snapshot, geth: Option<&GethView>, now: jiff::Timest
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
-    for p in &snap.problems {
+    for p in view.problems {
         let _ = writeln!(out, "problem: {p}");
     }
     out
 }
 
+/// Reads the registry (and, when geth's IPC answers within 3 s, its peers) and
+/// prints it. From outside the pod only the kubeconfig is needed: CONNECTED is
+/// then unknown.
 pub(crate) async fn print<R: PeerRegistry, G: AdminApi>(
     registry: &R,
     geth: &G,
     namespace: &str,
     name: &str,
+    output: Output,
 ) -> anyhow::Result<()> {
     let snap = registry
         .snapshot()
         .await
         .map_err(|e| anyhow::anyhow!("reading ConfigMap {namespace}/{name}: {e}"))?;
-    let view = tokio::time::timeout(Duration::from_secs(3), async {
+    // geth's own id and its peers, when its IPC answers within 3 s.
+    let geth_view = tokio::time::timeout(Duration::from_secs(3), async {
         let own = geth.node_info().await.ok()?.id;
-        let connected = geth.peers().await.ok()?.into_iter().map(|p| p.id).collect();
-        Some(GethView { own, connected })
+        let connected: BTreeSet<NodeId> =
+            geth.peers().await.ok()?.into_iter().map(|p| p.id).collect();
+        Some((own, connected))
     })
     .await
     .ok()
@@ -98,10 +184,22 @@ pub(crate) async fn print<R: PeerRegistry, G: AdminApi>(
     if !snap.exists() {
         eprintln!("ConfigMap {namespace}/{name} does not exist yet (no sidecar has registered)");
     }
-    let table = render(&snap, view.as_ref(), jiff::Timestamp::now());
+    let view = RegistryView::new(
+        &snap,
+        geth_view.as_ref().map(|(_, c)| c),
+        geth_view.as_ref().map(|(own, _)| own),
+    );
+    let text = match output {
+        Output::Table => render(&view, jiff::Timestamp::now()),
+        Output::Json => {
+            let mut s = serde_json::to_string_pretty(&view)?;
+            s.push('\n');
+            s
+        }
+    };
     #[allow(clippy::print_stdout)]
     {
-        print!("{table}");
+        print!("{text}");
     }
     Ok(())
 }

@@ -10,5 +10,7 @@
 mod geth_ipc;
 mod manifests;
 mod mesh;
+mod multiarch;
 mod registry;
+mod status;
 mod testbed;

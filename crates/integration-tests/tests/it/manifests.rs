@@ -27,7 +27,15 @@ const DNS_VALUES: &[&str] = &[
     "logLevel=DEBUG",
     "replicas=5",
     "configmapName=mesh-registry",
+    "clusterDomain=corp.internal",
+    "terminationGracePeriodSeconds=75",
+    "livenessTimeout=5m",
+    "networkPolicy.enabled=true",
+    "grafanaDashboard.enabled=true",
 ];
+
+/// The registry name of deploy/ (the chart derives its default from the release).
+const DEPLOY_CONFIGMAP: &str = "geth-shared-static-nodes";
 
 fn tool(name: &str) -> PathBuf {
     let p = testbed().bin(name);
@@ -82,9 +90,18 @@ fn run(ctx: &TestContext, name: &str, args: &[&str], stdin: Option<&str>) -> Str
 }
 
 fn helm_template(ctx: &TestContext, namespace: &str, set: &[&str]) -> String {
+    helm_template_release(ctx, "gps", namespace, set)
+}
+
+fn helm_template_release(
+    ctx: &TestContext,
+    release: &str,
+    namespace: &str,
+    set: &[&str],
+) -> String {
     let mut args = vec![
         "template",
-        "gps",
+        release,
         CHART,
         "--namespace",
         namespace,
@@ -247,13 +264,31 @@ async fn kustomize_builds_pass_server_side_dry_run() {
     }
 }
 
+/// `EXPECTED_KINDS` plus `extra`, sorted.
+fn kinds_with(extra: &[&str]) -> Vec<String> {
+    let mut k: Vec<String> = EXPECTED_KINDS
+        .iter()
+        .chain(extra)
+        .map(|s| (*s).to_owned())
+        .collect();
+    k.sort();
+    k
+}
+
 #[tokio::test]
 async fn helm_chart_passes_server_side_dry_run() {
     let mut dr = DryRun::start("manifests_helm").await;
-    for (what, set) in [("default values", &[][..]), ("dns values", DNS_VALUES)] {
+    for (what, set, extra) in [
+        ("default values", &[][..], &["PodDisruptionBudget"][..]),
+        (
+            "dns values",
+            DNS_VALUES,
+            &["PodDisruptionBudget", "NetworkPolicy", "ConfigMap"][..],
+        ),
+    ] {
         let ns = dr.fresh_namespace().await;
         let yaml = helm_template(&dr.ctx, &ns, set);
-        assert_eq!(kinds(&yaml), EXPECTED_KINDS, "{what}");
+        assert_eq!(kinds(&yaml), kinds_with(extra), "{what}");
         dr.apply(what, &ns, &yaml);
     }
 }
@@ -342,8 +377,9 @@ fn chart_grants_the_same_rbac_as_deploy() {
         &["build", "deploy/overlays/pod-evidence"],
         None,
     );
-    let chart = helm_template(&ctx, "default", &[]);
-    let chart_pods = helm_template(&ctx, "default", &["podEvidence=true"]);
+    let deploy_name = format!("configmapName={DEPLOY_CONFIGMAP}");
+    let chart = helm_template(&ctx, "default", &[&deploy_name]);
+    let chart_pods = helm_template(&ctx, "default", &[&deploy_name, "podEvidence=true"]);
 
     assert_eq!(role_rules(&base_file), role_rules(&base));
     assert_eq!(
@@ -377,6 +413,125 @@ fn chart_grants_the_same_rbac_as_deploy() {
 }
 
 #[test]
+fn two_releases_in_one_namespace_get_different_registries_by_default() {
+    let ctx = TestContext::new("chart_registry_names");
+    let registry = |release: &str| {
+        let yaml = helm_template_release(&ctx, release, "chain", &[]);
+        let env = env_of(&yaml, "geth-peer-sidecar", "CONFIGMAP_NAME").unwrap();
+        // The Role grants exactly the registry the sidecar uses.
+        let names: Vec<_> = role_rules(&yaml)
+            .iter()
+            .filter_map(|r| r.get("resourceNames").cloned())
+            .collect();
+        assert_eq!(names, [json!([env.clone()])], "{release}");
+        env
+    };
+    let (a, b) = (registry("mainnet-a"), registry("mainnet-b"));
+    assert_ne!(a, b);
+    assert!(a.starts_with("mainnet-a-"), "{a}");
+    assert_eq!(
+        registry("geth-peer-sidecar"),
+        "geth-peer-sidecar-static-nodes"
+    );
+}
+
+/// The one document of `kind` in a rendered stream.
+fn one_of(yaml: &str, kind: &str) -> serde_yaml::Value {
+    let mut docs: Vec<_> = documents(yaml)
+        .into_iter()
+        .filter(|d| d["kind"] == kind)
+        .collect();
+    assert_eq!(docs.len(), 1, "expected one {kind}");
+    docs.remove(0)
+}
+
+#[test]
+fn chart_monitors_are_off_by_default_and_scrape_the_sidecars_http_port() {
+    let ctx = TestContext::new("chart_monitors");
+    let default = helm_template(&ctx, "default", &[]);
+    for kind in ["PodMonitor", "ServiceMonitor", "NetworkPolicy", "ConfigMap"] {
+        assert!(
+            !kinds(&default).iter().any(|k| k == kind),
+            "{kind} rendered by default"
+        );
+    }
+    let on = helm_template(
+        &ctx,
+        "default",
+        &[
+            "metrics.podMonitor.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.podMonitor.labels.release=kps",
+        ],
+    );
+    let sts = one_of(&on, "StatefulSet");
+    let pod_labels = &sts["spec"]["template"]["metadata"]["labels"];
+    let sidecar = sts["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "geth-peer-sidecar")
+        .unwrap()
+        .clone();
+    assert_eq!(sidecar["ports"][0]["name"], "http");
+    let selects_pods = |selector: &serde_yaml::Value| {
+        selector
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &pod_labels[k] == v)
+    };
+    let pm = one_of(&on, "PodMonitor");
+    assert_eq!(pm["metadata"]["labels"]["release"], "kps");
+    assert!(
+        selects_pods(&pm["spec"]["selector"]["matchLabels"]),
+        "{pm:?}"
+    );
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "http");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
+
+    let sm = one_of(&on, "ServiceMonitor");
+    let svc = documents(&on)
+        .into_iter()
+        .find(|d| {
+            d["kind"] == "Service"
+                && selects_pods(&d["spec"]["selector"])
+                && d["spec"]["ports"][0]["name"] == "http"
+        })
+        .expect("a Service exposing the sidecar's http port");
+    let svc_labels = &svc["metadata"]["labels"];
+    assert!(
+        sm["spec"]["selector"]["matchLabels"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &svc_labels[k] == v),
+        "{sm:?}"
+    );
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http");
+}
+
+#[test]
+fn chart_provisions_the_dashboard_file_for_grafana() {
+    let ctx = TestContext::new("chart_dashboard");
+    let yaml = helm_template(&ctx, "default", &["grafanaDashboard.enabled=true"]);
+    let cm = one_of(&yaml, "ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let file = std::fs::read_to_string(
+        workspace_root()
+            .join(CHART)
+            .join("dashboards/geth-peer-sidecar.json"),
+    )
+    .unwrap();
+    let shipped: serde_json::Value =
+        serde_json::from_str(cm["data"]["geth-peer-sidecar.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        shipped,
+        serde_json::from_str::<serde_json::Value>(&file).unwrap()
+    );
+}
+
+#[test]
 fn chart_values_reach_the_sidecar() {
     let ctx = TestContext::new("chart_values");
     let default = helm_template(&ctx, "default", &[]);
@@ -389,6 +544,16 @@ fn chart_values_reach_the_sidecar() {
     assert_eq!(env(&dns, "ADVERTISE").as_deref(), Some("dns"));
     assert_eq!(env(&dns, "TRUSTED_PEERS").as_deref(), Some("true"));
     assert_eq!(env(&dns, "LOGGING").as_deref(), Some("DEBUG"));
+    assert_eq!(
+        env(&default, "DNS_TEMPLATE").as_deref(),
+        Some("{pod}.{service}.{namespace}.svc.cluster.local")
+    );
+    assert_eq!(
+        env(&dns, "DNS_TEMPLATE").as_deref(),
+        Some("{pod}.{service}.{namespace}.svc.corp.internal")
+    );
+    assert_eq!(env(&default, "LIVENESS_TIMEOUT").as_deref(), Some("2m"));
+    assert_eq!(env(&dns, "LIVENESS_TIMEOUT").as_deref(), Some("5m"));
     // dns mode names pods through the headless Service the chart creates.
     let service = documents(&dns)
         .into_iter()
@@ -403,6 +568,30 @@ fn chart_values_reach_the_sidecar() {
         .find(|d| d["kind"] == "StatefulSet")
         .unwrap();
     assert_eq!(sts["spec"]["replicas"].as_u64(), Some(5));
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64(),
+        Some(75)
+    );
+    let pdb = one_of(&dns, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_u64(), Some(1));
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        sts["spec"]["selector"]["matchLabels"]
+    );
+    // The example NetworkPolicy: p2p from the release's own geth pods, the
+    // sidecar's port from the monitoring namespace.
+    let np = one_of(&dns, "NetworkPolicy");
+    assert_eq!(np["spec"]["podSelector"], sts["spec"]["selector"]);
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["podSelector"],
+        sts["spec"]["selector"]
+    );
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], "p2p");
+    assert_eq!(
+        np["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(np["spec"]["ingress"][1]["ports"][0]["port"], "http");
     assert_eq!(sts["spec"]["serviceName"], service["metadata"]["name"]);
     // Both containers share the uid (geth's IPC socket is 0600) and are locked down.
     let pod = &sts["spec"]["template"]["spec"];

@@ -443,7 +443,27 @@ struct Rendered {
     pods: usize,
     role: serde_json::Value,
     pvc: serde_json::Value,
+    /// The release's other objects in the namespace (PDB, NetworkPolicy,
+    /// ConfigMaps), as JSON text.
+    objects: String,
+    /// `helm template` with the [`TEMPLATE_ONLY`] values: objects of kinds
+    /// this cluster has no CRD for (PodMonitor, ServiceMonitor).
+    template: String,
 }
+
+/// Values checked on `helm template` output rather than on an install: their
+/// objects' kinds need CRDs (Prometheus operator) this cluster does not have, or
+/// they only show while another value keeps its default.
+const TEMPLATE_ONLY: [&str; 8] = [
+    "metrics.podMonitor.enabled",
+    "metrics.podMonitor.interval",
+    "metrics.podMonitor.labels",
+    "metrics.serviceMonitor.enabled",
+    "metrics.serviceMonitor.interval",
+    "metrics.serviceMonitor.labels",
+    "podDisruptionBudget.maxUnavailable",
+    "grafanaDashboard.namespace",
+];
 
 impl Rendered {
     fn container(&self, name: &str) -> &serde_json::Value {
@@ -604,6 +624,89 @@ const VALUE_TABLE: &[ValueRow] = &[
         check: |r| r.container("geth-peer-sidecar")["resources"]["limits"]["memory"] == "65Mi",
     },
     ValueRow {
+        path: "clusterDomain",
+        set: "example.internal",
+        check: |r| {
+            r.env("DNS_TEMPLATE")
+                .is_some_and(|t| t.ends_with(".svc.example.internal"))
+        },
+    },
+    ValueRow {
+        path: "terminationGracePeriodSeconds",
+        set: "45",
+        check: |r| r.pod["spec"]["terminationGracePeriodSeconds"] == 45,
+    },
+    ValueRow {
+        path: "livenessTimeout",
+        set: "3m",
+        check: |r| r.env("LIVENESS_TIMEOUT").as_deref() == Some("3m"),
+    },
+    ValueRow {
+        path: "podDisruptionBudget.enabled",
+        set: "false",
+        check: |r| !r.objects.contains("\"PodDisruptionBudget\""),
+    },
+    ValueRow {
+        path: "podDisruptionBudget.maxUnavailable",
+        set: "2",
+        check: |r| r.template.contains("maxUnavailable: 2"),
+    },
+    ValueRow {
+        path: "metrics.podMonitor.enabled",
+        set: "true",
+        check: |r| r.template.contains("kind: PodMonitor"),
+    },
+    ValueRow {
+        path: "metrics.podMonitor.interval",
+        set: "17s",
+        check: |r| r.template.contains("interval: 17s"),
+    },
+    ValueRow {
+        path: "metrics.podMonitor.labels",
+        set: "{\"team\":\"pm-x\"}",
+        check: |r| r.template.contains("team: pm-x"),
+    },
+    ValueRow {
+        path: "metrics.serviceMonitor.enabled",
+        set: "true",
+        check: |r| r.template.contains("kind: ServiceMonitor"),
+    },
+    ValueRow {
+        path: "metrics.serviceMonitor.interval",
+        set: "19s",
+        check: |r| r.template.contains("interval: 19s"),
+    },
+    ValueRow {
+        path: "metrics.serviceMonitor.labels",
+        set: "{\"team\":\"sm-x\"}",
+        check: |r| r.template.contains("team: sm-x"),
+    },
+    ValueRow {
+        path: "grafanaDashboard.enabled",
+        set: "true",
+        check: |r| r.objects.contains("geth-peer-sidecar.json"),
+    },
+    ValueRow {
+        path: "grafanaDashboard.namespace",
+        set: "dash-x",
+        check: |r| r.template.contains("namespace: dash-x"),
+    },
+    ValueRow {
+        path: "grafanaDashboard.labels.grafana_dashboard",
+        set: "7",
+        check: |r| r.objects.contains("\"grafana_dashboard\": \"7\""),
+    },
+    ValueRow {
+        path: "networkPolicy.enabled",
+        set: "true",
+        check: |r| r.objects.contains("\"NetworkPolicy\""),
+    },
+    ValueRow {
+        path: "networkPolicy.metricsNamespace",
+        set: "mon-x",
+        check: |r| r.objects.contains("\"mon-x\""),
+    },
+    ValueRow {
         path: "uid",
         set: "10555",
         check: |r| {
@@ -653,23 +756,53 @@ pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
         .unwrap();
     let chart = workspace_root().join("charts/geth-peer-sidecar");
     let chart = chart.to_string_lossy();
+    let set_args = |rows: &mut dyn Iterator<Item = &ValueRow>| -> Vec<String> {
+        let mut args = Vec::new();
+        for row in rows {
+            let flag = if row.set.starts_with(['[', '{']) {
+                "--set-json"
+            } else if matches!(
+                row.path,
+                "replicas"
+                    | "uid"
+                    | "trusted"
+                    | "podEvidence"
+                    | "terminationGracePeriodSeconds"
+                    | "podDisruptionBudget.enabled"
+                    | "podDisruptionBudget.maxUnavailable"
+                    | "metrics.podMonitor.enabled"
+                    | "metrics.serviceMonitor.enabled"
+                    | "grafanaDashboard.enabled"
+                    | "networkPolicy.enabled"
+            ) {
+                "--set"
+            } else {
+                "--set-string"
+            };
+            args.push(flag.into());
+            args.push(format!("{}={}", row.path, row.set));
+        }
+        args
+    };
     let mut args: Vec<String> = ["install", RELEASE, &chart, "-n", &ns]
         .map(String::from)
         .to_vec();
-    for row in VALUE_TABLE {
-        let flag = if row.set.starts_with('[') {
-            "--set-json"
-        } else {
-            "--set-string"
-        };
-        let flag = if matches!(row.path, "replicas" | "uid" | "trusted" | "podEvidence") {
-            "--set"
-        } else {
-            flag
-        };
-        args.push(flag.into());
-        args.push(format!("{}={}", row.path, row.set));
-    }
+    args.extend(set_args(
+        &mut VALUE_TABLE
+            .iter()
+            .filter(|r| !TEMPLATE_ONLY.contains(&r.path)),
+    ));
+    let mut template_args: Vec<String> = ["template", RELEASE, &chart, "-n", &ns]
+        .map(String::from)
+        .to_vec();
+    template_args.extend(set_args(
+        &mut VALUE_TABLE
+            .iter()
+            .filter(|r| TEMPLATE_ONLY.contains(&r.path)),
+    ));
+    let template = node
+        .helm(&template_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .unwrap();
     node.helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .unwrap();
     let release = Release::new(&node, &ns, STATEFULSET, "reg-x");
@@ -693,6 +826,15 @@ pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
         pods: release.pods().await.unwrap().len(),
         role: get("role", RELEASE),
         pvc: get("pvc", &format!("data-{STATEFULSET}-0")),
+        objects: release
+            .kubectl(&[
+                "get",
+                "poddisruptionbudgets,networkpolicies,configmaps",
+                "-o",
+                "json",
+            ])
+            .unwrap(),
+        template,
     };
     let wrong: Vec<&str> = VALUE_TABLE
         .iter()
