@@ -89,12 +89,7 @@ impl<'a> Release<'a> {
         args.extend(SMALL_NODE_VALUES);
         args.extend(values);
         node.helm(&args)?;
-        Ok(Release::new(
-            node,
-            &ns,
-            CHART_STATEFULSET,
-            DEFAULT_CONFIGMAP,
-        ))
+        Ok(Release::new(node, &ns, CHART_STATEFULSET, CHART_CONFIGMAP))
     }
 
     /// The node this release runs on.

