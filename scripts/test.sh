@@ -29,6 +29,6 @@ scripts/lint-image.sh
 step "cargo test"
 # The end-to-end tests start one apiserver and several geth nodes each: cap
 # parallelism so two cores are not oversubscribed into timeouts.
-cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-3}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-3}"
 
 step "done in $((SECONDS - t0)) s"

@@ -151,7 +151,7 @@ pub(crate) struct RunArgs {
     /// this long, so a stuck loop gets the container restarted. The loop passes
     /// at least every 1.2 x RESYNC_INTERVAL, so this must be longer; 0 turns
     /// the check off.
-    #[arg(long, env = "LIVENESS_TIMEOUT", value_parser = parse_duration, default_value = "2m")]
+    #[arg(long, env = "LIVENESS_TIMEOUT", value_parser = parse_duration_or_off, default_value = "2m")]
     pub(crate) liveness_timeout: Duration,
 
     /// Read the namespace's pods: a member whose pod is gone, or was replaced
@@ -199,6 +199,23 @@ pub(crate) enum Advertise {
     Dns,
     /// Exactly what geth's admin_nodeInfo reports.
     Geth,
+}
+
+/// Like [`parse_duration`], but `0` (with or without a unit) means "off" and
+/// parses to [`Duration::ZERO`]; for settings documented as "0 turns it off".
+pub(crate) fn parse_duration_or_off(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let digits = ["ms", "s", "m", "h"]
+        .iter()
+        .find_map(|unit| t.strip_suffix(unit))
+        .unwrap_or(t);
+    if !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && digits.parse::<f64>() == Ok(0.0)
+    {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 /// The longest duration accepted by [`parse_duration`].
@@ -271,6 +288,10 @@ mod tests {
     #[test]
     fn zero_and_absurd_durations_are_rejected_with_the_reason() {
         assert!(parse_duration("0").unwrap_err().contains("zero"));
+        assert_eq!(parse_duration_or_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_off("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_off("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration_or_off("0x").is_err());
         assert!(parse_duration("0ms").unwrap_err().contains("zero"));
         assert!(parse_duration("200h").unwrap_err().contains("7 days"));
         assert!(parse_duration("99999999999999999999h").is_err());
