@@ -306,6 +306,35 @@ impl Cluster {
             .collect()
     }
 
+    /// Watches the apiserver started for `user` (stage `ResponseStarted`, open
+    /// or ended), as (resource, label selector): a long watch is in
+    /// [`Cluster::audited_requests`] only once it ends.
+    pub fn audited_watches(&self, user: &str) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| {
+                e["stage"] == "ResponseStarted"
+                    && e["verb"] == "watch"
+                    && e["user"]["username"] == user
+            })
+            .map(|e| {
+                let uri = e["requestURI"].as_str().unwrap_or_default();
+                let selector = uri
+                    .split(['?', '&'])
+                    .find_map(|kv| kv.strip_prefix("labelSelector="))
+                    .unwrap_or_default();
+                (
+                    e["objectRef"]["resource"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    selector.replace("%3D", "=").replace("%2F", "/"),
+                )
+            })
+            .collect()
+    }
+
     /// The complete audit events (stage `ResponseComplete`, level Metadata) of
     /// the requests the apiserver completed for `user`, in log order: besides
     /// what [`Cluster::audited_requests`] extracts, e.g. `responseStatus.code`

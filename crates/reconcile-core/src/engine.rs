@@ -68,6 +68,18 @@ fn pod_verdict(
             pod_ip: pod_ip.clone(),
         });
     }
+    // An IP in the enode must be the pod's own: a ConfigMap writer must not be
+    // able to borrow a live pod's name for another address.
+    if let (geth_ipc::Host::Ip(address), Some(pod_ip)) = (record.enode.host(), &pod.ip)
+        && pod_ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip != *address)
+    {
+        return PodVerdict::Stale(RemovalReason::AddressNotPods {
+            address: address.to_string(),
+            pod_ip: pod_ip.clone(),
+        });
+    }
     PodVerdict::Alive
 }
 
@@ -288,6 +300,7 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
     let pods = trusted_pods(obs, &mut report.problems);
     let mut removals: Vec<Removal> = Vec::new();
     let mut unreachable_candidates: Vec<Removal> = Vec::new();
+    let mut unmatched: BTreeSet<String> = BTreeSet::new();
     for other in &others {
         let record = other.record;
         let recent = within(obs.now, record.updated_at, config.grace_after_register);
@@ -302,13 +315,19 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             (since, elapsed(obs.now, since))
         });
         let long_down = down_for.filter(|(_, d)| *d >= config.dead_after);
+        let verdict = pod_verdict(record, pods);
         if other.connected || recent {
-            if long_down.is_some() {
+            if let PodVerdict::Stale(reason) = verdict {
+                // Kept in the registry for now (just written, or its link is
+                // up), but never peered while it does not match its pod.
+                unmatched.insert(record.pod.clone());
+                report.unmatched.push((other.peer_ref(), reason));
+            } else if long_down.is_some() {
                 report.unreachable.push(other.peer_ref());
             }
             continue;
         }
-        match pod_verdict(record, pods) {
+        match verdict {
             PodVerdict::Stale(reason) => removals.push(Removal {
                 record: record.clone(),
                 reason,
@@ -361,7 +380,10 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
     // 4. The desired static set: remaining members, then external peers.
     let mut desired: BTreeMap<NodeId, (&MemberRecord, PeerRef)> = BTreeMap::new();
     let mut external: BTreeMap<NodeId, &Enode> = BTreeMap::new();
-    for other in others.iter().filter(|o| !removed.contains(&o.record.pod)) {
+    for other in others
+        .iter()
+        .filter(|o| !removed.contains(&o.record.pod) && !unmatched.contains(&o.record.pod))
+    {
         match desired.get(&other.id) {
             Some((kept, _)) if kept.updated_at >= other.record.updated_at => {
                 report.problems.push(Problem::DuplicateNodeId {

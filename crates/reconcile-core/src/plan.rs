@@ -110,6 +110,13 @@ pub enum RemovalReason {
         /// The pod's IP now.
         pod_ip: String,
     },
+    /// Pod evidence: the enode's IP is not the pod's IP.
+    AddressNotPods {
+        /// The IP in the record's enode.
+        address: String,
+        /// The pod's IP.
+        pod_ip: String,
+    },
     /// Unreachable from this observer continuously for at least `dead_after`,
     /// not connected to this geth, and this observer sees a majority.
     Unreachable {
@@ -135,6 +142,10 @@ impl fmt::Display for RemovalReason {
             Self::PodIpChanged { record_ip, pod_ip } => write!(
                 f,
                 "its pod's IP changed (record {record_ip}, pod now {pod_ip})"
+            ),
+            Self::AddressNotPods { address, pod_ip } => write!(
+                f,
+                "its enode's address {address} is not its pod's IP {pod_ip}"
             ),
             Self::Unreachable { since, for_ } => write!(
                 f,
@@ -294,6 +305,9 @@ pub struct Report {
     /// Peers whose geth change (departure or address move) waits until they are
     /// disconnected: `admin_removePeer` would cut a live link.
     pub deferred: Vec<PeerRef>,
+    /// Members not peered because their record does not match their pod (pod
+    /// evidence), kept in the registry while just written or still connected.
+    pub unmatched: Vec<(PeerRef, RemovalReason)>,
     /// Input problems worked around.
     pub problems: Vec<Problem>,
 }
@@ -344,6 +358,7 @@ impl fmt::Display for Report {
                         RemovalReason::PodGone => "pod gone",
                         RemovalReason::PodReplaced { .. } => "pod replaced",
                         RemovalReason::PodIpChanged { .. } => "pod IP changed",
+                        RemovalReason::AddressNotPods { .. } => "address not the pod's",
                         RemovalReason::Unreachable { .. } => "unreachable",
                     }
                 )
@@ -357,6 +372,12 @@ impl fmt::Display for Report {
             )?;
         }
         list(f, "deferred while connected", &self.deferred)?;
+        let unmatched: Vec<String> = self
+            .unmatched
+            .iter()
+            .map(|(p, why)| format!("{p} ({why})"))
+            .collect();
+        list(f, "not matching their pods", &unmatched)?;
         list(f, "problems", &self.problems)
     }
 }

@@ -467,6 +467,60 @@ fn a_member_whose_pod_ip_changed_is_removed() {
     ));
 }
 
+/// Targets of the plan's geth actions.
+fn dialled(p: &Plan) -> Vec<Enode> {
+    p.geth
+        .iter()
+        .filter_map(|a| match a {
+            AddPeer(e) | AddTrustedPeer(e) => Some(e.clone()),
+            RemovePeer(_) | RemoveTrustedPeer(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn with_pod_evidence_a_just_written_record_without_a_pod_is_kept_but_never_dialled() {
+    let mut w = World::mesh(2);
+    w.applied.clear();
+    let fresh = w
+        .now
+        .checked_sub(jiff::SignedDuration::from_secs(5))
+        .expect("range");
+    w.snap_mut()
+        .members
+        .insert("geth-9".into(), record("geth-9", &node(9), fresh));
+    w.pods_of(&[1, 2]);
+    let p = w.plan();
+    assert!(removed_pods(&p).is_empty(), "within its grace");
+    assert_eq!(dialled(&p), [node(1), node(2)]);
+    assert_eq!(p.report.unmatched.len(), 1, "{}", p.report);
+    assert_eq!(p.report.unmatched[0].0.pod.as_deref(), Some("geth-9"));
+    assert!(matches!(p.report.unmatched[0].1, RemovalReason::PodGone));
+    // Without pod evidence it would be dialled.
+    w.pods = None;
+    assert!(dialled(&w.plan()).contains(&node(9)));
+}
+
+#[test]
+fn with_pod_evidence_a_record_borrowing_a_live_pods_name_for_another_address_is_not_dialled() {
+    let mut w = World::mesh(2);
+    w.applied.clear();
+    w.pods_of(&[1, 2]);
+    // A ConfigMap writer rewrites member.geth-2: the pod's UID and IP fields are
+    // copied, the enode points elsewhere.
+    let elsewhere = node(2).with_host(Host::Ip("10.99.0.9".parse().expect("ip")));
+    let mut forged = record("geth-2", &elsewhere, w.now);
+    forged.pod_ip = Some(node(2).host().to_string());
+    w.snap_mut().members.insert("geth-2".into(), forged);
+    let p = w.plan();
+    assert_eq!(dialled(&p), [node(1)]);
+    assert!(
+        matches!(&p.report.unmatched[..], [(_, RemovalReason::AddressNotPods { address, .. })] if address == "10.99.0.9"),
+        "{}",
+        p.report
+    );
+}
+
 #[test]
 fn pod_evidence_without_this_sidecars_own_pod_is_ignored() {
     let mut w = World::mesh(2);

@@ -159,6 +159,12 @@ pub(crate) struct RunArgs {
     /// pods get/list in the Role (deploy/overlays/pod-evidence).
     #[arg(long, env = "READ_PODS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub(crate) read_pods: bool,
+
+    /// With READ_PODS: the label selector of the member pods, so the pod watch
+    /// follows only them (e.g. app.kubernetes.io/name=geth). Empty: every pod
+    /// of the namespace. A member pod the selector misses is read with a GET.
+    #[arg(long, env = "POD_SELECTOR", default_value = "")]
+    pub(crate) pod_selector: String,
 }
 
 impl RunArgs {
@@ -323,6 +329,7 @@ mod tests {
             "DEAD_AFTER",
             "LISTEN_ADDR",
             "LIVENESS_TIMEOUT",
+            "POD_SELECTOR",
         ] {
             assert!(
                 help.contains(&format!("env: {env}")),

@@ -7,6 +7,7 @@ mod config;
 mod http;
 mod identity;
 mod metrics;
+mod pods;
 mod runner;
 mod status;
 
@@ -123,7 +124,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => {
             let mut settings = runner::Settings::from_args(&cli.run, &ns)?;
             if cli.run.read_pods {
-                settings.pods = Some(kube::Api::namespaced(client, &ns));
+                let selector =
+                    Some(cli.run.pod_selector.trim().to_owned()).filter(|s| !s.is_empty());
+                settings.pods = Some(pods::PodWatch::spawn(
+                    kube::Api::namespaced(client, &ns),
+                    selector,
+                    settings.pod_changes.clone(),
+                ));
             }
             runner::run(geth, registry, settings).await
         }

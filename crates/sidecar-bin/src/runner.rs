@@ -19,6 +19,7 @@ use crate::config::RunArgs;
 use crate::http::Health;
 use crate::identity::AdvertiseMode;
 use crate::metrics::Metrics;
+use crate::pods::{PodEvidence, PodWatch};
 
 /// Everything the loop needs, resolved from flags.
 pub(crate) struct Settings {
@@ -32,8 +33,10 @@ pub(crate) struct Settings {
     pub(crate) probe_interval: Duration,
     pub(crate) listen: SocketAddr,
     pub(crate) liveness_timeout: Option<Duration>,
-    /// The namespace's pods, when READ_PODS is on.
-    pub(crate) pods: Option<kube::Api<k8s_openapi::api::core::v1::Pod>>,
+    /// The member pods' watch, when READ_PODS is on.
+    pub(crate) pods: Option<PodWatch>,
+    /// Notified by the pod watch when a pod appears, moves or goes.
+    pub(crate) pod_changes: Arc<tokio::sync::Notify>,
 }
 
 impl Settings {
@@ -69,6 +72,7 @@ impl Settings {
             listen: run.listen,
             liveness_timeout: run.checked_liveness_timeout().map_err(anyhow::Error::msg)?,
             pods: None,
+            pod_changes: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }
@@ -241,6 +245,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let mut retry_delay = Duration::from_millis(200);
         let mut dirty = true;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let pod_changes = self.s.pod_changes.clone();
         loop {
             if dirty {
                 dirty = false;
@@ -352,6 +357,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
                 _ = retry => dirty = true,
                 _ = recheck => dirty = true,
+                () = pod_changes.notified() => dirty = true,
             }
         }
     }
@@ -535,39 +541,26 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         "geth"
     }
 
-    /// The namespace's pods as pod evidence (READ_PODS). `None` when off or when
-    /// the list fails: the engine then falls back to reachability evidence.
+    /// The member pods as pod evidence (READ_PODS), from the pod watch. `None`
+    /// when off, still syncing or failing: the engine then falls back to
+    /// reachability evidence.
     async fn pod_evidence(&mut self) -> Option<BTreeMap<String, core::PodObservation>> {
-        let api = self.s.pods.as_ref()?;
-        match api.list(&kube::api::ListParams::default()).await {
-            Ok(list) => {
+        let watch = self.s.pods.as_ref()?;
+        let members = self
+            .snapshot
+            .iter()
+            .flat_map(|s| s.members.keys())
+            .map(String::as_str)
+            .chain([self.s.pod.as_str()]);
+        match watch.evidence(members).await {
+            PodEvidence::Ready(pods) => {
                 if self.pods_error.take().is_some() {
-                    info!("reading pods works again: pod evidence is back");
+                    info!("pod evidence is back");
                 }
-                Some(
-                    list.items
-                        .into_iter()
-                        .filter_map(|p| {
-                            let name = p.metadata.name?;
-                            let obs = core::PodObservation {
-                                uid: p.metadata.uid,
-                                ip: p.status.and_then(|s| s.pod_ip),
-                            };
-                            Some((name, obs))
-                        })
-                        .collect(),
-                )
+                Some(pods)
             }
-            Err(e) => {
-                let msg = match &e {
-                    kube::Error::Api(s) if s.code == 403 => format!(
-                        "READ_PODS is on but the Role does not grant pods list ({}): apply deploy/overlays/pod-evidence or turn READ_PODS off; falling back to reachability evidence",
-                        s.message
-                    ),
-                    other => {
-                        format!("cannot list pods ({other}); falling back to reachability evidence")
-                    }
-                };
+            PodEvidence::Syncing => None,
+            PodEvidence::Failed(msg) => {
                 if self.pods_error.as_deref() != Some(msg.as_str()) {
                     warn!("{msg}");
                     self.pods_error = Some(msg);
@@ -949,6 +942,7 @@ mod tests {
             probe_interval: Duration::from_secs(5),
             listen: "127.0.0.1:0".parse().expect("addr"),
             pods: None,
+            pod_changes: Arc::new(tokio::sync::Notify::new()),
             liveness_timeout: None,
         };
         Runner::new(

@@ -499,26 +499,31 @@ async fn status_prints_every_member_marks_its_own_as_self_and_whether_this_geth_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
+/// A mesh of `n` with pod evidence on, as deploy/overlays/pod-evidence sets it
+/// up: the Role grants pods get/list/watch, READ_PODS and POD_SELECTOR are set,
+/// and every node has a labelled pod object (nothing runs them here; the status
+/// is what the kubelet would report). `extra` env comes after the defaults.
+async fn pod_evidence_mesh(
+    name: &str,
+    n: usize,
+    extra: &[(&str, &str)],
+) -> (Mesh, Api<k8s_openapi::api::core::v1::Pod>) {
     use k8s_openapi::api::core::v1::Pod;
     use k8s_openapi::api::rbac::v1::Role;
     use kube::api::PostParams;
 
-    // DEAD_AFTER is long: only pod evidence can remove the member in time.
-    let env = [
+    let mut env = vec![
         ("READ_PODS", "true"),
-        ("DEAD_AFTER", "600s"),
-        ("REGISTRATION_GRACE", "1s"),
+        ("POD_SELECTOR", "app.kubernetes.io/name=geth"),
     ];
-    let mut m = Mesh::without_sidecars("pods", 3, &env).await.unwrap();
+    env.extend_from_slice(extra);
+    let mut m = Mesh::without_sidecars(name, n, &env).await.unwrap();
     let admin = m.cluster.admin();
-    // The optional rule of deploy/overlays/pod-evidence.
     let roles: Api<Role> = Api::namespaced(admin.clone(), &m.ns.name);
     let mut role = roles.get("geth-peer-sidecar").await.unwrap();
     role.rules.get_or_insert_with(Vec::new).push(
         serde_json::from_value(
-            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}),
+            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
         )
         .unwrap(),
     );
@@ -526,12 +531,11 @@ async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
         .replace("geth-peer-sidecar", &PostParams::default(), &role)
         .await
         .unwrap();
-    // Pods as the kubelet would report them (nothing runs them here).
     let pods: Api<Pod> = Api::namespaced(admin, &m.ns.name);
-    for i in 0..3 {
+    for i in 0..n {
         let name = m.net.node(i).name().to_owned();
         let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "geth"}},
             "spec": {"containers": [{"name": "geth", "image": "ethereum/client-go:v1.17.5"}]}
         }))
         .unwrap();
@@ -543,11 +547,34 @@ async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
             .unwrap();
         m.pod_uids.insert(i, created.metadata.uid.unwrap());
     }
-    for i in 0..3 {
+    for i in 0..n {
         m.start_sidecar(i).unwrap();
     }
-    m.wait_full_mesh(&all(3), MESH).await.unwrap();
-    m.wait_registered(&all(3), MESH).await.unwrap();
+    m.wait_full_mesh(&all(n), MESH).await.unwrap();
+    m.wait_registered(&all(n), MESH).await.unwrap();
+    (m, pods)
+}
+
+/// The requests the sidecars (their service account) made on pods: (verb, name).
+fn pod_requests(m: &Mesh) -> Vec<(String, String)> {
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        m.ns.name,
+        integration_tests::SERVICE_ACCOUNT
+    );
+    m.cluster
+        .audited_requests(&user)
+        .into_iter()
+        .filter(|(_, resource, _)| resource == "pods")
+        .map(|(verb, _, name)| (verb, name))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
+    // DEAD_AFTER is long: only pod evidence can remove the member in time.
+    let env = [("DEAD_AFTER", "600s"), ("REGISTRATION_GRACE", "1s")];
+    let (mut m, pods) = pod_evidence_mesh("pods", 3, &env).await;
 
     // Pod geth-2 is deleted; its sidecar dies without deregistering.
     m.take_sidecar(2).unwrap().kill().await;
@@ -558,6 +585,57 @@ async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
     m.wait_registered(&all(2), Duration::from_secs(45))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pod_evidence_pods_are_watched_and_passes_at_steady_state_send_no_pod_requests() {
+    // A pass every second or so: the old per-pass LIST would show at once.
+    let (m, _pods) = pod_evidence_mesh("pods-watch", 3, &[("RESYNC_INTERVAL", "1s")]).await;
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        m.ns.name,
+        integration_tests::SERVICE_ACCOUNT
+    );
+    let watches: Vec<(String, String)> = m
+        .cluster
+        .audited_watches(&user)
+        .into_iter()
+        .filter(|(resource, _)| resource == "pods")
+        .collect();
+    assert!(
+        watches.len() >= 3
+            && watches
+                .iter()
+                .all(|(_, selector)| selector == "app.kubernetes.io/name=geth"),
+        "every sidecar watches the pods POD_SELECTOR names: {watches:?}"
+    );
+    let before = pod_requests(&m).len();
+    let passes = |i: usize| {
+        let m = &m;
+        async move {
+            m.metric(i, "geth_peer_sidecar_reconciles_total")
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    let mut start = Vec::new();
+    for i in 0..3 {
+        start.push(passes(i).await);
+    }
+    for (i, from) in start.iter().enumerate() {
+        eventually(
+            &format!("sidecar {i} to make 5 more passes"),
+            MESH,
+            || async { (passes(i).await >= from + 5.0).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
+    let during = &pod_requests(&m)[before..];
+    assert!(
+        during.is_empty(),
+        "15 passes at steady state sent pod requests: {during:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

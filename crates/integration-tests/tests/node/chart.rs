@@ -238,6 +238,22 @@ pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departe
         !pod_requests(&release).is_empty(),
         "with podEvidence=true the sidecars read pods"
     );
+    let user = format!("system:serviceaccount:{}:{RELEASE}", release.ns);
+    let pod_watches: Vec<String> = release
+        .node()
+        .control_plane()
+        .audited_watches(&user)
+        .into_iter()
+        .filter(|(resource, _)| resource == "pods")
+        .map(|(_, selector)| selector)
+        .collect();
+    assert!(
+        pod_watches.len() >= 5
+            && pod_watches
+                .iter()
+                .all(|s| s.starts_with("app.kubernetes.io/name=geth,app.kubernetes.io/instance=")),
+        "each sidecar watches the release's geth pods: {pod_watches:?}"
+    );
     let ghost = format!("{STATEFULSET}-99");
     add_ghost_member(&release, &ghost).await;
     let t0 = Instant::now();
@@ -557,7 +573,12 @@ const VALUE_TABLE: &[ValueRow] = &[
         path: "podEvidence",
         set: "true",
         check: |r| {
-            r.env("READ_PODS").as_deref() == Some("true") && r.role.to_string().contains("\"pods\"")
+            r.env("READ_PODS").as_deref() == Some("true")
+                && r.env("POD_SELECTOR").is_some_and(|s| {
+                    s.starts_with("app.kubernetes.io/name=geth,app.kubernetes.io/instance=")
+                })
+                && r.role.to_string().contains("\"pods\"")
+                && r.role.to_string().contains("\"watch\"")
         },
     },
     ValueRow {
