@@ -329,7 +329,7 @@ impl Cluster {
                         .as_str()
                         .unwrap_or_default()
                         .to_owned(),
-                    selector.replace("%3D", "=").replace("%2F", "/"),
+                    percent_decode(selector),
                 )
             })
             .collect()
@@ -555,4 +555,30 @@ impl TestNamespace {
     pub fn server_url(&self) -> &str {
         &self.server_url
     }
+}
+
+/// Decodes `%XX` escapes (and `+` as a space) of a URL query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                if let Some(b) = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
