@@ -219,6 +219,19 @@ impl Netns {
         Ok(())
     }
 
+    /// Drops the TCP connection attempts (SYN without ACK) this namespace makes
+    /// to `peer`: `peer` can still connect in, and replies flow. An nftables
+    /// table inside the namespace, gone with it.
+    pub fn refuse_outbound_dials_to(&self, peer: Ipv4Addr) -> Result<()> {
+        let ns = self.name.as_str();
+        let nft = |cmd: &str| run(&["ip", "netns", "exec", ns, "nft", cmd]);
+        nft("add table ip gps_dials")?;
+        nft("add chain ip gps_dials out { type filter hook output priority 0 ; }")?;
+        nft(&format!(
+            "add rule ip gps_dials out ip daddr {peer} tcp flags & (syn | ack) == syn drop"
+        ))
+    }
+
     /// Restores a cut link.
     pub fn restore(&self) -> Result<()> {
         run(&["ip", "link", "set", &self.veth, "up"])

@@ -27,6 +27,11 @@ pub struct Config {
     /// own outbound connection and drop the other's, losing both, and then wait
     /// geth's ~35 s redial timer. Default: 2 s.
     pub dial_grace: Duration,
+    /// A peer added blind (see `Observation::blind_adds`) and still not
+    /// connected this long after is cleared (`admin_removePeer`) and added
+    /// again, once: geth may have ignored the add for an older address it held.
+    /// No start and no steady mesh issues a removePeer otherwise. Default: 10 s.
+    pub stale_entry_after: Duration,
 }
 
 impl Default for Config {
@@ -36,6 +41,7 @@ impl Default for Config {
             dead_after: Duration::from_secs(120),
             grace_after_register: Duration::from_secs(60),
             dial_grace: Duration::from_secs(2),
+            stale_entry_after: Duration::from_secs(10),
         }
     }
 }

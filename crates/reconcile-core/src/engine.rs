@@ -172,7 +172,9 @@ fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord
 ///   observer and the members it reaches are not a strict majority of the registry;
 /// - geth's static set follows the registry (members except self, plus external
 ///   peers); a moved id gets `RemovePeer` before `AddPeer`; a connected peer is
-///   never removed or moved (deferred until it disconnects).
+///   never removed or moved (deferred until it disconnects); a start issues no
+///   `RemovePeer`: a peer added blind that stays unconnected for
+///   `stale_entry_after` is cleared and re-added once.
 ///
 /// ```
 /// use std::collections::BTreeMap;
@@ -206,11 +208,11 @@ fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord
 /// let mut applied: BTreeMap<NodeId, Enode> = BTreeMap::new();
 ///
 /// let first = plan(&Config::default(), &Observation::new(now, &me, Some(&snapshot), &applied));
-/// // Register self, and peer with geth-1 (the RemovePeer clears any stale entry).
+/// // Register self, and peer with geth-1 (a start issues no RemovePeer).
 /// // We are the newcomer of this pair, so we dial first; geth-1's sidecar adds us
 /// // after `dial_grace`, by when the link is usually up.
 /// assert!(matches!(&first.registry[..], [RegistryAction::Upsert(r)] if r.pod == "geth-0"));
-/// assert_eq!(first.geth, vec![GethAction::RemovePeer(peer.clone()), GethAction::AddPeer(peer.clone())]);
+/// assert_eq!(first.geth, vec![GethAction::AddPeer(peer.clone())]);
 ///
 /// // After executing it, the next pass has nothing to do.
 /// apply(&mut applied, &first.geth);
@@ -458,7 +460,19 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
     for (id, (enode, peer)) in &targets {
         let connected = is_connected(id);
         let clear = match obs.applied.get(id) {
-            Some(current) if current.same_address(enode) => continue,
+            Some(current) if current.same_address(enode) => {
+                // Added blind and still not connected: geth may have ignored
+                // the add for an older address it held. Clear and re-add once.
+                let suspect = !connected
+                    && obs
+                        .blind_adds
+                        .get(id)
+                        .is_some_and(|&at| elapsed(obs.now, at) >= config.stale_entry_after);
+                if !suspect {
+                    continue;
+                }
+                Some(current.clone())
+            }
             Some(current) => {
                 if connected {
                     // Moved, but a live link exists: RemovePeer would cut it.
@@ -467,11 +481,10 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
                 }
                 Some(current.clone())
             }
-            // Not applied by us: if geth still holds a stale address for this id
-            // (from before a sidecar restart), AddPeer would be ignored; clearing
-            // is harmless for an unknown id. Skipped for a connected peer.
-            None if connected => None,
-            None => Some((*enode).clone()),
+            // Not applied by us: added without a removePeer (a start issues
+            // none). If geth held an older address for this id, the caller marks
+            // the add blind and the branch above clears it later.
+            None => None,
         };
         // A new pair: only the member with the later record dials first.
         if let Some(&peer_updated) = updated_at.get(id) {

@@ -44,10 +44,13 @@
 //! peers (applied by us, no longer desired) get `RemovePeer` (plus
 //! `RemoveTrustedPeer` in trusted mode). For an id whose address changed,
 //! `RemovePeer` of the old enode precedes `AddPeer` of the new one, because geth
-//! ignores `addPeer` for an id already in its static set. A desired peer not yet
-//! applied by us and not connected also gets a clearing `RemovePeer` first (geth
-//! may still hold a stale address from before a sidecar restart; removing an
-//! unknown id is a no-op). `removePeer` disconnects, so a connected peer is never
+//! ignores `addPeer` for an id already in its static set. A peer not yet applied
+//! by us is simply added: a start issues no `RemovePeer` (an earlier version
+//! cleared every such id first, which cost a removePeer per peer per start). Such
+//! an add is "blind" when geth's static set is unknown (a sidecar restarted next
+//! to a running geth, which may hold an older address for the id and then ignores
+//! the add): if the peer is still unconnected after `stale_entry_after`, it is
+//! cleared and re-added once ([`Observation::blind_adds`]). `removePeer` disconnects, so a connected peer is never
 //! removed or moved: the change is deferred until it disconnects
 //! ([`Report::deferred`]). In trusted mode every added peer is first marked trusted.
 //! Peers that connect and drop for a genesis/network mismatch are only reported.

@@ -80,6 +80,13 @@ pub struct Observation<'a> {
     /// Peers that connect and are dropped for a network/genesis/fork mismatch, with
     /// the last error: reported, never removed (they are alive, just incompatible).
     pub unusable: &'a BTreeMap<NodeId, String>,
+    /// Peers this sidecar added without knowing geth's static set (the first
+    /// adds of a sidecar that started next to a running geth), with when: geth
+    /// may still hold an older address for such an id, from before this sidecar,
+    /// and then ignores the add. The engine clears and re-adds one that is still
+    /// not connected after [`Config::stale_entry_after`](crate::Config); the
+    /// caller forgets an entry once the peer connects or is removed.
+    pub blind_adds: &'a BTreeMap<NodeId, Timestamp>,
 }
 
 impl<'a> Observation<'a> {
@@ -100,6 +107,7 @@ impl<'a> Observation<'a> {
             unreachable_since: &NO_TIMES,
             pods: None,
             unusable: &NO_REASONS,
+            blind_adds: &NO_TIMES,
         }
     }
 }

@@ -280,18 +280,51 @@ fn plans_nothing_until_the_registry_is_read() {
 // ---- geth ----
 
 #[test]
-fn adds_every_member_except_self_clearing_stale_entries_first() {
+fn a_start_adds_every_member_except_self_and_removes_nothing() {
     let mut w = World::mesh(2);
     w.applied.clear();
     let p = w.plan();
     assert_eq!(p.geth, {
         let mut v = vec![(node(1).node_id(), node(1)), (node(2).node_id(), node(2))];
         v.sort_by_key(|(id, _)| *id);
-        v.into_iter()
-            .flat_map(|(_, e)| [RemovePeer(e.clone()), AddPeer(e)])
-            .collect::<Vec<_>>()
+        v.into_iter().map(|(_, e)| AddPeer(e)).collect::<Vec<_>>()
     });
     assert!(!p.geth.iter().any(|a| a.enode().node_id() == w.me.node_id));
+}
+
+#[test]
+fn a_blind_add_still_unconnected_after_the_stale_entry_time_is_cleared_and_re_added_once() {
+    let mut w = World::mesh(2);
+    let added = w.now;
+    let mut blind = BTreeMap::new();
+    blind.insert(node(1).node_id(), added);
+    blind.insert(node(2).node_id(), added);
+    w.connect(2);
+    let plan_with = |w: &World, blind: &BTreeMap<NodeId, Timestamp>| {
+        let obs = Observation {
+            connected: &w.connected,
+            blind_adds: blind,
+            ..Observation::new(w.now, &w.me, w.snap.as_ref(), &w.applied)
+        };
+        plan(&w.config, &obs)
+    };
+    // Within the stale-entry time: nothing (geth is still dialling).
+    w.now = added
+        .checked_add(jiff::SignedDuration::from_secs(9))
+        .expect("range");
+    assert!(plan_with(&w, &blind).geth.is_empty());
+    // After it: the unconnected one is cleared and re-added; the connected one
+    // is left alone.
+    w.now = added
+        .checked_add(jiff::SignedDuration::from_secs(11))
+        .expect("range");
+    assert_eq!(
+        plan_with(&w, &blind).geth,
+        vec![RemovePeer(node(1)), AddPeer(node(1))]
+    );
+    // Not blind (the caller forgets it after the removePeer): nothing more.
+    blind.remove(&node(1).node_id());
+    assert!(plan_with(&w, &blind).geth.is_empty());
 }
 
 #[test]
@@ -372,7 +405,6 @@ fn trusted_mode_marks_before_adding_and_unmarks_departed_peers() {
         vec![
             RemovePeer(node(2)),
             RemoveTrustedPeer(node(2)),
-            RemovePeer(node(1)),
             AddTrustedPeer(node(1)),
             AddPeer(node(1)),
         ]
@@ -386,7 +418,7 @@ fn external_peers_are_added_and_never_judged_by_liveness() {
     w.unreachable_for(7, 100_000);
     w.pods_of(&[]);
     let p = w.step();
-    assert_eq!(p.geth, vec![RemovePeer(node(7)), AddPeer(node(7))]);
+    assert_eq!(p.geth, vec![AddPeer(node(7))]);
     assert!(p.registry.is_empty());
     assert!(w.plan().is_empty());
 }
@@ -753,7 +785,7 @@ fn a_new_pairs_first_dial_is_left_to_the_member_with_the_newer_record() {
         &config,
         &Observation::new(at(3), &me, Some(&snap), &applied),
     );
-    assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
+    assert_eq!(p.geth, vec![AddPeer(b)]);
     assert!(p.report.awaiting_dial.is_empty());
 }
 
@@ -767,7 +799,7 @@ fn the_member_with_the_newer_record_dials_at_once() {
         &Config::default(),
         &Observation::new(at(1), &me, Some(&snap), &applied),
     );
-    assert_eq!(p.geth, vec![RemovePeer(a.clone()), AddPeer(a)]);
+    assert_eq!(p.geth, vec![AddPeer(a)]);
     assert_eq!(p.report.recheck_at, None);
 }
 
@@ -792,7 +824,7 @@ fn a_new_peer_already_connected_is_added_at_once_and_old_pairs_never_wait() {
         &Config::default(),
         &Observation::new(at(100), &me, Some(&snap), &applied),
     );
-    assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
+    assert_eq!(p.geth, vec![AddPeer(b)]);
 }
 
 #[test]
@@ -805,5 +837,5 @@ fn a_peer_record_far_in_the_future_is_clock_skew_and_never_delays_the_add() {
         &Config::default(),
         &Observation::new(at(1), &me, Some(&snap), &applied),
     );
-    assert_eq!(p.geth, vec![RemovePeer(b.clone()), AddPeer(b)]);
+    assert_eq!(p.geth, vec![AddPeer(b)]);
 }

@@ -148,6 +148,14 @@ struct Runner<G, R> {
     stuck_since: Option<jiff::Timestamp>,
     /// The mesh-limit warning is given once per process.
     mesh_limit_warned: bool,
+    /// Peers added while geth's static set was unknown (see
+    /// [`core::Observation::blind_adds`]), until they connect or are removed.
+    blind_adds: BTreeMap<NodeId, jiff::Timestamp>,
+    /// Ids this sidecar cleared with removePeer: their static entry is ours.
+    cleared: BTreeSet<NodeId>,
+    /// True once geth restarted under this sidecar: its static set is then
+    /// known (empty at the restart, then exactly what we applied).
+    static_set_known: bool,
 }
 
 /// How long reachable members may stay unconnected before the log names geth's
@@ -232,6 +240,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             recheck_at: None,
             stuck_since: None,
             mesh_limit_warned: false,
+            blind_adds: BTreeMap::new(),
+            cleared: BTreeSet::new(),
+            static_set_known: false,
         }
     }
 
@@ -401,6 +412,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         match ev.kind {
             PeerEventKind::Add => {
                 self.connected.insert(ev.peer);
+                self.blind_adds.remove(&ev.peer);
                 self.unreachable_since.remove(&ev.peer);
                 // The reports (connected_peers, missing_peers, the summary) are
                 // computed by a pass: without one they would lag until the next
@@ -586,9 +598,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     "geth connection re-established (geth restarted?): re-applying every peer"
                 );
             }
+            if self.generation != 0 {
+                // A restarted geth starts with an empty static set.
+                self.static_set_known = true;
+            }
             self.metrics.geth_reconnects.inc();
             self.applied.clear();
             self.connected.clear();
+            self.blind_adds.clear();
             self.generation = generation;
         }
         self.set_geth_state(GethState::Up);
@@ -612,6 +629,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             Err(e) => return Err(self.geth_error(&e)),
         };
         self.connected = peers.iter().map(|p| p.id).collect();
+        let connected_now = &self.connected;
+        self.blind_adds.retain(|id, _| !connected_now.contains(id));
         for p in &peers {
             if p.eth_ready() {
                 self.unusable.remove(&p.id);
@@ -657,6 +676,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             pods: pods.as_ref(),
             unreachable_since: &self.unreachable_since,
             unusable: &self.unusable,
+            blind_adds: &self.blind_adds,
             ..core::Observation::new(now, &me, self.snapshot.as_ref(), &self.applied)
         };
         let plan = core::plan(&self.s.engine, &obs);
@@ -690,7 +710,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
         for action in &plan.geth {
             match self.apply_geth(action).await {
-                Ok(()) => {}
+                Ok(()) => self.note_blind_add(action, now),
                 Err(ActionError::GethDown) => {
                     // geth stopped answering: the rest would fail the same way.
                     result = Err("geth");
@@ -770,6 +790,24 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 
     /// Applies one geth action. A refusal (geth answered with an error) is counted
     /// and logged for this action alone; only a connection failure marks geth down.
+    /// Keeps [`Runner::blind_adds`] after a successful geth action: an add of a
+    /// peer this sidecar had not applied, while geth's static set is unknown,
+    /// is blind; a removePeer ends it.
+    fn note_blind_add(&mut self, action: &core::GethAction, now: jiff::Timestamp) {
+        match action {
+            core::GethAction::AddPeer(e)
+                if !self.static_set_known && !self.cleared.contains(&e.node_id()) =>
+            {
+                self.blind_adds.entry(e.node_id()).or_insert(now);
+            }
+            core::GethAction::RemovePeer(e) => {
+                self.blind_adds.remove(&e.node_id());
+                self.cleared.insert(e.node_id());
+            }
+            _ => {}
+        }
+    }
+
     async fn apply_geth(&mut self, action: &core::GethAction) -> Result<(), ActionError> {
         use core::GethAction as A;
         let (label, enode) = match action {

@@ -20,6 +20,14 @@ async fn five_nodes_mesh_then_scale_to_seven_then_down_to_four() {
     let mut m = Mesh::start("scale", 5, &[]).await.unwrap();
     m.wait_full_mesh(&all(5), MESH).await.unwrap();
     m.wait_registered(&all(5), MESH).await.unwrap();
+    // A start cuts nothing: no sidecar called removePeer.
+    for i in 0..5 {
+        assert_eq!(
+            remove_peers(&m, i).await,
+            0.0,
+            "sidecar {i} called removePeer"
+        );
+    }
 
     m.add_nodes(vec![NodeSpec::default(); 2]).await.unwrap();
     m.wait_full_mesh(&all(7), MESH).await.unwrap();
@@ -195,6 +203,57 @@ async fn a_node_restarted_on_a_new_ip_with_its_key_is_reconnected_everywhere() {
             "node {i} still talks to the old IP: {text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_re_dials_a_moved_node_that_cannot_dial_it() {
+    // geth ignores addPeer for an id already in its static set: only the
+    // observer's removePeer + addPeer makes its geth dial the new address. The
+    // moved node cannot dial node 0 here, so nothing else can connect them.
+    let mut m = Mesh::start("ip-move-redial", 3, &[]).await.unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    let removes_before = remove_peers(&m, 0).await;
+    let new_ip = m.net.fresh_ip();
+    m.take_sidecar(2).unwrap().kill().await;
+    m.net.node_mut(2).restart_on_new_ip(new_ip).await.unwrap();
+    m.net
+        .node(2)
+        .netns()
+        .refuse_outbound_dials_to(m.net.node(0).ip())
+        .unwrap();
+    m.start_sidecar(2).unwrap();
+    let mover = m.net.node(2).node_id().to_owned();
+    let link = eventually(
+        "node 0 to dial node 2 at its new address",
+        Duration::from_secs(90),
+        || async {
+            let peers =
+                integration_tests::ipc_call(m.net.node(0).ipc_path(), "admin_peers", json!([]))
+                    .await
+                    .ok()?;
+            peers
+                .as_array()?
+                .iter()
+                .find(|p| p["id"].as_str() == Some(mover.as_str()))
+                .cloned()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        link["network"]["inbound"], false,
+        "node 0 dialled it (the mover cannot): {link}"
+    );
+    assert!(
+        link["network"]["remoteAddress"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{new_ip}:"))),
+        "{link}"
+    );
+    assert!(
+        remove_peers(&m, 0).await > removes_before,
+        "node 0's sidecar cleared the old address with removePeer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
