@@ -773,6 +773,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     .registry_writes
                     .get_or_create(&Metrics::kind(label))
                     .inc();
+                if label == "upsert" {
+                    // Known at once, not at the end of the pass: a SIGTERM that
+                    // abandons the rest of the pass must still deregister it.
+                    self.me = snap.members.get(&self.s.pod).cloned();
+                }
                 self.on_snapshot(snap);
                 Ok(())
             }
@@ -788,8 +793,6 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
-    /// Applies one geth action. A refusal (geth answered with an error) is counted
-    /// and logged for this action alone; only a connection failure marks geth down.
     /// Keeps [`Runner::blind_adds`] after a successful geth action: an add of a
     /// peer this sidecar had not applied, while geth's static set is unknown,
     /// is blind; a removePeer ends it.
@@ -808,6 +811,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
+    /// Applies one geth action. A refusal (geth answered with an error) is counted
+    /// and logged for this action alone; only a connection failure marks geth down.
     async fn apply_geth(&mut self, action: &core::GethAction) -> Result<(), ActionError> {
         use core::GethAction as A;
         let (label, enode) = match action {
@@ -855,7 +860,25 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// Removes our own record with a conditional write, bounded so the pod's
     /// termination grace period is never exceeded.
     async fn deregister(&mut self) {
-        let Some(me) = self.me.clone() else {
+        let me = match self.me.clone() {
+            Some(me) => Some(me),
+            // The pass that registered may have been abandoned after the write
+            // landed: look for this pod's record (this incarnation's) once.
+            None => match tokio::time::timeout(Duration::from_secs(3), self.registry.snapshot())
+                .await
+            {
+                Ok(Ok(snap)) => snap
+                    .members
+                    .get(&self.s.pod)
+                    .filter(|r| match (&r.pod_uid, &self.s.pod_uid) {
+                        (Some(theirs), Some(mine)) => theirs == mine,
+                        _ => true,
+                    })
+                    .cloned(),
+                _ => None,
+            },
+        };
+        let Some(me) = me else {
             info!("not registered; nothing to deregister");
             return;
         };
