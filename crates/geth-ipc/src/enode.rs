@@ -206,6 +206,37 @@ impl Host {
     }
 }
 
+/// True when geth throttles inbound connections from `ip`: geth accepts one
+/// inbound connection per IP per 30 s and refuses the next ("too many
+/// attempts") unless the IP is loopback or in its LAN list (0.0.0.0/8,
+/// 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, fe80::/10, fc00::/7:
+/// `checkInboundConn` and `netutil.IsLAN` in geth's p2p code). A pod CIDR such
+/// as 100.64.0.0/10 is throttled: any TCP connection to a geth's p2p port from
+/// such an address blocks the next dial from that pod for 30 s.
+///
+/// ```
+/// use geth_ipc::geth_throttles_inbound_from;
+/// assert!(!geth_throttles_inbound_from("10.244.1.7".parse().unwrap()));
+/// assert!(geth_throttles_inbound_from("100.64.1.7".parse().unwrap()));
+/// ```
+pub fn geth_throttles_inbound_from(ip: IpAddr) -> bool {
+    let lan = match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || a == 0
+                || a == 10
+                || (a == 172 && (16..32).contains(&b))
+                || (a == 192 && b == 168)
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback() || (first & 0xffc0) == 0xfe80 || (first & 0xfe00) == 0xfc00
+        }
+    };
+    !lan
+}
+
 impl fmt::Display for Host {
     /// Prints IPv6 addresses bracketed, as they appear in an enode URL.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -518,6 +549,35 @@ impl<'de> Deserialize<'de> for Enode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn geth_throttles_only_addresses_outside_its_lan_list() {
+        use super::geth_throttles_inbound_from as throttles;
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        for lan in [
+            "127.0.0.1",
+            "0.1.2.3",
+            "10.244.0.5",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+        ] {
+            assert!(!throttles(ip(lan)), "{lan}");
+        }
+        for wan in [
+            "100.64.0.1",
+            "100.127.255.1",
+            "172.32.0.1",
+            "169.254.1.1",
+            "8.8.8.8",
+            "2001:db8::1",
+        ] {
+            assert!(throttles(ip(wan)), "{wan}");
+        }
+    }
+
     use super::*;
 
     const KEY: &str = "6f8a80d14311c39f35f516fa664deaaaa13e85b2f7493f37f6144d86991ec012937307647bd3b9a82abe2974e1407241d54947bbb39763a4cac9f77166ad92a0";

@@ -38,7 +38,7 @@ mod framing;
 #[cfg(feature = "client")]
 mod ipc;
 
-pub use enode::{Enode, EnodeError, Host, NodeId};
+pub use enode::{Enode, EnodeError, Host, NodeId, geth_throttles_inbound_from};
 pub use types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports};
 
 #[cfg(all(feature = "client", any(test, feature = "test-utils")))]

@@ -28,6 +28,8 @@ pub struct NodeSpec {
     pub http_ws: bool,
     /// `--maxpeers`.
     pub maxpeers: u32,
+    /// `--verbosity` (4 logs e.g. geth's refusals of inbound connections).
+    pub verbosity: u8,
 }
 
 impl Default for NodeSpec {
@@ -36,6 +38,7 @@ impl Default for NodeSpec {
             chain_id: 1337,
             http_ws: false,
             maxpeers: 50,
+            verbosity: 3,
         }
     }
 }
@@ -213,7 +216,7 @@ impl GethNode {
             "--maxpeers".into(),
             self.spec.maxpeers.to_string(),
             "--verbosity".into(),
-            "3".into(),
+            self.spec.verbosity.to_string(),
         ];
         if self.spec.http_ws {
             args.extend(

@@ -8,11 +8,21 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 
 use crate::{
-    Bridge, Cluster, GethNet, NodeSpec, Result, Sidecar, TestContext, TestNamespace, eventually,
+    Bridge, Cluster, GethNet, NodeSpec, PodRange, Result, Sidecar, TestContext, TestNamespace,
+    eventually,
 };
 
 /// The registry ConfigMap's name in tests (the default).
 pub const CONFIGMAP: &str = "geth-shared-static-nodes";
+
+/// How a [`Mesh`] is set up beyond its size.
+#[derive(Debug, Clone, Default)]
+pub struct MeshOptions {
+    /// The pods' address space.
+    pub range: PodRange,
+    /// Every geth node's settings.
+    pub spec: NodeSpec,
+}
 
 /// Apiserver, geth nodes and one sidecar per node, as pods would run them.
 pub struct Mesh {
@@ -45,11 +55,36 @@ impl Mesh {
 
     /// Starts the control plane and `n` nodes; sidecars are started by the caller.
     pub async fn without_sidecars(name: &str, n: usize, env: &[(&str, &str)]) -> Result<Mesh> {
+        Self::without_sidecars_with(name, n, env, MeshOptions::default()).await
+    }
+
+    /// Like [`Mesh::start`], with other pod addresses or node settings.
+    pub async fn start_with(
+        name: &str,
+        n: usize,
+        env: &[(&str, &str)],
+        options: MeshOptions,
+    ) -> Result<Mesh> {
+        let mut mesh = Self::without_sidecars_with(name, n, env, options).await?;
+        for i in 0..n {
+            mesh.start_sidecar(i)?;
+        }
+        Ok(mesh)
+    }
+
+    /// Like [`Mesh::without_sidecars`], with other pod addresses or node settings.
+    pub async fn without_sidecars_with(
+        name: &str,
+        n: usize,
+        env: &[(&str, &str)],
+        options: MeshOptions,
+    ) -> Result<Mesh> {
         let ctx = TestContext::new(name);
-        let bridge = Arc::new(Bridge::create()?);
+        let bridge = Arc::new(Bridge::create_in(options.range)?);
         let cluster = Cluster::start(&ctx, bridge.host_ip()).await?;
         let ns = cluster.namespace(name).await?;
-        let net = GethNet::start(&ctx, bridge, n).await?;
+        let mut net = GethNet::new(&ctx, bridge);
+        net.add_nodes(vec![options.spec; n]).await?;
         Ok(Mesh {
             net,
             sidecars: Vec::new(),

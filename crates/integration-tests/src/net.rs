@@ -1,6 +1,7 @@
 //! One network namespace per node ("pod"), joined by a per-test bridge.
 //!
-//! Addresses come from 10.244.0.0/16, a typical Kubernetes pod CIDR, and never
+//! Addresses come from 10.244.0.0/16, a typical Kubernetes pod CIDR (or, for
+//! tests of geth's inbound throttle, 100.64.0.0/16: [`PodRange`]), and never
 //! leave the test's own bridge (the namespaces have no default route). Each test
 //! gets its own /24 and its own bridge. A private range matters: geth throttles
 //! inbound connections to one per IP per 30 s unless the address is loopback,
@@ -50,6 +51,26 @@ pub fn list_netns() -> Vec<String> {
     .unwrap_or_default()
 }
 
+/// The address space a test's pods get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodRange {
+    /// 10.244.K.0/24 (RFC 1918): geth never throttles inbound connections.
+    #[default]
+    Private,
+    /// 100.64.K.0/24 (RFC 6598 shared address space, a common pod CIDR): geth
+    /// throttles inbound connections to one per IP per 30 s.
+    SharedAddressSpace,
+}
+
+impl PodRange {
+    fn first_octets(self) -> [u8; 2] {
+        match self {
+            PodRange::Private => [10, 244],
+            PodRange::SharedAddressSpace => [100, 64],
+        }
+    }
+}
+
 /// A per-test Linux bridge in the root namespace with its own /24.
 pub struct Bridge {
     name: String,
@@ -61,6 +82,13 @@ impl Bridge {
     /// Creates a bridge on a free 10.244.K.0/24 subnet and gives the root
     /// namespace address `.1` on it.
     pub fn create() -> Result<Bridge> {
+        Self::create_in(PodRange::Private)
+    }
+
+    /// Creates a bridge on a free /24 of `range` (its third octet free on this
+    /// machine, checked against every address and route) with `.1` in the root
+    /// namespace. The subnet stays on the bridge: it is never routed elsewhere.
+    pub fn create_in(range: PodRange) -> Result<Bridge> {
         static ALLOC: Mutex<()> = Mutex::new(());
         let _guard = ALLOC.lock().unwrap_or_else(|e| e.into_inner());
         let used = Command::new("ip")
@@ -68,12 +96,21 @@ impl Bridge {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
+        let routes = Command::new("ip")
+            .args(["-4", "route", "show", "table", "all"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let [a, b] = range.first_octets();
         let start = (std::process::id() as usize * 7) % 256;
         let prefix = (0..256)
             .map(|i| (start + i) % 256)
-            .map(|k| [10u8, 244, k as u8])
-            .find(|p| !used.contains(&format!(" {}.{}.{}.", p[0], p[1], p[2])))
-            .ok_or_else(|| Error::Setup("no free 10.244.0.0/16 subnet".into()))?;
+            .map(|k| [a, b, k as u8])
+            .find(|p| {
+                let net = format!("{}.{}.{}.", p[0], p[1], p[2]);
+                !used.contains(&format!(" {net}")) && !routes.contains(&net)
+            })
+            .ok_or_else(|| Error::Setup(format!("no free {a}.{b}.0.0/16 subnet")))?;
         let id = unique_id();
         let name = format!("gpsb{id}");
         run(&["ip", "link", "add", &name, "type", "bridge"])?;
@@ -230,6 +267,41 @@ impl Netns {
         nft(&format!(
             "add rule ip gps_dials out ip daddr {peer} tcp flags & (syn | ack) == syn drop"
         ))
+    }
+
+    /// Starts counting the TCP connection attempts (SYN without ACK) that reach
+    /// `port` in this namespace; read with [`Netns::connection_attempts`].
+    pub fn count_connection_attempts(&self, port: u16) -> Result<()> {
+        let ns = self.name.as_str();
+        let nft = |cmd: &str| run(&["ip", "netns", "exec", ns, "nft", cmd]);
+        nft("add table ip gps_count")?;
+        nft("add chain ip gps_count in { type filter hook input priority 0 ; }")?;
+        nft(&format!(
+            "add rule ip gps_count in tcp dport {port} tcp flags & (syn | ack) == syn counter"
+        ))
+    }
+
+    /// The connection attempts counted since [`Netns::count_connection_attempts`].
+    pub fn connection_attempts(&self) -> Result<u64> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "gps_count",
+            ])
+            .output()
+            .map_err(|e| Error::Setup(format!("nft list: {e}")))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Error::Setup(format!("no counter in: {text}")))
     }
 
     /// Restores a cut link.

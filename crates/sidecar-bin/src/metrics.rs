@@ -33,6 +33,7 @@ pub(crate) struct Metrics {
     pub(crate) geth_reconnects: Counter,
     pub(crate) last_sync: Gauge<f64, AtomicU64>,
     pub(crate) suspected_partition: Gauge,
+    pub(crate) probes: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -56,6 +57,7 @@ impl Metrics {
             geth_reconnects: Counter::default(),
             last_sync: Gauge::default(),
             suspected_partition: Gauge::default(),
+            probes: Family::default(),
             registry: Registry::with_prefix("geth_peer_sidecar"),
         };
         m.registry.register(
@@ -134,6 +136,11 @@ impl Metrics {
             "suspected_partition",
             "1 while most members look unreachable from here, so nobody is removed",
             m.suspected_partition.clone(),
+        );
+        m.registry.register(
+            "probes",
+            "Liveness probes of unconnected members, by the port probed (geth or sidecar)",
+            m.probes.clone(),
         );
         m
     }

@@ -123,6 +123,55 @@ enum GethState {
     Down(String),
 }
 
+/// Which port a liveness probe of a member targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeVia {
+    /// geth's p2p port: geth does not throttle our source address.
+    GethPort,
+    /// The member's sidecar port (ours: every sidecar listens on the same port).
+    SidecarPort(u16),
+}
+
+/// Where to probe a member, and how: its geth's p2p port, unless geth throttles
+/// inbound connections from the address this pod would connect from (see
+/// [`geth_ipc::geth_throttles_inbound_from`]): a probe there would make the
+/// member's geth refuse our geth's next dial for 30 s, so the member's sidecar
+/// port is probed instead. `None` when the member's host does not resolve.
+async fn probe_target(enode: &Enode, sidecar_port: u16) -> Option<(SocketAddr, ProbeVia)> {
+    let target = tokio::net::lookup_host(format!("{}:{}", enode.host(), enode.tcp_port()))
+        .await
+        .ok()?
+        .next()?;
+    // The source address the kernel picks for this destination: a connected
+    // UDP socket sends nothing.
+    let unspecified: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let source = std::net::UdpSocket::bind(unspecified)
+        .and_then(|s| s.connect(target).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .ok();
+    Some(probe_addr(target, source, sidecar_port))
+}
+
+/// The probe decision: geth's port at `target`, unless geth throttles inbound
+/// connections from `source` (unknown: not throttled), then `sidecar_port`.
+fn probe_addr(
+    target: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    sidecar_port: u16,
+) -> (SocketAddr, ProbeVia) {
+    match source {
+        Some(ip) if geth_ipc::geth_throttles_inbound_from(ip) => (
+            SocketAddr::new(target.ip(), sidecar_port),
+            ProbeVia::SidecarPort(sidecar_port),
+        ),
+        _ => (target, ProbeVia::GethPort),
+    }
+}
+
 struct Runner<G, R> {
     geth: Arc<G>,
     registry: Arc<R>,
@@ -153,6 +202,8 @@ struct Runner<G, R> {
     blind_adds: BTreeMap<NodeId, jiff::Timestamp>,
     /// Ids this sidecar cleared with removePeer: their static entry is ours.
     cleared: BTreeSet<NodeId>,
+    /// Where members were last probed (logged on change).
+    probe_via: Option<ProbeVia>,
     /// True once geth restarted under this sidecar: its static set is then
     /// known (empty at the restart, then exactly what we applied).
     static_set_known: bool,
@@ -242,6 +293,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             mesh_limit_warned: false,
             blind_adds: BTreeMap::new(),
             cleared: BTreeSet::new(),
+            probe_via: None,
             static_set_known: false,
         }
     }
@@ -437,7 +489,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
-    /// TCP-probes members this geth is not connected to. True if anything changed.
+    /// TCP-probes members this geth is not connected to (at geth's port, or at
+    /// their sidecar's where geth would throttle us: [`probe_target`]). True if
+    /// anything changed.
     async fn probe_members(&mut self) -> bool {
         let Some(snap) = &self.snapshot else {
             return false;
@@ -449,22 +503,47 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .filter(|m| Some(m.node_id) != me && !self.connected.contains(&m.node_id))
             .map(|m| (m.node_id, m.enode.clone()))
             .collect();
+        let sidecar_port = self.s.listen.port();
         let probes = targets.into_iter().map(|(id, enode)| async move {
-            let addr = format!("{}:{}", enode.host(), enode.tcp_port());
+            let Some((addr, via)) = probe_target(&enode, sidecar_port).await else {
+                return (id, false, None);
+            };
             let ok = matches!(
-                tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio::net::TcpStream::connect(&addr)
-                )
-                .await,
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                    .await,
                 Ok(Ok(_))
             );
-            (id, ok)
+            (id, ok, Some(via))
         });
         let results = futures::future::join_all(probes).await;
         let now = jiff::Timestamp::now();
         let mut changed = false;
-        for (id, ok) in results {
+        if let Some(via) = results.iter().find_map(|r| r.2)
+            && self.probe_via != Some(via)
+        {
+            self.probe_via = Some(via);
+            match via {
+                ProbeVia::GethPort => debug!("probing members at their geth p2p port"),
+                ProbeVia::SidecarPort(port) => info!(
+                    port,
+                    "this pod's address is outside geth's LAN ranges, where geth refuses a second \
+                     inbound connection from one IP within 30 s: members are probed at their \
+                     sidecar's port {port}, never at geth's p2p port (a probe there would delay \
+                     the next dial by 30 s)"
+                ),
+            }
+        }
+        for via in results.iter().filter_map(|r| r.2) {
+            let kind = match via {
+                ProbeVia::GethPort => "geth",
+                ProbeVia::SidecarPort(_) => "sidecar",
+            };
+            self.metrics
+                .probes
+                .get_or_create(&Metrics::kind(kind))
+                .inc();
+        }
+        for (id, ok, _) in results {
             if ok {
                 changed |= self.unreachable_since.remove(&id).is_some();
             } else {
@@ -864,19 +943,19 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             Some(me) => Some(me),
             // The pass that registered may have been abandoned after the write
             // landed: look for this pod's record (this incarnation's) once.
-            None => match tokio::time::timeout(Duration::from_secs(3), self.registry.snapshot())
-                .await
-            {
-                Ok(Ok(snap)) => snap
-                    .members
-                    .get(&self.s.pod)
-                    .filter(|r| match (&r.pod_uid, &self.s.pod_uid) {
-                        (Some(theirs), Some(mine)) => theirs == mine,
-                        _ => true,
-                    })
-                    .cloned(),
-                _ => None,
-            },
+            None => {
+                match tokio::time::timeout(Duration::from_secs(3), self.registry.snapshot()).await {
+                    Ok(Ok(snap)) => snap
+                        .members
+                        .get(&self.s.pod)
+                        .filter(|r| match (&r.pod_uid, &self.s.pod_uid) {
+                            (Some(theirs), Some(mine)) => theirs == mine,
+                            _ => true,
+                        })
+                        .cloned(),
+                    _ => None,
+                }
+            }
         };
         let Some(me) = me else {
             info!("not registered; nothing to deregister");
@@ -1013,6 +1092,25 @@ mod tests {
             Arc::new(Metrics::new()),
             Arc::new(Health::new(None)),
         )
+    }
+
+    #[test]
+    fn probes_avoid_geths_port_only_from_addresses_geth_throttles() {
+        let target: SocketAddr = "100.64.0.7:30303".parse().expect("addr");
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().expect("ip"));
+        assert_eq!(
+            probe_addr(target, ip("100.64.0.9"), 9090),
+            (
+                "100.64.0.7:9090".parse().expect("addr"),
+                ProbeVia::SidecarPort(9090)
+            )
+        );
+        let lan: SocketAddr = "10.244.0.7:30303".parse().expect("addr");
+        assert_eq!(
+            probe_addr(lan, ip("10.244.0.9"), 9090),
+            (lan, ProbeVia::GethPort)
+        );
+        assert_eq!(probe_addr(lan, None, 9090), (lan, ProbeVia::GethPort));
     }
 
     fn pod_ip() -> AdvertiseMode {

@@ -257,6 +257,50 @@ async fn an_observer_re_dials_a_moved_node_that_cannot_dial_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_100_64_pod_range_probes_never_touch_geths_p2p_port() {
+    // On 100.64.0.0/10 geth accepts one inbound connection per IP per 30 s: a
+    // probe of geth's port would make it refuse that pod's next dial. Geth 2
+    // is down (its sidecar runs on), so the others probe it twice a second.
+    let options = integration_tests::MeshOptions {
+        range: integration_tests::PodRange::SharedAddressSpace,
+        ..Default::default()
+    };
+    let env = [("PROBE_INTERVAL", "500ms")];
+    let mut m = Mesh::start_with("probe-cgnat", 3, &env, options)
+        .await
+        .unwrap();
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.net.node_mut(2).stop().await;
+    let ns = m.net.node(2).netns();
+    ns.count_connection_attempts(integration_tests::P2P_PORT)
+        .unwrap();
+    let probes = |i: usize| {
+        let m = &m;
+        async move {
+            m.metric(i, "geth_peer_sidecar_probes_total{kind=\"sidecar\"}")
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    let from = [probes(0).await, probes(1).await];
+    for (i, from) in from.iter().enumerate() {
+        eventually(
+            &format!("sidecar {i} to probe 5 more times"),
+            MESH,
+            || async { (probes(i).await >= from + 5.0).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
+    // Only geth's own static redials (one per peer per ~30 s) may knock.
+    let knocks = ns.connection_attempts().unwrap();
+    assert!(
+        knocks <= 2,
+        "{knocks} connection attempts reached geth 2's p2p port during 10+ probes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_or_vandalised_configmap_is_healed() {
     let m = Mesh::start("heal", 3, &[]).await.unwrap();
     m.wait_registered(&all(3), MESH).await.unwrap();
