@@ -65,6 +65,7 @@ impl Settings {
                 trusted: run.trusted,
                 dead_after: run.dead_after,
                 grace_after_register: run.registration_grace,
+                member_cidrs: run.member_cidrs.0.clone(),
                 ..core::Config::default()
             },
             resync: run.resync_interval,
@@ -864,19 +865,19 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             Some(me) => Some(me),
             // The pass that registered may have been abandoned after the write
             // landed: look for this pod's record (this incarnation's) once.
-            None => match tokio::time::timeout(Duration::from_secs(3), self.registry.snapshot())
-                .await
-            {
-                Ok(Ok(snap)) => snap
-                    .members
-                    .get(&self.s.pod)
-                    .filter(|r| match (&r.pod_uid, &self.s.pod_uid) {
-                        (Some(theirs), Some(mine)) => theirs == mine,
-                        _ => true,
-                    })
-                    .cloned(),
-                _ => None,
-            },
+            None => {
+                match tokio::time::timeout(Duration::from_secs(3), self.registry.snapshot()).await {
+                    Ok(Ok(snap)) => snap
+                        .members
+                        .get(&self.s.pod)
+                        .filter(|r| match (&r.pod_uid, &self.s.pod_uid) {
+                            (Some(theirs), Some(mine)) => theirs == mine,
+                            _ => true,
+                        })
+                        .cloned(),
+                    _ => None,
+                }
+            }
         };
         let Some(me) = me else {
             info!("not registered; nothing to deregister");
