@@ -552,3 +552,22 @@ async fn the_mock_implements_admin_api() {
     assert!(api.add_peer(&enode()).await.unwrap());
     assert_eq!(api.connection_generation(), 3);
 }
+
+#[tokio::test]
+async fn a_refused_websocket_connection_names_the_cause() {
+    // Unlike kube's "client error (Connect)", geth-ipc's connection errors already
+    // carry their root cause (HTTP through `error_chain`, WS in jsonrpsee's own
+    // message, IPC in dedicated variants): this keeps it so.
+    // Port 1 on loopback: nothing listens, the kernel refuses at once.
+    let client = GethClient::new(
+        Endpoint::Ws("ws://127.0.0.1:1".into()),
+        ClientOptions::default(),
+    );
+    let err = client.node_info().await.unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(err.kind(), "connect", "{msg}");
+    assert!(
+        msg.to_ascii_lowercase().contains("connection refused"),
+        "{msg}"
+    );
+}

@@ -39,9 +39,9 @@ pub enum Error {
     },
     /// The apiserver is down, unreachable, overloaded (429) or failing (5xx).
     #[error(
-        "unavailable: cannot {verb} configmap {name:?} in namespace {namespace:?}: the Kubernetes \
-         apiserver is unreachable or failing ({source}); check the apiserver and the pod's \
-         network; the sidecar retries with backoff"
+        "unavailable: cannot {verb} configmap {name:?} in namespace {namespace:?}: {why}; check \
+         the apiserver and the pod's network; the sidecar retries with backoff",
+        why = describe_kube_error(source)
     )]
     Unavailable {
         /// The verb that failed.
@@ -75,12 +75,49 @@ pub enum Error {
         reason: String,
     },
     /// Any other Kubernetes API error.
-    #[error("kubernetes API error: {0}")]
+    #[error("kubernetes API error: {}", describe_kube_error(.0))]
     Kube(#[source] kube::Error),
 }
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A kube error as one sentence that names its cause. A transport failure reads
+/// `cannot reach the apiserver: connection refused (tcp connect error: Connection
+/// refused (os error 111))` (see [`cause_of`](crate::cause_of)) instead of kube's
+/// `ServiceError: client error (Connect)`; an apiserver answer reads `the apiserver
+/// answered HTTP 503 ServiceUnavailable: <its message>`. Every message about a
+/// failed apiserver call, here and in the sidecar, is built with this function.
+pub fn describe_kube_error(err: &kube::Error) -> String {
+    match err {
+        // Made up locally (a watcher with no resourceVersion): no HTTP answer.
+        kube::Error::Api(status) if status.code == 0 => {
+            format!("{}: {}", status.reason, status.message)
+        }
+        kube::Error::Api(status) => {
+            let reason = if status.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", status.reason)
+            };
+            format!(
+                "the apiserver answered HTTP {}{reason}: {}",
+                status.code, status.message
+            )
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+            format!("cannot reach the apiserver: {}", crate::cause_of(err))
+        }
+        other => {
+            let cause = crate::cause_of(other);
+            let outer = other.to_string();
+            match cause.kind {
+                crate::CauseKind::Other if outer.contains(&cause.detail) => outer,
+                _ => format!("{outer}: {cause}"),
+            }
+        }
+    }
+}
 
 fn verb_scope(verb: &str) -> &'static str {
     if verb == "create" {
@@ -203,5 +240,43 @@ mod tests {
         };
         assert!(c.to_string().contains("20 attempts"));
         assert_eq!(c.kind(), "conflict");
+    }
+
+    #[test]
+    fn an_unreachable_apiserver_is_named_with_the_root_cause() {
+        // kube's own Display stops at "ServiceError: client error (Connect)".
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Client(#[source] Connect);
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Connect(#[source] std::io::Error);
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let err = kube::Error::Service(Box::new(Client(Connect(refused))));
+        assert_eq!(
+            describe_kube_error(&err),
+            "cannot reach the apiserver: connection refused (tcp connect error: Connection \
+             refused (os error 111))"
+        );
+        let e = Error::from_kube(err, "get", "ns", "cm");
+        assert_eq!(e.kind(), "unavailable");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(
+                "cannot get configmap \"cm\" in namespace \"ns\": cannot reach the \
+                 apiserver: connection refused (tcp connect error: Connection refused"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("client error (Connect)"), "{msg}");
+        let busy = Error::from_kube(api(503, "ServiceUnavailable"), "get", "ns", "cm");
+        assert!(
+            busy.to_string()
+                .contains("the apiserver answered HTTP 503 ServiceUnavailable: msg"),
+            "{busy}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! the RBAC the implementation needs are described in the crate's README.md.
 #![forbid(unsafe_code)]
 
+mod cause;
 mod record;
 pub mod schema;
 
@@ -19,12 +20,13 @@ mod error;
 #[cfg(feature = "kube")]
 mod registry;
 
+pub use cause::{Cause, CauseKind, cause_of};
 pub use record::{MemberRecord, Snapshot};
 
 #[cfg(feature = "kube")]
 pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy};
 #[cfg(feature = "kube")]
-pub use error::{Error, Result};
+pub use error::{Error, Result, describe_kube_error};
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub use registry::MockPeerRegistry;
 #[cfg(feature = "kube")]

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::cidr::Cidr;
+
 /// How the engine decides. Every field has a safe default ([`Config::default`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -32,6 +34,14 @@ pub struct Config {
     /// again, once: geth may have ignored the add for an older address it held.
     /// No start and no steady mesh issues a removePeer otherwise. Default: 10 s.
     pub stale_entry_after: Duration,
+    /// The member address allowlist. When not empty, a member record whose
+    /// enode host is an IP outside every network listed is refused like a
+    /// loopback one: never dialled, not counted as missing, reported as a
+    /// [`Problem::MemberOutsideAllowedCidrs`](crate::Problem::MemberOutsideAllowedCidrs).
+    /// A DNS-name host cannot be checked here (geth resolves it at every dial)
+    /// and is allowed; external peers are never filtered. Default: empty (any
+    /// routable address).
+    pub member_cidrs: Vec<Cidr>,
 }
 
 impl Default for Config {
@@ -42,6 +52,7 @@ impl Default for Config {
             grace_after_register: Duration::from_secs(60),
             dial_grace: Duration::from_secs(2),
             stale_entry_after: Duration::from_secs(10),
+            member_cidrs: Vec::new(),
         }
     }
 }

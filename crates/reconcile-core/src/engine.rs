@@ -170,6 +170,9 @@ fn own_record(obs: &Observation<'_>, snapshot: &Snapshot) -> Result<MemberRecord
 ///   unreachability from here, and never when it is connected to this geth, was
 ///   written within `grace_after_register`, or (for unreachability) when this
 ///   observer and the members it reaches are not a strict majority of the registry;
+/// - a member at a loopback, unspecified, multicast or link-local IP, or (when
+///   `member_cidrs` is set) at an IP outside every allowed network, is refused:
+///   never dialled, not counted, reported as a problem naming its key;
 /// - geth's static set follows the registry (members except self, plus external
 ///   peers); a moved id gets `RemovePeer` before `AddPeer`; a connected peer is
 ///   never removed or moved (deferred until it disconnects); a start issues no
@@ -288,6 +291,19 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             report.problems.push(Problem::MemberAdvertisesLocalAddress {
                 pod: record.pod.clone(),
                 enode: record.enode.to_string(),
+            });
+            continue;
+        }
+        if let geth_ipc::Host::Ip(ip) = record.enode.host()
+            && !config.member_cidrs.is_empty()
+            && !config.member_cidrs.iter().any(|net| net.contains(*ip))
+        {
+            // Same refusal, for an operator-set allowlist. A DNS name is not
+            // checked: geth resolves it at every dial, this engine never does.
+            report.problems.push(Problem::MemberOutsideAllowedCidrs {
+                pod: record.pod.clone(),
+                enode: record.enode.to_string(),
+                allowed: allowlist(&config.member_cidrs),
             });
             continue;
         }
@@ -544,6 +560,15 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         geth,
         report,
     }
+}
+
+/// The allowlist as the operator writes it: `10.244.0.0/16,fd00::/8`.
+fn allowlist(cidrs: &[crate::Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn peer_ref_for(id: NodeId, snapshot: &Snapshot) -> PeerRef {

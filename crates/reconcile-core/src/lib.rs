@@ -15,6 +15,13 @@
 //! the same pod incarnation. A loopback/unspecified advertised address, or one whose
 //! key is not this geth's, is never published.
 //!
+//! **Refused members.** A member record whose enode host is loopback,
+//! unspecified, multicast or link-local, or (when [`Config::member_cidrs`] is
+//! set) an IP outside every allowed network, is never dialled nor counted; a
+//! [`Problem`] names its key. A DNS-name host is not checked against the
+//! allowlist. External peers are the operator's explicit exception: never
+//! filtered.
+//!
 //! **Removal of other members** (the old sidecar let one observer's failed probe
 //! delete a node for everyone). A member is removed only:
 //! - on *pod evidence*: its pod no longer exists, exists with another UID, or has
@@ -59,12 +66,14 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod cidr;
 mod config;
 mod engine;
 mod observation;
 mod plan;
 
 pub use apply::{apply, apply_registry};
+pub use cidr::{Cidr, CidrError};
 pub use config::Config;
 pub use engine::plan;
 pub use observation::{Observation, PeerObservation, PodObservation, SelfIdentity};

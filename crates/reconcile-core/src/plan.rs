@@ -252,6 +252,22 @@ pub enum Problem {
         /// Its enode.
         enode: String,
     },
+    /// A member advertises an IP outside every network of the member address
+    /// allowlist ([`Config::member_cidrs`](crate::Config::member_cidrs)): the
+    /// record is refused (never dialled).
+    #[error(
+        "registry key member.{pod} advertises {enode}, outside the allowed member networks \
+         MEMBER_CIDRS={allowed}: refused, no geth dials it; fix or delete that key (or widen \
+         MEMBER_CIDRS)"
+    )]
+    MemberOutsideAllowedCidrs {
+        /// The member.
+        pod: String,
+        /// Its enode.
+        enode: String,
+        /// The allowlist, comma-separated (`10.244.0.0/16,fd00::/8`).
+        allowed: String,
+    },
     /// An external peer has a member's node id: the member's record is used.
     #[error("external peer {node_id} is also member {pod}: using the member's record")]
     ExternalIsMember {

@@ -172,6 +172,7 @@ prop_compose! {
                 dead_after: Duration::from_secs(dead_after),
                 grace_after_register: Duration::from_secs(grace),
                 dial_grace: Duration::from_secs(grace % 3),
+                member_cidrs: Vec::new(),
                 stale_entry_after: Duration::from_secs(10),
             },
             now,

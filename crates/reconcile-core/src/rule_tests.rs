@@ -253,6 +253,103 @@ fn members_at_loopback_unspecified_multicast_or_link_local_addresses_are_refused
     }
 }
 
+/// `World::mesh(2)` with an allowlist, geth-1 moved to `host`, nothing applied.
+fn allowlisted_world(cidrs: &str, host: Host) -> World {
+    let mut w = World::mesh(2);
+    w.applied.clear();
+    w.config.member_cidrs = cidrs
+        .split(',')
+        .map(|c| c.parse().expect("valid CIDR"))
+        .collect();
+    w.snap_mut()
+        .members
+        .get_mut("geth-1")
+        .expect("geth-1")
+        .enode = node(1).with_host(host);
+    w
+}
+
+fn dials(p: &Plan, i: u8) -> bool {
+    p.geth
+        .iter()
+        .any(|a| a.enode().node_id() == node(i).node_id())
+}
+
+#[test]
+fn members_outside_the_member_cidrs_are_refused_and_never_dialled() {
+    for ip in ["192.168.1.5", "10.1.0.5", "2001:db8::5"] {
+        let w = allowlisted_world("10.0.0.0/16,fd00::/8", Host::Ip(ip.parse().expect("ip")));
+        let p = w.plan();
+        assert!(!dials(&p, 1), "{ip} dialled: {:?}", p.geth);
+        assert!(
+            p.geth.contains(&AddPeer(node(2))),
+            "{ip}: the others still peered"
+        );
+        assert_eq!(p.report.desired, 1, "{ip}: not counted as missing");
+        assert!(
+            p.report
+                .missing
+                .iter()
+                .all(|m| m.node_id != node(1).node_id()),
+            "{ip}: {:?}",
+            p.report.missing
+        );
+        let warning = p
+            .report
+            .problems
+            .iter()
+            .find(|pr| matches!(pr, Problem::MemberOutsideAllowedCidrs { .. }))
+            .map(ToString::to_string)
+            .unwrap_or_else(|| panic!("{ip}: no problem reported: {:?}", p.report.problems));
+        for part in ["member.geth-1", ip, "10.0.0.0/16,fd00::/8", "MEMBER_CIDRS"] {
+            assert!(warning.contains(part), "{ip}: {part:?} not in {warning:?}");
+        }
+    }
+}
+
+#[test]
+fn members_inside_the_member_cidrs_are_dialled() {
+    for ip in ["10.0.200.7", "fd00::7"] {
+        let w = allowlisted_world("10.0.0.0/16,fd00::/8", Host::Ip(ip.parse().expect("ip")));
+        let p = w.plan();
+        assert!(dials(&p, 1), "{ip} not dialled: {:?}", p.geth);
+        assert!(p.geth.contains(&AddPeer(node(2))));
+        assert_eq!(p.report.desired, 2);
+        assert!(p.report.problems.is_empty(), "{:?}", p.report.problems);
+    }
+}
+
+#[test]
+fn an_empty_member_cidrs_allows_any_routable_address() {
+    let mut w = allowlisted_world("10.0.0.0/16", Host::Ip("192.168.1.5".parse().expect("ip")));
+    w.config.member_cidrs.clear();
+    let p = w.plan();
+    assert!(dials(&p, 1), "{:?}", p.geth);
+    assert!(p.report.problems.is_empty(), "{:?}", p.report.problems);
+}
+
+#[test]
+fn a_member_with_a_dns_name_is_dialled_whatever_the_member_cidrs() {
+    let w = allowlisted_world(
+        "10.0.0.0/16",
+        Host::Dns("geth-1.geth.default.svc.cluster.local".into()),
+    );
+    let p = w.plan();
+    assert!(dials(&p, 1), "a DNS host cannot be checked: {:?}", p.geth);
+    assert!(p.report.problems.is_empty(), "{:?}", p.report.problems);
+}
+
+#[test]
+fn external_peers_outside_the_member_cidrs_are_still_dialled() {
+    let mut w = World::mesh(0);
+    w.config.member_cidrs = vec!["10.99.0.0/16".parse().expect("valid CIDR")];
+    let outside = node(7).with_host(Host::Ip("192.168.7.7".parse().expect("ip")));
+    w.snap_mut().external = vec![outside.clone()];
+    let p = w.plan();
+    assert_eq!(p.geth, vec![AddPeer(outside)]);
+    assert!(p.report.problems.is_empty(), "{:?}", p.report.problems);
+}
+
 #[test]
 fn never_publishes_an_enode_whose_key_is_not_this_geths() {
     let mut w = World::mesh(1);

@@ -165,6 +165,33 @@ pub(crate) struct RunArgs {
     /// of the namespace. A member pod the selector misses is read with a GET.
     #[arg(long, env = "POD_SELECTOR", default_value = "")]
     pub(crate) pod_selector: String,
+
+    /// Member address allowlist: comma-separated IPv4/IPv6 CIDRs (e.g.
+    /// 10.244.0.0/16,fd00::/8). A member record whose enode IP lies outside
+    /// every one is refused (never dialled, warned once naming its key). A DNS
+    /// name cannot be checked and is allowed; external-peers.json is never
+    /// filtered. Empty: any routable address.
+    #[arg(long, env = "MEMBER_CIDRS", default_value = "", value_parser = parse_member_cidrs)]
+    pub(crate) member_cidrs: MemberCidrs,
+}
+
+/// The parsed MEMBER_CIDRS: empty means any address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct MemberCidrs(pub(crate) Vec<reconcile_core::Cidr>);
+
+/// Parses MEMBER_CIDRS: a comma-separated list of CIDRs, blanks ignored; an
+/// empty list allows any address. Any invalid entry fails startup.
+pub(crate) fn parse_member_cidrs(s: &str) -> Result<MemberCidrs, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse().map_err(|e| {
+                format!("MEMBER_CIDRS: {e} (give e.g. 10.244.0.0/16,fd00::/8, or leave it empty)")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(MemberCidrs)
 }
 
 impl RunArgs {
@@ -330,12 +357,40 @@ mod tests {
             "LISTEN_ADDR",
             "LIVENESS_TIMEOUT",
             "POD_SELECTOR",
+            "MEMBER_CIDRS",
         ] {
             assert!(
                 help.contains(&format!("env: {env}")),
                 "{env} missing from --help"
             );
         }
+    }
+
+    #[test]
+    fn member_cidrs_parse_from_a_comma_separated_list_and_fail_startup_when_invalid() {
+        let parse = |argv: &[&str]| {
+            let mut full = vec!["geth-peer-sidecar"];
+            full.extend(argv);
+            Cli::try_parse_from(full).map(|c| c.run.member_cidrs)
+        };
+        assert_eq!(parse(&[]).unwrap(), MemberCidrs::default());
+        assert_eq!(
+            parse(&["--member-cidrs", ""]).unwrap(),
+            MemberCidrs::default()
+        );
+        let both = parse(&["--member-cidrs", "10.244.0.0/16, fd00::/8"]).unwrap();
+        let shown: Vec<String> = both.0.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.244.0.0/16", "fd00::/8"]);
+        let err = parse(&["--member-cidrs", "10.244.0.0/16,10.1.2.3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MEMBER_CIDRS"), "{err}");
+        assert!(err.contains(r#"invalid CIDR "10.1.2.3""#), "{err}");
+        let err = parse_member_cidrs("fd00::/200").unwrap_err();
+        assert!(
+            err.contains("MEMBER_CIDRS") && err.contains("fd00::/200"),
+            "{err}"
+        );
     }
 
     #[test]

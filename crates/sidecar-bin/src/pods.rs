@@ -83,7 +83,10 @@ fn explain(verb: &str, selector: Option<&str>, e: &kube::Error) -> String {
             selector.unwrap_or_default(),
             s.message
         ),
-        other => format!("cannot {verb} pods ({other}); falling back to reachability evidence"),
+        other => format!(
+            "cannot {verb} pods: {}; falling back to reachability evidence",
+            peer_registry::describe_kube_error(other)
+        ),
     }
 }
 
@@ -224,6 +227,10 @@ async fn follow(
                     watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
                         explain("watch", selector.as_deref(), e)
                     }
+                    watcher::Error::WatchError(status) => format!(
+                        "pod watch error: {}; retrying",
+                        peer_registry::describe_kube_error(&kube::Error::Api(status.clone()))
+                    ),
                     other => format!("pod watch error ({other}); retrying"),
                 };
                 let new = set(&mut |v| {
@@ -236,5 +243,25 @@ async fn follow(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_pod_read_names_the_connection_cause() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let msg = explain("list", None, &kube::Error::ReadEvents(refused));
+        assert!(
+            msg.contains("cannot list pods: cannot reach the apiserver: connection refused"),
+            "{msg}"
+        );
+        assert!(msg.contains("os error 111"), "{msg}");
+        assert!(msg.contains("reachability evidence"), "{msg}");
     }
 }

@@ -65,6 +65,7 @@ impl Settings {
                 trusted: run.trusted,
                 dead_after: run.dead_after,
                 grace_after_register: run.registration_grace,
+                member_cidrs: run.member_cidrs.0.clone(),
                 ..core::Config::default()
             },
             resync: run.resync_interval,

@@ -582,6 +582,12 @@ const VALUE_TABLE: &[ValueRow] = &[
         },
     },
     ValueRow {
+        path: "memberCidrs",
+        // Helm's --set splits on commas unless escaped.
+        set: "10.244.0.0/16\\,fd00::/8",
+        check: |r| r.env("MEMBER_CIDRS").as_deref() == Some("10.244.0.0/16,fd00::/8"),
+    },
+    ValueRow {
         path: "logLevel",
         set: "DEBUG",
         check: |r| r.env("LOGGING").as_deref() == Some("DEBUG"),
