@@ -1,12 +1,13 @@
 //! The registry as one Kubernetes ConfigMap, updated by compare-and-swap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use geth_ipc::{Enode, NodeId};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -185,7 +186,21 @@ impl<S: Store> Core<S> {
 
     /// Read, compute, conditional write; again on conflicts. `change` gives the
     /// new member set, or `None` when there is nothing to do.
-    async fn modify<F>(&self, op: &'static str, mut change: F) -> Result<Snapshot>
+    async fn modify<F>(&self, op: &'static str, change: F) -> Result<Snapshot>
+    where
+        F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
+    {
+        self.modify_dropping_legacy(op, &BTreeSet::new(), change)
+            .await
+    }
+
+    /// [`Self::modify`], also dropping the legacy entries in `drop_legacy`.
+    async fn modify_dropping_legacy<F>(
+        &self,
+        op: &'static str,
+        drop_legacy: &BTreeSet<NodeId>,
+        mut change: F,
+    ) -> Result<Snapshot>
     where
         F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
     {
@@ -197,7 +212,7 @@ impl<S: Store> Core<S> {
                 return Ok(snap);
             };
             let old = cm.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
-            let new = schema::encode(&old, &members);
+            let new = schema::encode_dropping_legacy(&old, &members, drop_legacy);
             let result = match cm {
                 Some(_) if new == old => return Ok(snap),
                 Some(mut cm) => {
@@ -308,6 +323,17 @@ impl<S: Store> Core<S> {
                 }
             }
             removed.then_some(members)
+        })
+        .await
+    }
+
+    async fn remove_legacy(&self, enodes: Vec<Enode>) -> Result<Snapshot> {
+        let drop: BTreeSet<NodeId> = enodes.iter().map(Enode::node_id).collect();
+        self.modify_dropping_legacy("remove_legacy", &drop, |snap| {
+            snap.legacy
+                .iter()
+                .any(|e| drop.contains(&e.node_id()))
+                .then(|| snap.members.clone())
         })
         .await
     }
@@ -458,6 +484,10 @@ impl PeerRegistry for ConfigMapRegistry {
 
     async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
         self.core.remove(expected).await
+    }
+
+    async fn remove_legacy(&self, enodes: Vec<Enode>) -> Result<Snapshot> {
+        self.core.remove_legacy(enodes).await
     }
 
     fn watch(&self) -> BoxStream<'static, Result<Snapshot>> {

@@ -54,6 +54,10 @@ pub struct Snapshot {
     /// Operator-maintained peers outside the cluster: read by every sidecar, never
     /// written by one.
     pub external: Vec<Enode>,
+    /// Legacy members: `static-nodes.json` entries with no member record, as the
+    /// original (Python) sidecar writes them: peered with, kept in
+    /// `static-nodes.json`, removed only on the same evidence as a member.
+    pub legacy: Vec<Enode>,
     /// Human-readable problems found while decoding (malformed records skipped,
     /// garbage in the derived key, ...). Each names the key and what to do.
     pub problems: Vec<String>,

@@ -30,6 +30,11 @@ pub trait PeerRegistry: Send + Sync {
     /// to remove (then nothing is written).
     async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot>;
 
+    /// Removes legacy members ([`Snapshot::legacy`]: `static-nodes.json`
+    /// entries without a record) with these node ids from `static-nodes.json`.
+    /// Compare-and-swap loop; nothing is written when none is there.
+    async fn remove_legacy(&self, enodes: Vec<geth_ipc::Enode>) -> Result<Snapshot>;
+
     /// Follows changes: a fresh snapshot after every change (a deleted registry
     /// gives an empty snapshot with `resource_version` `None`), surviving watch
     /// timeouts, `410 Gone` and apiserver restarts. Errors are yielded as items and

@@ -5,7 +5,7 @@
 //! | key | content | written by |
 //! |---|---|---|
 //! | `member.<pod>` | one [`MemberRecord`] as JSON (camelCase fields) | the member's sidecar |
-//! | `static-nodes.json` | JSON array of all members' enode URLs, sorted | derived on every write |
+//! | `static-nodes.json` | JSON array of all members' enode URLs, sorted, plus legacy entries | derived on every write; legacy entries (no member record: the original Python sidecar's) are kept verbatim |
 //! | `external-peers.json` | JSON array of enode URLs outside the cluster | the operator only |
 //! | `schema-version` | `"1"` | set when absent |
 //! | anything else | preserved byte-for-byte | third parties |
@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use geth_ipc::Enode;
+use geth_ipc::{Enode, NodeId};
 
 use crate::record::{MemberRecord, Snapshot};
 
@@ -194,13 +194,63 @@ pub fn decode(data: &BTreeMap<String, String>, resource_version: Option<String>)
             ));
         }
     }
+    if let Some(value) = data.get(STATIC_NODES_KEY) {
+        let members: BTreeSet<NodeId> = snap
+            .members
+            .values()
+            .flat_map(|m| [m.node_id, m.enode.node_id()])
+            .collect();
+        for (_, enode) in legacy_entries(value, &members, &mut snap.problems) {
+            if !snap.legacy.iter().any(|e| e.node_id() == enode.node_id()) {
+                snap.legacy.push(enode);
+            }
+        }
+    }
     snap
+}
+
+/// The entries of a `static-nodes.json` value that belong to no member in
+/// `members` (by node id): legacy members, as (the text as stored, parsed).
+/// Entries that are not enode URLs are named in `problems` and left out.
+fn legacy_entries(
+    value: &str,
+    members: &BTreeSet<NodeId>,
+    problems: &mut Vec<String>,
+) -> Vec<(String, Enode)> {
+    let Ok(entries) = serde_json::from_str::<Vec<String>>(value) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        match entry.parse::<Enode>() {
+            Ok(enode) if members.contains(&enode.node_id()) => {}
+            Ok(enode) => out.push((entry, enode)),
+            Err(e) => problems.push(format!(
+                "key {STATIC_NODES_KEY:?}: entry {} is not an enode URL ({e}); ignored and \
+                 dropped on the next write",
+                truncated(&entry)
+            )),
+        }
+    }
+    out
 }
 
 /// The derived `static-nodes.json` value: every member's enode URL, sorted,
 /// without duplicates, as a compact JSON array.
 pub fn static_nodes(members: &BTreeMap<String, MemberRecord>) -> String {
     let urls: BTreeSet<String> = members.values().map(|m| m.enode.to_string()).collect();
+    let urls: Vec<&String> = urls.iter().collect();
+    serde_json::to_string(&urls).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// `static_nodes` (a JSON array) with the `legacy` entries added, sorted,
+/// without duplicates.
+fn with_legacy(static_nodes: &str, legacy: &[String]) -> String {
+    let mut urls: BTreeSet<String> = serde_json::from_str::<Vec<String>>(static_nodes)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    urls.extend(legacy.iter().cloned());
     let urls: Vec<&String> = urls.iter().collect();
     serde_json::to_string(&urls).unwrap_or_else(|_| "[]".to_owned())
 }
@@ -214,7 +264,8 @@ pub fn static_nodes(members: &BTreeMap<String, MemberRecord>) -> String {
 ///   pod not in `members` is deleted: that member was removed. Malformed
 ///   `member.*` values of pods not in `members` are kept: we never delete what we
 ///   cannot read.
-/// - `static-nodes.json` is rebuilt from `members`.
+/// - `static-nodes.json` is rebuilt from `members`, keeping legacy entries
+///   (see [`encode_dropping_legacy`]).
 /// - `external-peers.json` and every unknown key are kept byte-for-byte.
 /// - `schema-version` is set to `"1"` when absent, kept otherwise.
 ///
@@ -223,6 +274,22 @@ pub fn static_nodes(members: &BTreeMap<String, MemberRecord>) -> String {
 pub fn encode(
     existing: &BTreeMap<String, String>,
     members: &BTreeMap<String, MemberRecord>,
+) -> BTreeMap<String, String> {
+    encode_dropping_legacy(existing, members, &BTreeSet::new())
+}
+
+/// [`encode`], also dropping the legacy entries of `static-nodes.json` whose
+/// node id is in `drop_legacy`.
+///
+/// Legacy entries are the stored `static-nodes.json` entries whose node id
+/// belongs to no member record, neither stored nor in `members` (an entry of a
+/// member removed now is not legacy: it goes with its member). They are kept
+/// verbatim (text as stored, e.g. with `?discport=0`), so the original sidecar,
+/// which re-adds its own entry when it does not find it, never has to.
+pub fn encode_dropping_legacy(
+    existing: &BTreeMap<String, String>,
+    members: &BTreeMap<String, MemberRecord>,
+    drop_legacy: &BTreeSet<NodeId>,
 ) -> BTreeMap<String, String> {
     let mut data: BTreeMap<String, String> = existing
         .iter()
@@ -247,11 +314,37 @@ pub fn encode(
             data.insert(key, value);
         }
     }
-    let derived = static_nodes(members);
-    let derived_unchanged = existing.get(STATIC_NODES_KEY).is_some_and(|old| {
-        serde_json::from_str::<Vec<String>>(old).ok()
-            == serde_json::from_str::<Vec<String>>(&derived).ok()
-    });
+    let mut known: BTreeSet<NodeId> = members
+        .values()
+        .flat_map(|m| [m.node_id, m.enode.node_id()])
+        .collect();
+    known.extend(
+        existing
+            .iter()
+            .filter_map(|(key, value)| {
+                let pod = key.strip_prefix(MEMBER_KEY_PREFIX)?;
+                decode_member(key, pod, value).ok()
+            })
+            .flat_map(|m| [m.node_id, m.enode.node_id()]),
+    );
+    let legacy: Vec<String> = existing
+        .get(STATIC_NODES_KEY)
+        .map(|value| legacy_entries(value, &known, &mut Vec::new()))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, enode)| !drop_legacy.contains(&enode.node_id()))
+        .map(|(text, _)| text)
+        .collect();
+    let derived = with_legacy(&static_nodes(members), &legacy);
+    // Compared as sets: the original sidecar appends, we sort.
+    let as_set = |v: &str| {
+        serde_json::from_str::<Vec<String>>(v)
+            .ok()
+            .map(|l| l.into_iter().collect::<BTreeSet<String>>())
+    };
+    let derived_unchanged = existing
+        .get(STATIC_NODES_KEY)
+        .is_some_and(|old| as_set(old).is_some() && as_set(old) == as_set(&derived));
     if !derived_unchanged {
         data.insert(STATIC_NODES_KEY.to_owned(), derived);
     }
@@ -296,6 +389,80 @@ pub(crate) mod tests {
 
     fn set(recs: &[MemberRecord]) -> BTreeMap<String, MemberRecord> {
         recs.iter().map(|r| (r.pod.clone(), r.clone())).collect()
+    }
+
+    /// A static-nodes.json as the original sidecar leaves it: our members
+    /// plus its own entry, appended, with `?discport=0`.
+    fn with_legacy_entry(recs: &[MemberRecord], legacy: &str) -> BTreeMap<String, String> {
+        let mut data = encode(&BTreeMap::new(), &set(recs));
+        let mut list: Vec<String> = serde_json::from_str(&data[STATIC_NODES_KEY]).unwrap();
+        list.push(legacy.to_owned());
+        data.insert(
+            STATIC_NODES_KEY.to_owned(),
+            serde_json::to_string(&list).unwrap(),
+        );
+        data
+    }
+
+    #[test]
+    fn static_nodes_entries_without_a_record_are_legacy_members_kept_verbatim() {
+        let recs = [member("geth-0", 1), member("geth-1", 2)];
+        let legacy = format!("{}?discport=0", enode(7, "10.9.0.7"));
+        let data = with_legacy_entry(&recs, &legacy);
+        let snap = decode(&data, None);
+        assert_eq!(snap.members.len(), 2);
+        assert_eq!(snap.legacy.len(), 1);
+        assert_eq!(snap.legacy[0].node_id(), enode(7, "10.9.0.7").node_id());
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        // Our write keeps it byte for byte: the original sidecar never re-adds it.
+        let mut more = set(&recs);
+        more.insert("geth-2".into(), member("geth-2", 3));
+        let written = encode(&data, &more);
+        let list: Vec<String> = serde_json::from_str(&written[STATIC_NODES_KEY]).unwrap();
+        assert!(list.contains(&legacy), "{list:?}");
+        assert_eq!(list.len(), 4);
+        // An unchanged member set leaves the appended (unsorted) list alone.
+        assert_eq!(encode(&data, &set(&recs)), data);
+    }
+
+    #[test]
+    fn a_removed_members_entry_goes_with_it_and_is_not_taken_for_legacy() {
+        let recs = [member("geth-0", 1), member("geth-1", 2)];
+        let data = encode(&BTreeMap::new(), &set(&recs));
+        let written = encode(&data, &set(&recs[..1]));
+        let snap = decode(&written, None);
+        assert!(snap.legacy.is_empty(), "{:?}", snap.legacy);
+        let list: Vec<String> = serde_json::from_str(&written[STATIC_NODES_KEY]).unwrap();
+        assert_eq!(list.len(), 1);
+    }
+
+    #[test]
+    fn a_legacy_entry_is_dropped_only_when_asked() {
+        let recs = [member("geth-0", 1)];
+        let legacy = enode(7, "10.9.0.7");
+        let data = with_legacy_entry(&recs, &legacy.to_string());
+        let drop = BTreeSet::from([legacy.node_id()]);
+        let written = encode_dropping_legacy(&data, &set(&recs), &drop);
+        assert!(decode(&written, None).legacy.is_empty());
+        // A legacy node that now has a record is a member, not legacy.
+        let mut migrated = member("geth-9", 7);
+        migrated.enode = legacy.clone();
+        let snap = decode(&encode(&data, &set(&[recs[0].clone(), migrated])), None);
+        assert!(snap.legacy.is_empty());
+        assert_eq!(snap.members.len(), 2);
+    }
+
+    #[test]
+    fn a_static_nodes_entry_that_is_not_an_enode_is_named_and_dropped() {
+        let recs = [member("geth-0", 1)];
+        let data = with_legacy_entry(&recs, "enode://nonsense");
+        let snap = decode(&data, None);
+        assert!(snap.legacy.is_empty());
+        assert!(
+            snap.problems.iter().any(|p| p.contains("nonsense")),
+            "{:?}",
+            snap.problems
+        );
     }
 
     #[test]

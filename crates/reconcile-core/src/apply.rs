@@ -60,6 +60,11 @@ pub fn apply_registry(snapshot: &mut Snapshot, actions: &[RegistryAction]) {
                     }
                 }
             }
+            RegistryAction::RemoveLegacy(enodes) => {
+                snapshot
+                    .legacy
+                    .retain(|l| !enodes.iter().any(|e| e.node_id() == l.node_id()));
+            }
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct Config {
     /// again, once: geth may have ignored the add for an older address it held.
     /// No start and no steady mesh issues a removePeer otherwise. Default: 10 s.
     pub stale_entry_after: Duration,
+    /// Peer with legacy members: `static-nodes.json` entries without a member
+    /// record, as the original (Python) sidecar writes them, so a fleet
+    /// migrating from it forms one mesh. They are removed only after
+    /// `dead_after` of unreachability (with the partition guard). Default: on.
+    pub legacy_members: bool,
     /// The member address allowlist. When not empty, a member record whose
     /// enode host is an IP outside every network listed is refused like a
     /// loopback one: never dialled, not counted as missing, reported as a
@@ -53,6 +58,7 @@ impl Default for Config {
             dial_grace: Duration::from_secs(2),
             stale_entry_after: Duration::from_secs(10),
             member_cidrs: Vec::new(),
+            legacy_members: true,
         }
     }
 }

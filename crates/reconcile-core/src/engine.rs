@@ -32,6 +32,32 @@ fn within(now: Timestamp, t: Timestamp, window: Duration) -> bool {
     distance < window
 }
 
+/// Why an address may not be dialled as a member's.
+enum AddressRefusal {
+    /// Loopback, unspecified, multicast or link-local.
+    Local,
+    /// Outside every network of `Config::member_cidrs`.
+    OutsideCidrs,
+}
+
+/// Whether a member's (or legacy member's) address is refused. A DNS name is
+/// checked against the allowlist never: geth resolves it at every dial, this
+/// engine never does.
+fn refused_address(config: &Config, enode: &Enode) -> Option<AddressRefusal> {
+    if enode.host().is_unroutable() {
+        return Some(AddressRefusal::Local);
+    }
+    match enode.host() {
+        geth_ipc::Host::Ip(ip)
+            if !config.member_cidrs.is_empty()
+                && !config.member_cidrs.iter().any(|net| net.contains(*ip)) =>
+        {
+            Some(AddressRefusal::OutsideCidrs)
+        }
+        _ => None,
+    }
+}
+
 /// What the pod list says about a member.
 enum PodVerdict {
     /// No usable pod evidence.
@@ -285,33 +311,55 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             });
             continue;
         }
-        if record.enode.host().is_unroutable() {
+        match refused_address(config, &record.enode) {
             // Never dialled: anyone who may patch the ConfigMap could otherwise
             // point every geth at its own node or outside the pod network.
-            report.problems.push(Problem::MemberAdvertisesLocalAddress {
-                pod: record.pod.clone(),
-                enode: record.enode.to_string(),
-            });
-            continue;
-        }
-        if let geth_ipc::Host::Ip(ip) = record.enode.host()
-            && !config.member_cidrs.is_empty()
-            && !config.member_cidrs.iter().any(|net| net.contains(*ip))
-        {
-            // Same refusal, for an operator-set allowlist. A DNS name is not
-            // checked: geth resolves it at every dial, this engine never does.
-            report.problems.push(Problem::MemberOutsideAllowedCidrs {
-                pod: record.pod.clone(),
-                enode: record.enode.to_string(),
-                allowed: allowlist(&config.member_cidrs),
-            });
-            continue;
+            Some(AddressRefusal::Local) => {
+                report.problems.push(Problem::MemberAdvertisesLocalAddress {
+                    pod: record.pod.clone(),
+                    enode: record.enode.to_string(),
+                });
+                continue;
+            }
+            Some(AddressRefusal::OutsideCidrs) => {
+                report.problems.push(Problem::MemberOutsideAllowedCidrs {
+                    pod: record.pod.clone(),
+                    enode: record.enode.to_string(),
+                    allowed: allowlist(&config.member_cidrs),
+                });
+                continue;
+            }
+            None => {}
         }
         others.push(Other {
             record,
             id,
             connected: is_connected(&id) || is_connected(&record.node_id),
         });
+    }
+
+    // 2b. Legacy members: static-nodes.json entries without a record (the
+    // original sidecar's), peered with like members.
+    let mut legacy: Vec<(&Enode, NodeId, bool)> = Vec::new();
+    if config.legacy_members {
+        for enode in &snapshot.legacy {
+            let id = enode.node_id();
+            if id == me.node_id || others.iter().any(|o| o.id == id) {
+                continue;
+            }
+            if let Some(refusal) = refused_address(config, enode) {
+                report.problems.push(Problem::LegacyEntryRefused {
+                    enode: enode.to_string(),
+                    why: match refusal {
+                        AddressRefusal::Local => "loopback, unspecified, multicast or link-local",
+                        AddressRefusal::OutsideCidrs => "outside MEMBER_CIDRS",
+                    }
+                    .to_owned(),
+                });
+                continue;
+            }
+            legacy.push((enode, id, is_connected(&id)));
+        }
     }
 
     // 3. Liveness: which members are gone.
@@ -365,15 +413,48 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             }
         }
     }
-    if !unreachable_candidates.is_empty() {
-        // Partition guard: act only when this node and the members it can reach
-        // (connected, or not failing probes) are a strict majority of the registry.
-        let total = others.len() + 1;
-        let reachable = 1 + others
+    // Legacy members have no pod evidence: only unreachability removes them.
+    let legacy_candidates: Vec<(Enode, RemovalReason)> = legacy
+        .iter()
+        .filter(|(_, _, connected)| !connected)
+        .filter_map(|(enode, id, _)| {
+            let since = *obs.unreachable_since.get(id)?;
+            let for_ = elapsed(obs.now, since);
+            (for_ >= config.dead_after)
+                .then(|| ((*enode).clone(), RemovalReason::Unreachable { since, for_ }))
+        })
+        .collect();
+    // Partition guard: act only when this node and the members it can reach
+    // (connected, or not failing probes) are a strict majority of the registry.
+    let total = others.len() + legacy.len() + 1;
+    let reachable = 1
+        + others
             .iter()
             .filter(|o| o.connected || !obs.unreachable_since.contains_key(&o.id))
+            .count()
+        + legacy
+            .iter()
+            .filter(|(_, id, connected)| *connected || !obs.unreachable_since.contains_key(id))
             .count();
-        if 2 * reachable > total {
+    let majority = 2 * reachable > total;
+    if !legacy_candidates.is_empty() {
+        if majority {
+            registry.push(RegistryAction::RemoveLegacy(
+                legacy_candidates.iter().map(|(e, _)| e.clone()).collect(),
+            ));
+            report.legacy_removals = legacy_candidates;
+        } else {
+            report.suspected_partition = true;
+            report
+                .unreachable
+                .extend(legacy_candidates.iter().map(|(e, _)| PeerRef {
+                    pod: None,
+                    node_id: e.node_id(),
+                }));
+        }
+    }
+    if !unreachable_candidates.is_empty() {
+        if majority {
             removals.extend(unreachable_candidates);
         } else {
             report.suspected_partition = true;
@@ -445,6 +526,23 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         .into_iter()
         .map(|(id, (record, peer))| (id, (&record.enode, peer)))
         .collect();
+    report.legacy = legacy.len();
+    let legacy_removed: BTreeSet<NodeId> = report
+        .legacy_removals
+        .iter()
+        .map(|(e, _)| e.node_id())
+        .collect();
+    for (enode, id, _) in &legacy {
+        if !legacy_removed.contains(id) {
+            targets.entry(*id).or_insert((
+                enode,
+                PeerRef {
+                    pod: None,
+                    node_id: *id,
+                },
+            ));
+        }
+    }
     for (id, enode) in external {
         targets.insert(
             id,

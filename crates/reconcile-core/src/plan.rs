@@ -22,6 +22,9 @@ pub enum RegistryAction {
     /// record (a conditional removal: a member that re-registered in the meantime
     /// is kept).
     Remove(Vec<MemberRecord>),
+    /// Remove these legacy members (`static-nodes.json` entries without a
+    /// record, by node id) from `static-nodes.json`.
+    RemoveLegacy(Vec<Enode>),
 }
 
 /// A call to geth's admin API.
@@ -268,6 +271,19 @@ pub enum Problem {
         /// The allowlist, comma-separated (`10.244.0.0/16,fd00::/8`).
         allowed: String,
     },
+    /// A legacy member (a `static-nodes.json` entry without a record) at an
+    /// address no member may have (loopback, link-local, outside MEMBER_CIDRS...):
+    /// never dialled.
+    #[error(
+        "static-nodes.json entry {enode} (a legacy member: no member record) is at an address \
+         no member may have ({why}): refused, no geth dials it; remove the entry"
+    )]
+    LegacyEntryRefused {
+        /// The entry.
+        enode: String,
+        /// Why.
+        why: String,
+    },
     /// An external peer has a member's node id: the member's record is used.
     #[error("external peer {node_id} is also member {pod}: using the member's record")]
     ExternalIsMember {
@@ -324,6 +340,11 @@ pub struct Report {
     /// Members not peered because their record does not match their pod (pod
     /// evidence), kept in the registry while just written or still connected.
     pub unmatched: Vec<(PeerRef, RemovalReason)>,
+    /// Legacy members (the original sidecar's `static-nodes.json` entries) peered with.
+    pub legacy: usize,
+    /// Legacy members removed from `static-nodes.json` (unreachable for
+    /// `dead_after`, not connected, this observer in a majority), with why.
+    pub legacy_removals: Vec<(Enode, RemovalReason)>,
     /// Input problems worked around.
     pub problems: Vec<Problem>,
 }
@@ -394,6 +415,12 @@ impl fmt::Display for Report {
             .map(|(p, why)| format!("{p} ({why})"))
             .collect();
         list(f, "not matching their pods", &unmatched)?;
+        let legacy_removals: Vec<String> = self
+            .legacy_removals
+            .iter()
+            .map(|(e, why)| format!("legacy {e} ({why})"))
+            .collect();
+        list(f, "removing", &legacy_removals)?;
         list(f, "problems", &self.problems)
     }
 }

@@ -174,6 +174,7 @@ prop_compose! {
                 dial_grace: Duration::from_secs(grace % 3),
                 member_cidrs: Vec::new(),
                 stale_entry_after: Duration::from_secs(10),
+                legacy_members: true,
             },
             now,
             me,

@@ -129,7 +129,7 @@ fn upserts(p: &Plan) -> Vec<&peer_registry::MemberRecord> {
         .iter()
         .filter_map(|a| match a {
             RegistryAction::Upsert(r) => Some(r),
-            RegistryAction::Remove(_) => None,
+            RegistryAction::Remove(_) | RegistryAction::RemoveLegacy(_) => None,
         })
         .collect()
 }
@@ -648,6 +648,69 @@ fn with_pod_evidence_a_record_borrowing_a_live_pods_name_for_another_address_is_
         "{}",
         p.report
     );
+}
+
+#[test]
+fn legacy_members_are_peered_with_and_kept_while_reachable() {
+    let mut w = World::mesh(2);
+    let legacy = node(7);
+    w.snap_mut().legacy.push(legacy.clone());
+    let p = w.plan();
+    assert_eq!(dialled(&p), std::slice::from_ref(&legacy));
+    assert_eq!(p.report.legacy, 1);
+    assert_eq!(p.report.desired, 3);
+    assert!(p.registry.is_empty());
+    // Unreachable, but not yet for dead_after: kept.
+    w.unreachable_for(7, 60);
+    assert!(w.plan().registry.is_empty());
+    // Off: never dialled.
+    w.config.legacy_members = false;
+    assert!(dialled(&w.plan()).is_empty());
+}
+
+#[test]
+fn a_legacy_member_unreachable_for_dead_after_is_removed_only_by_a_majority() {
+    let mut w = World::mesh(2);
+    let legacy = node(7);
+    w.snap_mut().legacy.push(legacy.clone());
+    w.applied.insert(legacy.node_id(), legacy.clone());
+    w.unreachable_for(7, 1_000);
+    let p = w.plan();
+    assert_eq!(
+        p.registry,
+        vec![RegistryAction::RemoveLegacy(vec![legacy.clone()])]
+    );
+    assert_eq!(p.geth, vec![RemovePeer(legacy.clone())]);
+    // Connected: never removed.
+    w.connected.insert(
+        legacy.node_id(),
+        PeerObservation {
+            eth_ready: true,
+            inbound: true,
+        },
+    );
+    assert!(w.plan().registry.is_empty());
+    w.connected.clear();
+    // This observer reaches nobody: a partition, nothing removed.
+    w.unreachable_for(1, 1_000);
+    w.unreachable_for(2, 1_000);
+    let p = w.plan();
+    assert!(p.registry.is_empty());
+    assert!(p.report.suspected_partition);
+}
+
+#[test]
+fn a_legacy_entry_at_a_loopback_address_is_refused() {
+    let mut w = World::mesh(1);
+    w.snap_mut()
+        .legacy
+        .push(node(7).with_host(Host::Ip("127.0.0.1".parse().expect("ip"))));
+    let p = w.plan();
+    assert!(dialled(&p).is_empty());
+    assert!(matches!(
+        &p.report.problems[..],
+        [Problem::LegacyEntryRefused { .. }]
+    ));
 }
 
 #[test]

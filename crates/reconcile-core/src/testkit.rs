@@ -64,6 +64,7 @@ pub(crate) fn snapshot(records: impl IntoIterator<Item = MemberRecord>) -> Snaps
         resource_version: Some("1".into()),
         members: records.into_iter().map(|r| (r.pod.clone(), r)).collect(),
         external: Vec::new(),
+        legacy: Vec::new(),
         problems: Vec::new(),
     }
 }

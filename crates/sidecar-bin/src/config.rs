@@ -166,6 +166,12 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "POD_SELECTOR", default_value = "")]
     pub(crate) pod_selector: String,
 
+    /// Peer with legacy members: static-nodes.json entries without a member
+    /// record, as the original (Python) sidecar writes them, while a fleet
+    /// migrates from it. Turn off once every node runs this sidecar.
+    #[arg(long, env = "LEGACY_MEMBERS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) legacy_members: bool,
+
     /// Member address allowlist: comma-separated IPv4/IPv6 CIDRs (e.g.
     /// 10.244.0.0/16,fd00::/8). A member record whose enode IP lies outside
     /// every one is refused (never dialled, warned once naming its key). A DNS

@@ -65,6 +65,7 @@ impl Settings {
                 trusted: run.trusted,
                 dead_after: run.dead_after,
                 grace_after_register: run.registration_grace,
+                legacy_members: run.legacy_members,
                 member_cidrs: run.member_cidrs.0.clone(),
                 ..core::Config::default()
             },
@@ -498,11 +499,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             return false;
         };
         let me = self.me.as_ref().map(|m| m.node_id);
+        let legacy = snap.legacy.iter().filter(|_| self.s.engine.legacy_members);
         let targets: Vec<(NodeId, Enode)> = snap
             .members
             .values()
-            .filter(|m| Some(m.node_id) != me && !self.connected.contains(&m.node_id))
-            .map(|m| (m.node_id, m.enode.clone()))
+            .map(|m| &m.enode)
+            .chain(legacy)
+            .filter(|e| Some(e.node_id()) != me && !self.connected.contains(&e.node_id()))
+            .map(|e| (e.node_id(), e.clone()))
             .collect();
         let sidecar_port = self.s.listen.port();
         let probes = targets.into_iter().map(|(id, enode)| async move {
@@ -782,6 +786,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         for removal in &plan.report.removals {
             info!("{removal}");
         }
+        for (enode, why) in &plan.report.legacy_removals {
+            info!(enode = %enode, "legacy member {why}: removing it");
+        }
         let mut result = Ok(());
         for action in plan.registry.clone() {
             if let Err(kind) = self.apply_registry(action).await {
@@ -839,6 +846,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             core::RegistryAction::Upsert(rec) => {
                 info!(pod = %rec.pod, node = %rec.node_id.short(), enode = %rec.enode, "registering self");
                 ("upsert", self.registry.upsert(rec).await)
+            }
+            core::RegistryAction::RemoveLegacy(enodes) => {
+                for e in &enodes {
+                    info!(node = %e.node_id().short(), enode = %e, "removing legacy member from static-nodes.json");
+                }
+                ("remove_legacy", self.registry.remove_legacy(enodes).await)
             }
             core::RegistryAction::Remove(recs) => {
                 for r in &recs {

@@ -300,6 +300,118 @@ async fn on_a_100_64_pod_range_probes_never_touch_geths_p2p_port() {
     );
 }
 
+/// What the original (Python) sidecar does, every `period`: read the shared
+/// ConfigMap, append its own enode (with `?discport=0`) to `static-nodes.json`
+/// when missing and patch it back without a precondition, then admin_addPeer
+/// every entry on its geth. Returns (rounds done, writes made) counters.
+fn spawn_legacy_writer(
+    m: &Mesh,
+    i: usize,
+    period: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicU32>,
+    std::sync::Arc<std::sync::atomic::AtomicU32>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let own = format!(
+        "{}?discport=0",
+        m.net.node(i).enode().split('?').next().unwrap_or_default()
+    );
+    let ipc = m.net.node(i).ipc_path().to_owned();
+    let cms: Api<ConfigMap> = Api::namespaced(m.cluster.admin(), &m.ns.name);
+    let (rounds, writes) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let (r, w) = (rounds.clone(), writes.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok(Some(cm)) = cms.get_opt(integration_tests::CONFIGMAP).await {
+                let data = cm.data.unwrap_or_default();
+                let mut list: Vec<String> = data
+                    .get("static-nodes.json")
+                    .and_then(|v| serde_json::from_str(v).ok())
+                    .unwrap_or_default();
+                if !list.contains(&own) {
+                    list.push(own.clone());
+                    let patch = json!({"data": {"static-nodes.json": serde_json::to_string(&list).unwrap()}});
+                    if cms
+                        .patch(
+                            integration_tests::CONFIGMAP,
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        w.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                for enode in list.iter().filter(|e| **e != own) {
+                    let _ =
+                        integration_tests::ipc_call(&ipc, "admin_addPeer", json!([enode])).await;
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+            tokio::time::sleep(period).await;
+        }
+    });
+    (task, rounds, writes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_fleet_with_a_legacy_writer_forms_one_mesh_without_flapping_writes() {
+    use std::sync::atomic::Ordering;
+    // Nodes 0 and 1 run this sidecar; node 2 still runs the original.
+    let mut m = Mesh::without_sidecars("legacy", 3, &[]).await.unwrap();
+    m.start_sidecar(0).unwrap();
+    m.start_sidecar(1).unwrap();
+    m.wait_registered(&all(2), MESH).await.unwrap();
+    let (writer, rounds, writes) = spawn_legacy_writer(&m, 2, Duration::from_millis(500));
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    // Our sidecars dialled the legacy node themselves.
+    for i in 0..2 {
+        assert!(
+            m.metric(i, "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 2.0,
+            "sidecar {i} added both peers"
+        );
+    }
+    // Our side writes (geth-1's record is deleted by hand, its sidecar
+    // re-registers): the legacy entry must survive it, so the legacy writer
+    // never has to re-add it.
+    let cms: Api<ConfigMap> = Api::namespaced(m.cluster.admin(), &m.ns.name);
+    let (before_rounds, before_writes) =
+        (rounds.load(Ordering::SeqCst), writes.load(Ordering::SeqCst));
+    cms.patch(
+        integration_tests::CONFIGMAP,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"data": {"member.geth-1": null}})),
+    )
+    .await
+    .unwrap();
+    m.wait_registered(&all(2), MESH).await.unwrap();
+    eventually("the legacy writer to run 6 more rounds", MESH, || async {
+        (rounds.load(Ordering::SeqCst) >= before_rounds + 6).then_some(())
+    })
+    .await
+    .unwrap();
+    writer.abort();
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        before_writes,
+        "the legacy writer had to re-add its entry"
+    );
+    let data = m.registry_data().await;
+    assert!(
+        data["static-nodes.json"].contains(&format!("@{}:", m.net.node(2).ip())),
+        "the legacy entry is kept: {}",
+        data["static-nodes.json"]
+    );
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_or_vandalised_configmap_is_healed() {
     let m = Mesh::start("heal", 3, &[]).await.unwrap();

@@ -579,3 +579,38 @@ async fn the_mock_is_usable() {
     assert!(!reg.snapshot().await.unwrap().exists());
     assert_eq!(reg.watch().count().await, 1);
 }
+
+#[tokio::test]
+async fn a_legacy_entry_survives_member_writes_and_goes_only_when_removed() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    // The original sidecar appends its own entry to static-nodes.json.
+    let legacy = format!(
+        "{}?discport=0",
+        crate::schema::tests::enode(40, "10.9.0.40")
+    );
+    fake.admin_set(|cm| {
+        let data = cm.data.get_or_insert_with(BTreeMap::new);
+        let mut list: Vec<String> =
+            serde_json::from_str(&data[crate::schema::STATIC_NODES_KEY]).unwrap();
+        list.push(legacy.clone());
+        data.insert(
+            crate::schema::STATIC_NODES_KEY.to_owned(),
+            serde_json::to_string(&list).unwrap(),
+        );
+    });
+    let snap = core.upsert(member("geth-1", 1)).await.unwrap();
+    assert_eq!(snap.legacy.len(), 1);
+    assert!(fake.data()[crate::schema::STATIC_NODES_KEY].contains(&legacy));
+    let writes = fake.writes();
+    // Removing an id that is not there writes nothing.
+    core.remove_legacy(vec![crate::schema::tests::enode(41, "10.9.0.41")])
+        .await
+        .unwrap();
+    assert_eq!(fake.writes(), writes);
+    let snap = core.remove_legacy(snap.legacy.clone()).await.unwrap();
+    assert!(snap.legacy.is_empty());
+    assert_eq!(snap.members.len(), 2);
+    assert!(!fake.data()[crate::schema::STATIC_NODES_KEY].contains(&legacy));
+}
