@@ -247,18 +247,17 @@ impl Cluster {
             self.check_apiserver_alive()?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let admin = self
-            .client_for(&self.admin_token.clone(), "default")
-            .await?;
-        eventually("apiserver /readyz", Duration::from_secs(90), || {
-            let admin = admin.clone();
+        // The client is built anew on every attempt: the certificate file can
+        // be read while the apiserver is still writing it, and a client with a
+        // truncated CA would fail every request (seen under load).
+        let token = self.admin_token.clone();
+        let admin = eventually("apiserver /readyz", Duration::from_secs(90), || {
+            let yaml = self.kubeconfig_yaml(&token, "default");
             async move {
+                let admin = client_from_kubeconfig(&yaml.ok()?).await.ok()?;
                 let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
-                admin
-                    .request_text(req)
-                    .await
-                    .ok()
-                    .filter(|t| t.trim() == "ok")
+                let ready = admin.request_text(req).await.ok()?;
+                (ready.trim() == "ok").then_some(admin)
             }
         })
         .await

@@ -172,6 +172,12 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "LEGACY_MEMBERS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub(crate) legacy_members: bool,
 
+    /// Publish Kubernetes Events on this pod (registered, moved, member removed,
+    /// peer unusable, peer limits, partition, registry unwritable). Needs create
+    /// and patch on events.k8s.io/events.
+    #[arg(long, env = "EVENTS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) events: bool,
+
     /// Member address allowlist: comma-separated IPv4/IPv6 CIDRs (e.g.
     /// 10.244.0.0/16,fd00::/8). A member record whose enode IP lies outside
     /// every one is refused (never dialled, warned once naming its key). A DNS

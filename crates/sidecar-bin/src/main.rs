@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod events;
 mod http;
 mod identity;
 mod metrics;
@@ -123,6 +124,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let mut settings = runner::Settings::from_args(&cli.run, &ns)?;
+            if cli.run.events {
+                settings.events = events::Events::spawn(
+                    client.clone(),
+                    &ns,
+                    &settings.pod,
+                    settings.pod_uid.clone(),
+                );
+            }
             if cli.run.read_pods {
                 let selector =
                     Some(cli.run.pod_selector.trim().to_owned()).filter(|s| !s.is_empty());

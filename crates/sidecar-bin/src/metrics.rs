@@ -34,6 +34,7 @@ pub(crate) struct Metrics {
     pub(crate) last_sync: Gauge<f64, AtomicU64>,
     pub(crate) suspected_partition: Gauge,
     pub(crate) probes: Family<KindLabel, Counter>,
+    pub(crate) peer_limit_suspected: Gauge,
 }
 
 impl Metrics {
@@ -58,6 +59,7 @@ impl Metrics {
             last_sync: Gauge::default(),
             suspected_partition: Gauge::default(),
             probes: Family::default(),
+            peer_limit_suspected: Gauge::default(),
             registry: Registry::with_prefix("geth_peer_sidecar"),
         };
         m.registry.register(
@@ -141,6 +143,11 @@ impl Metrics {
             "probes",
             "Liveness probes of unconnected members, by the port probed (geth or sidecar)",
             m.probes.clone(),
+        );
+        m.registry.register(
+            "peer_limit_suspected",
+            "1 while reachable members stay unconnected for a minute: geth's peer limits (maxpeers, maxpeers/3 outbound dials)",
+            m.peer_limit_suspected.clone(),
         );
         m
     }

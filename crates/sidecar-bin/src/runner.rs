@@ -16,6 +16,7 @@ use reconcile_core as core;
 use tracing::{debug, info, warn};
 
 use crate::config::RunArgs;
+use crate::events::{Events, Notice};
 use crate::http::Health;
 use crate::identity::AdvertiseMode;
 use crate::metrics::Metrics;
@@ -37,6 +38,8 @@ pub(crate) struct Settings {
     pub(crate) pods: Option<PodWatch>,
     /// Notified by the pod watch when a pod appears, moves or goes.
     pub(crate) pod_changes: Arc<tokio::sync::Notify>,
+    /// Kubernetes Events on this pod.
+    pub(crate) events: Events,
 }
 
 impl Settings {
@@ -75,6 +78,7 @@ impl Settings {
             liveness_timeout: run.checked_liveness_timeout().map_err(anyhow::Error::msg)?,
             pods: None,
             pod_changes: Arc::new(tokio::sync::Notify::new()),
+            events: Events::disabled(),
         })
     }
 }
@@ -233,6 +237,7 @@ where
     let mut r = Runner::new(geth, registry, s, metrics, health);
     r.event_loop().await;
     r.deregister().await;
+    r.s.events.close(Duration::from_secs(2)).await;
     Ok(())
 }
 
@@ -478,6 +483,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 let err = ev.error.unwrap_or_default();
                 if is_incompatible(&err) {
                     if self.unusable.insert(ev.peer, err.clone()).is_none() {
+                        self.s.events.emit(Notice::PeerUnusable {
+                            peer: self.peer_name(&ev.peer),
+                            error: err.clone(),
+                        });
                         warn!(peer = %ev.peer.short(), error = %err, "peer is on another network or genesis: registered but unusable");
                     }
                     self.metrics.unusable_peers.set(self.unusable.len() as i64);
@@ -566,6 +575,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         changed
     }
 
+    /// A peer's pod name when it is a member, else its short node id.
+    fn peer_name(&self, id: &NodeId) -> String {
+        self.snapshot
+            .as_ref()
+            .and_then(|s| s.member_by_node_id(id))
+            .map_or_else(|| id.short().to_string(), |m| m.pod.clone())
+    }
+
     fn set_geth_state(&mut self, state: GethState) {
         if state != self.geth_state {
             match &state {
@@ -593,11 +610,24 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 .all(|p| !self.unreachable_since.contains_key(&p.node_id));
         if !stuck {
             self.stuck_since = None;
+            self.metrics.peer_limit_suspected.set(0);
             return;
         }
         let since = *self.stuck_since.get_or_insert(now);
         if !self.mesh_limit_warned && now.duration_since(since) >= MESH_LIMIT_AFTER {
             self.mesh_limit_warned = true;
+            self.metrics.peer_limit_suspected.set(1);
+            self.s.events.emit(Notice::PeerLimitReached {
+                detail: format!(
+                    "{} of {} desired peers are reachable but stayed unconnected for {} s: \
+                     geth's peer limits (--maxpeers, at most maxpeers/3 outbound dials, which \
+                     TRUSTED_PEERS does not lift); start geth with --maxpeers of at least \
+                     3 x (members - 1)",
+                    report.missing.len(),
+                    report.desired,
+                    MESH_LIMIT_AFTER.as_secs()
+                ),
+            });
             warn!(
                 connected = report.connected,
                 desired = report.desired,
@@ -785,6 +815,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.last_engine_problems = problems;
         for removal in &plan.report.removals {
             info!("{removal}");
+            self.s.events.emit(Notice::MemberRemoved {
+                pod: removal.record.pod.clone(),
+                evidence: removal.reason.to_string(),
+            });
         }
         for (enode, why) in &plan.report.legacy_removals {
             info!(enode = %enode, "legacy member {why}: removing it");
@@ -818,6 +852,15 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.metrics.connected_peers.set(report.connected as i64);
         self.metrics.missing_peers.set(report.missing.len() as i64);
         self.metrics.unusable_peers.set(self.unusable.len() as i64);
+        if report.suspected_partition && self.metrics.suspected_partition.get() == 0 {
+            self.s.events.emit(Notice::PartitionSuspected {
+                detail: format!(
+                    "{} member(s) unreachable from here and this node does not reach a \
+                     majority: no member is removed until it does",
+                    report.unreachable.len()
+                ),
+            });
+        }
         self.metrics
             .suspected_partition
             .set(i64::from(report.suspected_partition));
@@ -869,7 +912,22 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 if label == "upsert" {
                     // Known at once, not at the end of the pass: a SIGTERM that
                     // abandons the rest of the pass must still deregister it.
-                    self.me = snap.members.get(&self.s.pod).cloned();
+                    let new = snap.members.get(&self.s.pod).cloned();
+                    if let Some(new) = &new {
+                        match &self.me {
+                            None => self.s.events.emit(Notice::Registered {
+                                enode: new.enode.to_string(),
+                            }),
+                            Some(old) if !old.enode.same_address(&new.enode) => {
+                                self.s.events.emit(Notice::AddressChanged {
+                                    from: old.enode.to_string(),
+                                    to: new.enode.to_string(),
+                                });
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    self.me = new;
                 }
                 self.on_snapshot(snap);
                 Ok(())
@@ -881,6 +939,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     .inc();
                 self.health.registry_synced.store(false, Ordering::Relaxed);
                 warn!(error = %e, "registry {label} failed; will retry");
+                if !matches!(e, peer_registry::Error::Conflict { .. }) {
+                    self.s.events.emit(Notice::RegistryUnwritable {
+                        error: e.to_string(),
+                    });
+                }
                 Err("registry")
             }
         }
@@ -976,7 +1039,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             return;
         };
         match tokio::time::timeout(Duration::from_secs(10), self.registry.remove(vec![me])).await {
-            Ok(Ok(_)) => info!("deregistered"),
+            Ok(Ok(_)) => {
+                info!("deregistered");
+                self.s.events.emit(Notice::Deregistered);
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, "could not deregister; other sidecars will drop this member once it is unreachable")
             }
@@ -1097,6 +1163,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().expect("addr"),
             pods: None,
             pod_changes: Arc::new(tokio::sync::Notify::new()),
+            events: Events::disabled(),
             liveness_timeout: None,
         };
         Runner::new(

@@ -890,3 +890,55 @@ async fn a_node_that_reaches_the_apiserver_but_no_peer_never_removes_the_majorit
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_on_the_pods_say_who_registered_and_left_and_the_role_allows_them() {
+    use k8s_openapi::api::events::v1::Event;
+    let mut m = Mesh::start("events", 2, &[]).await.unwrap();
+    m.wait_registered(&all(2), MESH).await.unwrap();
+    let sc = m.take_sidecar(1).unwrap();
+    assert_eq!(sc.terminate().await, Some(0));
+    let events: Api<Event> = Api::namespaced(m.cluster.admin(), &m.ns.name);
+    let seen = |list: &[Event], reason: &str, pod: &str| {
+        list.iter().any(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod")
+                && e.reporting_controller.as_deref() == Some("geth-peer-sidecar")
+        })
+    };
+    let list = eventually("the Events to be published", MESH, || async {
+        let list = events.list(&Default::default()).await.ok()?.items;
+        (seen(&list, "Registered", "geth-0")
+            && seen(&list, "Registered", "geth-1")
+            && seen(&list, "Deregistered", "geth-1"))
+        .then_some(list)
+    })
+    .await
+    .unwrap();
+    let note = list
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("Registered"))
+        .and_then(|e| e.note.clone())
+        .unwrap_or_default();
+    assert!(note.contains("enode://"), "{note}");
+    // deploy/base/rbac.yaml grants exactly what this needs: nothing was refused.
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        m.ns.name,
+        integration_tests::SERVICE_ACCOUNT
+    );
+    let audit = m.cluster.audit_events(&user);
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["objectRef"]["resource"] == "events" && e["verb"] == "create"),
+        "no Event was created by the sidecars' account"
+    );
+    let refused: Vec<String> = audit
+        .iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
+        .collect();
+    assert!(refused.is_empty(), "requests refused: {refused:?}");
+}

@@ -1,0 +1,254 @@
+//! Kubernetes Events on the sidecar's own pod, for what an operator acts on:
+//! this node registered, moved or deregistered, a member it removed (with the
+//! evidence), a peer on another network, geth's peer limits, a suspected
+//! partition, a registry it cannot write.
+//!
+//! Events go through kube-runtime's [`Recorder`], which deduplicates like
+//! client-go's recorder (a repeat within minutes becomes a `series` count on
+//! one Event). They are published by a background task fed by a bounded channel:
+//! the event loop never waits on the apiserver for an Event, and when the
+//! channel is full an Event is dropped, never the loop's work. The loop emits
+//! only on changes (a new problem, a transition), and the same reason and note
+//! are sent at most once a minute. Needs `create` and `patch` on
+//! `events.k8s.io/events` in the Role; without them the log says so once and
+//! Events stop.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Something an operator should see in `kubectl describe pod`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// This node's record was written for the first time by this sidecar.
+    Registered { enode: String },
+    /// This node's advertised address changed (pod moved, new IP).
+    AddressChanged { from: String, to: String },
+    /// This node's record was removed on SIGTERM.
+    Deregistered,
+    /// This sidecar removed another member from the registry.
+    MemberRemoved { pod: String, evidence: String },
+    /// A peer connects but is on another network, genesis or fork.
+    PeerUnusable { peer: String, error: String },
+    /// Reachable members stay unconnected: geth's peer limits.
+    PeerLimitReached { detail: String },
+    /// Most members look unreachable from here: removals withheld.
+    PartitionSuspected { detail: String },
+    /// A registry write failed for a reason other than a conflict.
+    RegistryUnwritable { error: String },
+}
+
+impl Notice {
+    fn event(&self) -> Event {
+        let (type_, reason, action, note) = match self {
+            Notice::Registered { enode } => (
+                EventType::Normal,
+                "Registered",
+                "Register",
+                format!("registered this geth in the peer registry as {enode}"),
+            ),
+            Notice::AddressChanged { from, to } => (
+                EventType::Normal,
+                "AddressChanged",
+                "Register",
+                format!("this geth's advertised address changed from {from} to {to}"),
+            ),
+            Notice::Deregistered => (
+                EventType::Normal,
+                "Deregistered",
+                "Deregister",
+                "removed this geth from the peer registry on shutdown".to_owned(),
+            ),
+            Notice::MemberRemoved { pod, evidence } => (
+                EventType::Normal,
+                "MemberRemoved",
+                "RemoveMember",
+                format!("removed member {pod} from the peer registry: {evidence}"),
+            ),
+            Notice::PeerUnusable { peer, error } => (
+                EventType::Warning,
+                "PeerUnusable",
+                "Peer",
+                format!(
+                    "peer {peer} is on another network or genesis ({error}): registered but unusable"
+                ),
+            ),
+            Notice::PeerLimitReached { detail } => (
+                EventType::Warning,
+                "PeerLimitReached",
+                "Peer",
+                detail.clone(),
+            ),
+            Notice::PartitionSuspected { detail } => (
+                EventType::Warning,
+                "PartitionSuspected",
+                "RemoveMember",
+                detail.clone(),
+            ),
+            Notice::RegistryUnwritable { error } => (
+                EventType::Warning,
+                "RegistryUnwritable",
+                "WriteRegistry",
+                format!("cannot write the peer registry: {error}"),
+            ),
+        };
+        Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1000)),
+            action: action.to_owned(),
+            secondary: None,
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The same reason and note are sent at most this often.
+const REPEAT_AFTER: Duration = Duration::from_secs(60);
+/// Events waiting to be published; beyond that they are dropped.
+const QUEUE: usize = 64;
+
+/// Where the loop sends its notices. [`Events::disabled`] drops them all.
+#[derive(Default)]
+pub(crate) struct Events {
+    tx: Option<mpsc::Sender<Notice>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Events {
+    /// Events off (no pod identity, or turned off).
+    pub(crate) fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Starts the publisher for the pod `pod` (`uid` when known) in `namespace`.
+    pub(crate) fn spawn(
+        client: kube::Client,
+        namespace: &str,
+        pod: &str,
+        uid: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "geth-peer-sidecar".to_owned(),
+            instance: Some(pod.to_owned()),
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(pod.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid,
+            ..ObjectReference::default()
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(publish(Recorder::new(client, reporter), reference, rx));
+        Self {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops taking notices and waits up to `within` for the queued ones to be
+    /// published (at shutdown: the `Deregistered` Event is the last one).
+    pub(crate) async fn close(&mut self, within: Duration) {
+        self.tx = None;
+        if let Some(task) = self.task.take()
+            && tokio::time::timeout(within, task).await.is_err()
+        {
+            debug!("events not all published before exit");
+        }
+    }
+
+    /// Queues a notice; never waits.
+    pub(crate) fn emit(&self, notice: Notice) {
+        if let Some(tx) = &self.tx
+            && tx.try_send(notice).is_err()
+        {
+            debug!("event queue full or closed; event dropped");
+        }
+    }
+}
+
+async fn publish(recorder: Recorder, reference: ObjectReference, mut rx: mpsc::Receiver<Notice>) {
+    let mut sent: HashMap<(String, Option<String>), Instant> = HashMap::new();
+    while let Some(notice) = rx.recv().await {
+        let event = notice.event();
+        let key = (event.reason.clone(), event.note.clone());
+        if sent.get(&key).is_some_and(|t| t.elapsed() < REPEAT_AFTER) {
+            continue;
+        }
+        sent.retain(|_, t| t.elapsed() < REPEAT_AFTER);
+        match recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                sent.insert(key, Instant::now());
+            }
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                warn!(
+                    "cannot publish Kubernetes Events ({}): grant create and patch on \
+                     events.k8s.io/events in the Role (deploy/base/rbac.yaml, or the chart); \
+                     Events are off until the sidecar restarts",
+                    s.message
+                );
+                return;
+            }
+            Err(e) => debug!(error = %e, reason = %event.reason, "could not publish an event"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_notice_has_a_pascal_case_reason_and_a_bounded_note() {
+        let long = "x".repeat(5000);
+        for n in [
+            Notice::Registered {
+                enode: long.clone(),
+            },
+            Notice::AddressChanged {
+                from: "a".into(),
+                to: "b".into(),
+            },
+            Notice::Deregistered,
+            Notice::MemberRemoved {
+                pod: "geth-3".into(),
+                evidence: "its pod is gone".into(),
+            },
+            Notice::PeerUnusable {
+                peer: "geth-2".into(),
+                error: "genesis mismatch".into(),
+            },
+            Notice::PeerLimitReached { detail: "d".into() },
+            Notice::PartitionSuspected { detail: "d".into() },
+            Notice::RegistryUnwritable {
+                error: "403".into(),
+            },
+        ] {
+            let e = n.event();
+            assert!(e.reason.chars().next().is_some_and(char::is_uppercase));
+            assert!(!e.reason.contains(' ') && e.reason.len() <= 128);
+            assert!(e.note.as_ref().is_some_and(|n| n.len() <= 1000));
+        }
+    }
+
+    #[test]
+    fn disabled_events_accept_notices_and_do_nothing() {
+        Events::disabled().emit(Notice::Deregistered);
+    }
+}
