@@ -73,6 +73,16 @@ pub async fn helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_
             p.name
         );
     }
+    // The sidecar's Kubernetes Events show where operators look.
+    let described = eventually("the Registered event on the pod", MESH_TIMEOUT, || async {
+        let out = release.kubectl(&["describe", "pod", &pods[0].name]).ok()?;
+        (out.contains("Registered") && out.contains("geth-peer-sidecar")).then_some(out)
+    })
+    .await;
+    assert!(
+        described.is_ok(),
+        "`kubectl describe pod` shows no Registered event from geth-peer-sidecar"
+    );
 }
 
 pub async fn deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_drops_the_old_one(
