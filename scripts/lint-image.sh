@@ -85,6 +85,19 @@ for arch in amd64 arm64; do
     log "NOTE ($arch): the linker warns that these glibc functions need shared libraries at run time (absent on distroless/static):"
     grep 'statically linked applications requires at runtime' "$build_log" | sed 's/^.*warning: /  /' | sort -u >&2
   fi
+  # SBOM of what the image holds: linked crates, static glibc, the base image.
+  sbom=$(scripts/sbom.py "$arch") || die "$arch: scripts/sbom.py failed"
+  python3 - "$sbom" <<'PY' || die "$arch: the SBOM $sbom is incomplete or lists test-only crates"
+import json, sys
+d = json.load(open(sys.argv[1]))
+names = {p["name"] for p in d["packages"]}
+need = {"geth-peer-sidecar", "kube-client", "tokio", "jsonrpsee-core", "rustls", "glibc"}
+assert need <= names, f"missing: {need - names}"
+assert not names & {"mockall", "proptest", "tempfile", "libtest-mimic"}, names & {"mockall", "proptest"}
+unlicensed = [p["name"] for p in d["packages"] if p["licenseConcluded"] == "NOASSERTION" and p.get("primaryPackagePurpose") != "CONTAINER"]
+assert not unlicensed, f"no license: {unlicensed}"
+print(f"SBOM {sys.argv[1]}: {len(d['packages'])} packages")
+PY
   size=$(stat -c %s "$bin")
   gz=$(gzip -9 -c "$bin" | wc -c)
   sizes+=("$arch binary: $(mib "$size") ($size bytes), gzip -9 $(mib "$gz"); image (est.) $(mib $((BASE_COMPRESSED_BYTES + gz))) compressed = distroless static-debian12 ~$(mib "$BASE_COMPRESSED_BYTES") + binary layer $(mib "$gz")")
