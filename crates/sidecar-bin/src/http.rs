@@ -30,6 +30,8 @@ pub(crate) struct Health {
     /// Why this node cannot register itself (its advertised address is unusable),
     /// while it keeps peering with the others.
     pub(crate) advertise_problem: Mutex<Option<String>>,
+    /// Reachable members stay unconnected: geth's peer limits (dial-cap diagnosis).
+    pub(crate) peer_limit: Mutex<Option<String>>,
     /// /healthz fails when no pass completed for this long (`None`: never).
     liveness_timeout: Option<Duration>,
     started: Instant,
@@ -64,6 +66,7 @@ impl Health {
             geth_ok: AtomicBool::new(false),
             registry_synced: AtomicBool::new(false),
             advertise_problem: Mutex::new(None),
+            peer_limit: Mutex::new(None),
             liveness_timeout,
             started: Instant::now(),
             last_pass: Mutex::new(None),
@@ -200,6 +203,7 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
     if let Some(snap) = p.and_then(|p| p.snapshot.as_ref()) {
         problems.extend(snap.problems.iter().cloned());
     }
+    problems.extend(lock(&h.peer_limit).clone());
     let body = StatusBody {
         pod: p.map(|p| p.pod.as_str()),
         geth_ipc_ok: h.geth_ok.load(Ordering::Relaxed),
