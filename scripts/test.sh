@@ -19,6 +19,13 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "supply chain: cargo deny (licenses, bans, sources; advisories need GitHub, see deny.toml)"
+CARGO_DENY_VERSION=0.20.2
+if [[ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]]; then
+  cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION"
+fi
+cargo deny --locked check licenses bans sources
+
 step "build the sidecar binary (end-to-end tests run it as a pod would)"
 cargo build --locked -p sidecar-bin
 cargo build --locked -p geth-ipc --examples
