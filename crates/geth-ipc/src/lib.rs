@@ -4,7 +4,9 @@
 //! ([`Enode`], [`NodeId`], [`Host`], [`NodeInfo`], [`PeerInfo`], [`PeerEvent`]): no
 //! tokio, no I/O. With it, [`GethClient`] implements [`AdminApi`] over an
 //! [`Endpoint`]: geth's IPC socket (framing implemented here), HTTP or WebSocket.
-//! The `test-utils` feature adds `MockAdminApi` (mockall).
+//! The `fake` feature adds [`fake::FakeGeth`], an in-memory `AdminApi` that models
+//! geth's peer handling on a shared in-memory network ([`fake::FakeNet`]); the
+//! `test-utils` feature adds it and `MockAdminApi` (mockall).
 #![cfg_attr(
     feature = "client",
     doc = r#"
@@ -33,6 +35,8 @@ mod client;
 mod endpoint;
 #[cfg(feature = "client")]
 mod error;
+#[cfg(all(feature = "client", any(test, feature = "fake")))]
+pub mod fake;
 #[cfg(feature = "client")]
 mod framing;
 #[cfg(feature = "client")]

@@ -1,0 +1,634 @@
+//! [`FakeGeth`]: an in-memory [`AdminApi`] that models geth's peer handling, on a
+//! shared in-memory network ([`FakeNet`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::client::{AdminApi, PeerEventStream};
+use crate::enode::{Enode, EnodeError, Host, NodeId};
+use crate::error::{Error, Result};
+use crate::types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports};
+
+/// geth's default `--maxpeers`.
+pub const DEFAULT_MAX_PEERS: usize = 50;
+
+/// A valid enode with a distinct, reproducible key per `seed` (public key
+/// `(seed + 1) * G` on secp256k1): handy for fake nodes and registry records.
+///
+/// Fails only for TCP port 0.
+pub fn test_enode(seed: u64, host: Host, tcp_port: u16) -> std::result::Result<Enode, EnodeError> {
+    use k256::elliptic_curve::sec1::ToEncodedPoint;
+    let scalar = k256::Scalar::from(seed) + k256::Scalar::ONE;
+    let point = (k256::ProjectivePoint::GENERATOR * scalar).to_affine();
+    let encoded = point.to_encoded_point(false);
+    let mut pubkey = [0u8; 64];
+    if let Some(xy) = encoded.as_bytes().get(1..65) {
+        pubkey.copy_from_slice(xy);
+    }
+    Enode::new(pubkey, host, tcp_port, None)
+}
+
+/// One connection as one side sees it.
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    /// The other side dialled us.
+    inbound: bool,
+    /// We dialled it as a static peer.
+    static_dialled: bool,
+}
+
+struct Node {
+    /// The node's key and its current address (host and TCP port).
+    enode: Enode,
+    up: bool,
+    max_peers: usize,
+    /// The static dial set (`admin_addPeer`), keyed by node id.
+    statics: BTreeMap<NodeId, Enode>,
+    /// Trusted ids (`admin_addTrustedPeer`).
+    trusted: BTreeSet<NodeId>,
+    links: BTreeMap<NodeId, Link>,
+    subscribers: Vec<mpsc::UnboundedSender<Result<PeerEvent>>>,
+    generation: u64,
+}
+
+impl Node {
+    fn dial_cap(&self) -> usize {
+        (self.max_peers / 3).max(1)
+    }
+
+    fn outbound(&self) -> usize {
+        self.links.values().filter(|l| !l.inbound).count()
+    }
+
+    /// geth's admission check: non-trusted connections are refused at maxpeers.
+    fn admits(&self, from: &NodeId) -> bool {
+        self.trusted.contains(from) || self.links.len() < self.max_peers
+    }
+
+    fn emit(&mut self, event: &PeerEvent) {
+        self.subscribers
+            .retain(|s| s.send(Ok(event.clone())).is_ok());
+    }
+
+    /// Ends every subscription with `ConnectionLost`, as a restart does.
+    fn end_subscriptions(&mut self) {
+        for s in self.subscribers.drain(..) {
+            // A reader that went away needs no notice.
+            let _ = s.send(Err(Error::ConnectionLost));
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("{}:{}", self.enode.host(), self.enode.tcp_port())
+    }
+}
+
+#[derive(Default)]
+struct NetState {
+    nodes: BTreeMap<NodeId, Node>,
+    /// Pairs that cannot reach each other (smaller id first).
+    blocked: BTreeSet<(NodeId, NodeId)>,
+}
+
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+impl NetState {
+    fn reachable(&self, a: NodeId, b: NodeId) -> bool {
+        !self.blocked.contains(&pair(a, b))
+    }
+
+    fn connect(&mut self, dialler: NodeId, target: NodeId) {
+        let (Some(d_addr), Some(t_addr)) = (
+            self.nodes.get(&dialler).map(Node::addr),
+            self.nodes.get(&target).map(Node::addr),
+        ) else {
+            return;
+        };
+        if let Some(d) = self.nodes.get_mut(&dialler) {
+            d.links.insert(
+                target,
+                Link {
+                    inbound: false,
+                    static_dialled: true,
+                },
+            );
+            d.emit(&event(PeerEventKind::Add, target, None, &d_addr, &t_addr));
+        }
+        if let Some(t) = self.nodes.get_mut(&target) {
+            t.links.insert(
+                dialler,
+                Link {
+                    inbound: true,
+                    static_dialled: false,
+                },
+            );
+            t.emit(&event(PeerEventKind::Add, dialler, None, &t_addr, &d_addr));
+        }
+    }
+
+    /// Drops the connection between `a` and `b` (if any), with `why` on both sides.
+    fn disconnect(&mut self, a: NodeId, b: NodeId, why: &str) {
+        for (me, other) in [(a, b), (b, a)] {
+            let other_addr = self.nodes.get(&other).map(Node::addr).unwrap_or_default();
+            if let Some(n) = self.nodes.get_mut(&me)
+                && n.links.remove(&other).is_some()
+            {
+                let local = n.addr();
+                n.emit(&event(
+                    PeerEventKind::Drop,
+                    other,
+                    Some(why),
+                    &local,
+                    &other_addr,
+                ));
+            }
+        }
+    }
+
+    /// Brings the connections to the fixed point of the rules (see [`FakeNet`]).
+    fn settle(&mut self) {
+        // Drop what can no longer exist: a side down, or the pair partitioned.
+        let mut dead = Vec::new();
+        for (id, n) in &self.nodes {
+            for other in n.links.keys() {
+                let other_up = self.nodes.get(other).is_some_and(|o| o.up);
+                if id < other && (!n.up || !other_up || !self.reachable(*id, *other)) {
+                    dead.push((*id, *other));
+                }
+            }
+        }
+        for (a, b) in dead {
+            self.disconnect(a, b, "connection reset by peer");
+        }
+        // Dial static peers until nothing changes: in id order, each node its
+        // static set in id order.
+        loop {
+            let mut dial = None;
+            'search: for (id, n) in &self.nodes {
+                if !n.up || n.outbound() >= n.dial_cap() {
+                    continue;
+                }
+                for (target, at) in &n.statics {
+                    if target == id || n.links.contains_key(target) {
+                        continue;
+                    }
+                    let Some(t) = self.nodes.get(target) else {
+                        continue;
+                    };
+                    if t.up
+                        && t.enode.same_address(at)
+                        && self.reachable(*id, *target)
+                        && n.admits(target)
+                        && t.admits(id)
+                    {
+                        dial = Some((*id, *target));
+                        break 'search;
+                    }
+                }
+            }
+            match dial {
+                Some((a, b)) => self.connect(a, b),
+                None => break,
+            }
+        }
+    }
+}
+
+fn event(
+    kind: PeerEventKind,
+    peer: NodeId,
+    error: Option<&str>,
+    local: &str,
+    remote: &str,
+) -> PeerEvent {
+    PeerEvent {
+        kind,
+        peer,
+        error: error.map(str::to_owned),
+        protocol: None,
+        local: Some(local.to_owned()),
+        remote: Some(remote.to_owned()),
+    }
+}
+
+/// A shared in-memory network that [`FakeGeth`] nodes join.
+///
+/// # The model
+///
+/// Every change (an admin call, [`FakeGeth::restart`], [`FakeGeth::move_to`], a
+/// partition...) is followed at once by a *settle* step that brings the connections
+/// to the fixed point of these rules, deterministically (nodes and static sets in
+/// node-id order; no timers, no background tasks):
+///
+/// - A connection exists only while both nodes are up and can reach each other
+///   (not [partitioned](FakeNet::partition)).
+/// - A node dials each static peer (`admin_addPeer`) that is up, reachable **at the
+///   address stored in the static set** (its current host and TCP port) and not
+///   already connected, unless it is its own id. The dialling side sees the
+///   connection as outbound and `static`, the other side as `inbound`.
+/// - Dial cap: a node has at most `max_peers / 3` (at least 1) outbound
+///   connections.
+/// - Admission: a node refuses a connection (either direction) once it has
+///   `max_peers` connections, unless the other id is trusted
+///   (`admin_addTrustedPeer`): trusted peers bypass admission, not the dial cap.
+/// - `add` and `drop` events go to the subscribers of both sides.
+///
+/// The static set is keyed by node id: `admin_addPeer` of a known id is ignored
+/// even with a new address (remove it first); `admin_removePeer` removes by id and
+/// disconnects the peer whatever its direction, and returns `true` for unknown ids.
+/// Nothing added over the admin API survives [`FakeGeth::stop`] or
+/// [`FakeGeth::restart`].
+///
+/// # What it leaves out
+///
+/// - Timing: geth redials a static node about every 35 s (a 30 s dial history plus
+///   5 s) with a 15 s dial timeout, so a real reconnection can take up to 35 s;
+///   here it is immediate. In particular, after `admin_removePeer` a remote that
+///   has us as a static peer reconnects at once here, after up to 35 s on geth.
+/// - geth's inbound throttle (one inbound attempt per IP every 30 s, not for
+///   loopback and LAN addresses, see [`crate::geth_throttles_inbound_from`]), the
+///   inbound-slot limit and pending-handshake limits.
+/// - Discovery, DNS resolution (a DNS host is compared as a name), the eth
+///   handshake (every connection is reported eth-ready), wrong network or genesis,
+///   and message events.
+/// - A node that is not on this network is never reachable.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> geth_ipc::Result<()> {
+/// use geth_ipc::fake::{FakeNet, test_enode};
+/// use geth_ipc::AdminApi;
+///
+/// let net = FakeNet::new();
+/// let a = net.join(test_enode(1, "10.0.0.1".parse()?, 30303)?);
+/// let b = net.join(test_enode(2, "10.0.0.2".parse()?, 30303)?);
+/// a.add_peer(&b.enode()).await?;
+/// assert_eq!(b.peers().await?[0].id, a.id());
+/// assert!(b.peers().await?[0].network.inbound);
+///
+/// // A known id is not updated: the node moved, the static entry did not.
+/// b.move_to("10.0.0.9".parse()?, 30303);
+/// a.add_peer(&b.enode()).await?;
+/// assert!(a.peers().await?.is_empty());
+/// a.remove_peer(&b.enode()).await?;
+/// a.add_peer(&b.enode()).await?;
+/// assert_eq!(a.peers().await?.len(), 1);
+///
+/// // A restart forgets every added peer.
+/// a.restart();
+/// assert!(a.peers().await?.is_empty());
+/// assert_eq!(a.connection_generation(), 2);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct FakeNet {
+    state: Arc<Mutex<NetState>>,
+}
+
+impl std::fmt::Debug for FakeNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("FakeNet")
+            .field("nodes", &s.nodes.len())
+            .field("blocked", &s.blocked.len())
+            .finish()
+    }
+}
+
+impl FakeNet {
+    /// An empty network.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, NetState> {
+        // The state stays consistent: every change is made under the lock without
+        // any call that can panic midway.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a running node with `--maxpeers 50` at the enode's address.
+    pub fn join(&self, enode: Enode) -> FakeGeth {
+        self.join_with_max_peers(enode, DEFAULT_MAX_PEERS)
+    }
+
+    /// Adds a running node with this `--maxpeers`. A node with the same id
+    /// already on the network is replaced (its connections dropped).
+    pub fn join_with_max_peers(&self, enode: Enode, max_peers: usize) -> FakeGeth {
+        let id = enode.node_id();
+        let joined = enode.clone();
+        let mut s = self.lock();
+        if let Some(mut old) = s.nodes.remove(&id) {
+            old.end_subscriptions();
+            let others: Vec<NodeId> = old.links.keys().copied().collect();
+            s.nodes.insert(id, old);
+            for o in others {
+                s.disconnect(id, o, "client quitting");
+            }
+            s.nodes.remove(&id);
+        }
+        s.nodes.insert(
+            id,
+            Node {
+                enode,
+                up: true,
+                max_peers,
+                statics: BTreeMap::new(),
+                trusted: BTreeSet::new(),
+                links: BTreeMap::new(),
+                subscribers: Vec::new(),
+                generation: 1,
+            },
+        );
+        s.settle();
+        FakeGeth {
+            net: self.clone(),
+            id,
+            joined,
+        }
+    }
+
+    /// Cuts every link between a node of `side_a` and a node of `side_b`
+    /// (connections drop, dials fail) until [`FakeNet::heal`].
+    pub fn partition(&self, side_a: &[NodeId], side_b: &[NodeId]) {
+        let mut s = self.lock();
+        for a in side_a {
+            for b in side_b {
+                if a != b {
+                    s.blocked.insert(pair(*a, *b));
+                }
+            }
+        }
+        s.settle();
+    }
+
+    /// Removes every partition; static peers reconnect.
+    pub fn heal(&self) {
+        let mut s = self.lock();
+        s.blocked.clear();
+        s.settle();
+    }
+
+    /// Applies the rules now. Every call and change already does; this is for
+    /// callers that want to be explicit.
+    pub fn settle(&self) {
+        self.lock().settle();
+    }
+
+    /// The ids of the nodes on the network.
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.lock().nodes.keys().copied().collect()
+    }
+}
+
+/// An in-memory geth: implements [`AdminApi`] on a [`FakeNet`] (see there for the
+/// model and what it leaves out). Cheap to clone; clones are the same node.
+///
+/// While the node is [stopped](FakeGeth::stop), every call fails with
+/// [`Error::Connect`] and peer-event streams have ended with
+/// [`Error::ConnectionLost`], as with a real geth that went away.
+#[derive(Clone)]
+pub struct FakeGeth {
+    net: FakeNet,
+    id: NodeId,
+    /// The enode it joined with (its key never changes).
+    joined: Enode,
+}
+
+impl std::fmt::Debug for FakeGeth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeGeth")
+            .field("id", &self.id.short())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeGeth {
+    /// The node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The network this node is on.
+    pub fn net(&self) -> &FakeNet {
+        &self.net
+    }
+
+    /// The node's enode at its current address.
+    pub fn enode(&self) -> Enode {
+        self.with_node(|n, _| n.enode.clone())
+            .unwrap_or_else(|| self.joined.clone())
+    }
+
+    /// True while the node runs.
+    pub fn is_up(&self) -> bool {
+        self.with_node(|n, _| n.up).unwrap_or(false)
+    }
+
+    /// The ids in the static set (what `admin_addPeer` added and nothing removed).
+    pub fn static_peers(&self) -> Vec<NodeId> {
+        self.with_node(|n, _| n.statics.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The trusted ids.
+    pub fn trusted_peers(&self) -> Vec<NodeId> {
+        self.with_node(|n, _| n.trusted.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Stops the node: connections drop, subscriptions end with
+    /// [`Error::ConnectionLost`], and every added peer (static and trusted) is
+    /// forgotten. Calls fail until [`FakeGeth::start`].
+    pub fn stop(&self) {
+        self.change(|n| {
+            if n.up {
+                n.up = false;
+                n.statics.clear();
+                n.trusted.clear();
+                n.end_subscriptions();
+            }
+        });
+    }
+
+    /// Starts a stopped node (empty static and trusted sets) and increments
+    /// [`AdminApi::connection_generation`], as a client reconnecting would.
+    pub fn start(&self) {
+        self.change(|n| {
+            if !n.up {
+                n.up = true;
+                n.generation += 1;
+            }
+        });
+    }
+
+    /// [`FakeGeth::stop`] then [`FakeGeth::start`].
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+    }
+
+    /// The node's address changes (same key): its connections drop, since they
+    /// were bound to the old address, and the nodes that have it in their static
+    /// set at the old address can no longer reach it. Its own peers are kept;
+    /// combine with [`FakeGeth::restart`] to model a replaced pod.
+    pub fn move_to(&self, host: Host, tcp_port: u16) {
+        let mut s = self.net.lock();
+        let Some(n) = s.nodes.get_mut(&self.id) else {
+            return;
+        };
+        n.enode = n.enode.with_host(host).with_tcp_port(tcp_port);
+        let others: Vec<NodeId> = n.links.keys().copied().collect();
+        for o in others {
+            s.disconnect(self.id, o, "connection reset by peer");
+        }
+        s.settle();
+    }
+
+    fn with_node<R>(&self, f: impl FnOnce(&Node, &NetState) -> R) -> Option<R> {
+        let s = self.net.lock();
+        s.nodes.get(&self.id).map(|n| f(n, &s))
+    }
+
+    fn change(&self, f: impl FnOnce(&mut Node)) {
+        let mut s = self.net.lock();
+        if let Some(n) = s.nodes.get_mut(&self.id) {
+            f(n);
+        }
+        s.settle();
+    }
+
+    fn down_error(&self) -> Error {
+        Error::Connect {
+            endpoint: format!("fake geth {}", self.id.short()),
+            reason: "geth is stopped".into(),
+        }
+    }
+
+    /// Runs `f` on the running node, then settles.
+    fn call<R>(&self, f: impl FnOnce(&mut NetState) -> R) -> Result<R> {
+        let mut s = self.net.lock();
+        if !s.nodes.get(&self.id).is_some_and(|n| n.up) {
+            return Err(self.down_error());
+        }
+        let r = f(&mut s);
+        s.settle();
+        Ok(r)
+    }
+}
+
+#[async_trait::async_trait]
+impl AdminApi for FakeGeth {
+    async fn node_info(&self) -> Result<NodeInfo> {
+        self.call(|s| {
+            let n = s.nodes.get(&self.id)?;
+            Some(NodeInfo {
+                id: self.id,
+                name: "FakeGeth/v1.17.5".into(),
+                enode: format!("{}?discport=0", n.enode),
+                enr: None,
+                ip: Some(n.enode.host().to_string()),
+                ports: Ports {
+                    discovery: 0,
+                    listener: n.enode.tcp_port(),
+                },
+                listen_addr: Some(format!("[::]:{}", n.enode.tcp_port())),
+                protocols: serde_json::json!({"eth": {"network": 1337}}),
+            })
+        })?
+        .ok_or_else(|| self.down_error())
+    }
+
+    async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        self.call(|s| {
+            let Some(n) = s.nodes.get(&self.id) else {
+                return Vec::new();
+            };
+            let local = n.addr();
+            n.links
+                .iter()
+                .filter_map(|(id, link)| {
+                    let other = s.nodes.get(id)?;
+                    let remote = other.addr();
+                    Some(PeerInfo {
+                        id: *id,
+                        name: "FakeGeth/v1.17.5".into(),
+                        enode: other.enode.to_string(),
+                        enr: None,
+                        caps: vec!["eth/68".into(), "eth/69".into()],
+                        network: PeerNetwork {
+                            local_address: local.clone(),
+                            remote_address: remote,
+                            inbound: link.inbound,
+                            trusted: n.trusted.contains(id),
+                            static_: link.static_dialled,
+                        },
+                        protocols: serde_json::json!({"eth": {"version": 68}}),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn add_peer(&self, enode: &Enode) -> Result<bool> {
+        self.call(|s| {
+            if let Some(n) = s.nodes.get_mut(&self.id) {
+                n.statics
+                    .entry(enode.node_id())
+                    .or_insert_with(|| enode.clone());
+            }
+            true
+        })
+    }
+
+    async fn remove_peer(&self, enode: &Enode) -> Result<bool> {
+        self.call(|s| {
+            let other = enode.node_id();
+            if let Some(n) = s.nodes.get_mut(&self.id) {
+                n.statics.remove(&other);
+            }
+            s.disconnect(self.id, other, "disconnect requested");
+            true
+        })
+    }
+
+    async fn add_trusted_peer(&self, enode: &Enode) -> Result<bool> {
+        self.call(|s| {
+            if let Some(n) = s.nodes.get_mut(&self.id) {
+                n.trusted.insert(enode.node_id());
+            }
+            true
+        })
+    }
+
+    async fn remove_trusted_peer(&self, enode: &Enode) -> Result<bool> {
+        self.call(|s| {
+            if let Some(n) = s.nodes.get_mut(&self.id) {
+                n.trusted.remove(&enode.node_id());
+            }
+            true
+        })
+    }
+
+    async fn peer_events(&self) -> Result<PeerEventStream> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.call(|s| {
+            if let Some(n) = s.nodes.get_mut(&self.id) {
+                n.subscribers.push(tx);
+            }
+        })?;
+        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(stream.boxed())
+    }
+
+    fn connection_generation(&self) -> u64 {
+        self.with_node(|n, _| n.generation).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests;
