@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{Mesh, SERVICE_ACCOUNT, eventually};
+use integration_tests::{Mesh, eventually};
 
 const POLL_LIMIT: Duration = Duration::from_secs(120);
 
@@ -58,7 +58,7 @@ async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool) {
     // Steady state: RSS, CPU, apiserver requests over a window.
     m.wait_registered(&all, POLL_LIMIT).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await; // let start-up traffic settle
-    let user = format!("system:serviceaccount:{}:{SERVICE_ACCOUNT}", m.ns.name);
+    let user = m.ns.service_account_user();
     let before_reqs = m.cluster.audited_requests(&user);
     let pids: Vec<u32> = m
         .sidecars

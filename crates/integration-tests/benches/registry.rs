@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Cluster, SERVICE_ACCOUNT, TestContext, TestNamespace, test_member};
+use integration_tests::{Cluster, TestContext, TestNamespace, test_member};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -268,7 +268,7 @@ async fn run(
         (gave_up == 0 && other_errors.is_empty() && lost == 0).then(|| ends.max().unwrap() - start);
 
     // Requests, from the audit log (blocking mode: complete once the response is).
-    let user = format!("system:serviceaccount:{}:{SERVICE_ACCOUNT}", ns.name);
+    let user = ns.service_account_user();
     let events: Vec<serde_json::Value> = cluster
         .audit_events(&user)
         .into_iter()

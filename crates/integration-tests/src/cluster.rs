@@ -544,6 +544,12 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
+    /// The service account's username as the apiserver (and its audit log)
+    /// names it: `system:serviceaccount:<ns>:geth-peer-sidecar`.
+    pub fn service_account_user(&self) -> String {
+        format!("system:serviceaccount:{}:{SERVICE_ACCOUNT}", self.name)
+    }
+
     /// A new client for the service account with its own connection pool.
     pub async fn new_client(&self) -> Result<Client> {
         let yaml = std::fs::read_to_string(&self.kubeconfig).map_err(io_err("read kubeconfig"))?;

@@ -121,6 +121,29 @@ impl Mesh {
         Ok(())
     }
 
+    /// Runs `[runner] bin status ARGS` as inside node `i`'s pod: in its network
+    /// namespace, with geth's IPC socket and the service account's kubeconfig
+    /// (`runner` is e.g. `qemu-aarch64-static` for another architecture).
+    pub fn status_in_pod(
+        &self,
+        i: usize,
+        runner: Option<&str>,
+        bin: &std::path::Path,
+        args: &[&str],
+    ) -> std::io::Result<std::process::Output> {
+        let node = self.net.node(i);
+        std::process::Command::new("ip")
+            .args(["netns", "exec", node.netns().name()])
+            .args(runner)
+            .arg(bin)
+            .arg("status")
+            .args(args)
+            .env("IPC_PATH", node.ipc_path())
+            .env("KUBECONFIG", &self.ns.kubeconfig)
+            .env("NAMESPACE", &self.ns.name)
+            .output()
+    }
+
     /// Starts (or restarts) node `i`'s sidecar.
     pub fn start_sidecar(&mut self, i: usize) -> Result<()> {
         self.starts += 1;

@@ -246,9 +246,4 @@ mod tests {
             assert!(e.note.as_ref().is_some_and(|n| n.len() <= 1000));
         }
     }
-
-    #[test]
-    fn disabled_events_accept_notices_and_do_nothing() {
-        Events::disabled().emit(Notice::Deregistered);
-    }
 }

@@ -129,10 +129,6 @@ enum GethState {
     Down(String),
 }
 
-fn lock_or_recover<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Which port a liveness probe of a member targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ProbeVia {
@@ -615,13 +611,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         if !stuck {
             self.stuck_since = None;
             self.metrics.peer_limit_suspected.set(0);
-            *lock_or_recover(&self.health.peer_limit) = None;
+            *crate::http::lock(&self.health.peer_limit) = None;
             return;
         }
         let since = *self.stuck_since.get_or_insert(now);
         if now.duration_since(since) >= MESH_LIMIT_AFTER {
             self.metrics.peer_limit_suspected.set(1);
-            *lock_or_recover(&self.health.peer_limit) = Some(format!(
+            *crate::http::lock(&self.health.peer_limit) = Some(format!(
                 "{} of {} desired peers are reachable but unconnected since {since}: geth's peer \
                  limits (--maxpeers, at most maxpeers/3 outbound dials, which TRUSTED_PEERS does \
                  not lift); start geth with --maxpeers of at least 3 x (members - 1)",
@@ -1295,7 +1291,7 @@ mod tests {
         assert!(r.mesh_limit_warned);
         // ... and /status and the metric say so while it lasts.
         assert_eq!(r.metrics.peer_limit_suspected.get(), 1);
-        let said = lock_or_recover(&r.health.peer_limit)
+        let said = crate::http::lock(&r.health.peer_limit)
             .clone()
             .unwrap_or_default();
         assert!(said.contains("--maxpeers"), "{said}");
@@ -1304,7 +1300,7 @@ mod tests {
             t0 + jiff::SignedDuration::from_secs(62),
         );
         assert_eq!(r.metrics.peer_limit_suspected.get(), 0);
-        assert!(lock_or_recover(&r.health.peer_limit).is_none());
+        assert!(crate::http::lock(&r.health.peer_limit).is_none());
 
         // An unreachable member is a network matter, not geth's limits.
         let mut r = runner(geth("10.0.0.1"), pod_ip());

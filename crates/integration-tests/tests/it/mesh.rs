@@ -686,15 +686,8 @@ async fn status_prints_every_member_marks_its_own_as_self_and_whether_this_geth_
     let m = Mesh::start("status", 3, &[]).await.unwrap();
     m.wait_full_mesh(&all(3), MESH).await.unwrap();
     m.wait_registered(&all(3), MESH).await.unwrap();
-    let node = m.net.node(0);
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", node.netns().name()])
-        .arg(integration_tests::sidecar_bin())
-        .arg("status")
-        .env("IPC_PATH", node.ipc_path())
-        .env("KUBECONFIG", &m.ns.kubeconfig)
-        .env("NAMESPACE", &m.ns.name)
-        .output()
+    let out = m
+        .status_in_pod(0, None, &integration_tests::sidecar_bin(), &[])
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -774,11 +767,7 @@ async fn pod_evidence_mesh(
 
 /// The requests the sidecars (their service account) made on pods: (verb, name).
 fn pod_requests(m: &Mesh) -> Vec<(String, String)> {
-    let user = format!(
-        "system:serviceaccount:{}:{}",
-        m.ns.name,
-        integration_tests::SERVICE_ACCOUNT
-    );
+    let user = m.ns.service_account_user();
     m.cluster
         .audited_requests(&user)
         .into_iter()
@@ -808,11 +797,7 @@ async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
 async fn with_pod_evidence_pods_are_watched_and_passes_at_steady_state_send_no_pod_requests() {
     // A pass every second or so: the old per-pass LIST would show at once.
     let (m, _pods) = pod_evidence_mesh("pods-watch", 3, &[("RESYNC_INTERVAL", "1s")]).await;
-    let user = format!(
-        "system:serviceaccount:{}:{}",
-        m.ns.name,
-        integration_tests::SERVICE_ACCOUNT
-    );
+    let user = m.ns.service_account_user();
     let watches: Vec<(String, String)> = m
         .cluster
         .audited_watches(&user)
@@ -925,11 +910,7 @@ async fn events_on_the_pods_say_who_registered_and_left_and_the_role_allows_them
         .unwrap_or_default();
     assert!(note.contains("enode://"), "{note}");
     // deploy/base/rbac.yaml grants exactly what this needs: nothing was refused.
-    let user = format!(
-        "system:serviceaccount:{}:{}",
-        m.ns.name,
-        integration_tests::SERVICE_ACCOUNT
-    );
+    let user = m.ns.service_account_user();
     let audit = m.cluster.audit_events(&user);
     assert!(
         audit

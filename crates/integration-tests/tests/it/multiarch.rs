@@ -53,15 +53,8 @@ async fn arm64_binary_under_qemu_reads_the_registry_and_geths_peers() {
         .unwrap();
 
     // Inside node 0's "pod": its network namespace and geth's IPC socket.
-    let node = m.net.node(0);
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", node.netns().name(), qemu])
-        .arg(&bin)
-        .args(["status", "-o", "json"])
-        .env("IPC_PATH", node.ipc_path())
-        .env("KUBECONFIG", &m.ns.kubeconfig)
-        .env("NAMESPACE", &m.ns.name)
-        .output()
+    let out = m
+        .status_in_pod(0, Some(qemu), &bin, &["-o", "json"])
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -75,7 +68,7 @@ async fn arm64_binary_under_qemu_reads_the_registry_and_geths_peers() {
     assert_eq!(members.len(), 2, "{registry:#}");
     // geth's own view of node 0's peers, against what the arm64 binary read
     // over the IPC socket.
-    let peers = node.peer_ids().await.unwrap();
+    let peers = m.net.node(0).peer_ids().await.unwrap();
     for i in 0..2 {
         let id = m.net.node(i).node_id();
         let row = members
