@@ -511,5 +511,7 @@ impl PeerRegistry for ConfigMapRegistry {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+pub(crate) mod memory;
 #[cfg(test)]
 mod tests;

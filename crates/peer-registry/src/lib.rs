@@ -5,7 +5,9 @@
 //! no I/O. With it: the `PeerRegistry` trait, its `ConfigMapRegistry`
 //! implementation (compare-and-swap writes that never lose an entry under
 //! concurrent writers) and the crate `Error`. With `test-utils`: the mockall
-//! mock `MockPeerRegistry`. The schema, the size ceiling, the retry policy and
+//! mock `MockPeerRegistry`, `MemoryRegistry` (the ConfigMap implementation's
+//! compare-and-swap code over an in-memory `MemoryStore`, for test harnesses) and
+//! the `conformance` suite that any `PeerRegistry` must pass. The schema, the size ceiling, the retry policy and
 //! the RBAC the implementation needs are described in the crate's README.md.
 #![forbid(unsafe_code)]
 
@@ -15,6 +17,8 @@ pub mod schema;
 
 #[cfg(feature = "kube")]
 mod configmap;
+#[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
+pub mod conformance;
 #[cfg(feature = "kube")]
 mod error;
 #[cfg(feature = "kube")]
@@ -23,6 +27,8 @@ mod registry;
 pub use cause::{Cause, CauseKind, cause_of};
 pub use record::{MemberRecord, Snapshot};
 
+#[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
+pub use configmap::memory::{MemoryRegistry, MemoryStore};
 #[cfg(feature = "kube")]
 pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy};
 #[cfg(feature = "kube")]

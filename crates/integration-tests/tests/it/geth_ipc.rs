@@ -239,3 +239,138 @@ async fn a_socket_we_may_not_open_is_an_error_naming_the_path_and_the_fix() {
         );
     }
 }
+
+/// The same call sequence on `FakeGeth` and on real geth nodes.
+enum Bed {
+    Fake(Vec<geth_ipc::fake::FakeGeth>),
+    Real {
+        net: GethNet,
+        clients: Vec<GethClient>,
+    },
+}
+
+type Seen = std::collections::BTreeSet<(geth_ipc::NodeId, bool)>;
+
+impl Bed {
+    fn api(&self, i: usize) -> &dyn AdminApi {
+        match self {
+            Bed::Fake(nodes) => &nodes[i],
+            Bed::Real { clients, .. } => &clients[i],
+        }
+    }
+
+    fn is_real(&self) -> bool {
+        matches!(self, Bed::Real { .. })
+    }
+
+    async fn restart(&mut self, i: usize) {
+        match self {
+            Bed::Fake(nodes) => nodes[i].restart(),
+            Bed::Real { net, .. } => net.node_mut(i).restart().await.unwrap(),
+        }
+    }
+
+    /// Connected peers of node `i`: (id, inbound).
+    async fn seen(&self, i: usize) -> Option<Seen> {
+        let peers = self.api(i).peers().await.ok()?;
+        Some(peers.iter().map(|p| (p.id, p.network.inbound)).collect())
+    }
+
+    /// Node `i` shows exactly `want`: at once on the fake; on real geth within
+    /// 60 s (a static redial can take 35 s), and with `hold`, still 8 s later
+    /// (for outcomes where the point is that nothing happens).
+    async fn expect(&self, step: &str, i: usize, want: &[(geth_ipc::NodeId, bool)], hold: bool) {
+        let want: Seen = want.iter().copied().collect();
+        if !self.is_real() {
+            assert_eq!(self.seen(i).await, Some(want), "fake: {step}");
+            return;
+        }
+        let what = format!("real: {step}: node {i} shows {want:?}");
+        eventually(&what, Duration::from_secs(60), || async {
+            (self.seen(i).await.as_ref() == Some(&want)).then_some(())
+        })
+        .await
+        .unwrap();
+        if hold {
+            let until = tokio::time::Instant::now() + Duration::from_secs(8);
+            while tokio::time::Instant::now() < until {
+                assert_eq!(self.seen(i).await, Some(want.clone()), "{what} (held)");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The sequence: add, add of a known id at another address (ignored),
+/// removePeer disconnects, a restart forgets the added peers.
+async fn fake_vs_real_sequence(bed: &mut Bed, enodes: &[Enode]) {
+    let (a, b, c) = (
+        enodes[0].node_id(),
+        enodes[1].node_id(),
+        enodes[2].node_id(),
+    );
+    assert!(bed.api(0).add_peer(&enodes[1]).await.unwrap());
+    bed.expect("add_peer connects", 0, &[(b, false)], false)
+        .await;
+    bed.expect("the other side sees it inbound", 1, &[(a, true)], false)
+        .await;
+
+    // c first at a port nobody listens on, then at its real address: ignored.
+    let wrong = enodes[2].with_tcp_port(enodes[2].tcp_port() + 1);
+    assert!(bed.api(0).add_peer(&wrong).await.unwrap());
+    assert!(bed.api(0).add_peer(&enodes[2]).await.unwrap());
+    bed.expect(
+        "add_peer of a known id with a new address is ignored",
+        0,
+        &[(b, false)],
+        true,
+    )
+    .await;
+    assert!(bed.api(0).remove_peer(&enodes[2]).await.unwrap());
+    assert!(bed.api(0).add_peer(&enodes[2]).await.unwrap());
+    bed.expect(
+        "remove_peer then add_peer takes the new address",
+        0,
+        &[(b, false), (c, false)],
+        false,
+    )
+    .await;
+
+    assert!(bed.api(0).remove_peer(&enodes[1]).await.unwrap());
+    bed.expect("remove_peer disconnects", 0, &[(c, false)], false)
+        .await;
+    bed.expect("on both sides", 1, &[], true).await;
+
+    let generation = bed.api(0).connection_generation();
+    bed.restart(0).await;
+    bed.expect("a restart forgets the added peers", 0, &[], true)
+        .await;
+    bed.expect("the other side sees the drop", 2, &[], false)
+        .await;
+    assert!(bed.api(0).connection_generation() > generation);
+}
+
+#[tokio::test]
+async fn fake_geth_matches_real_geth_on_add_ignore_remove_and_restart() {
+    let ctx = TestContext::new("fake-vs-real");
+    let bridge = Arc::new(Bridge::create().unwrap());
+    let mut net = GethNet::new(&ctx, bridge);
+    net.add_nodes(vec![NodeSpec::default(); 3]).await.unwrap();
+    let enodes: Vec<Enode> = (0..3)
+        .map(|i| net.node(i).enode().parse().unwrap())
+        .collect();
+
+    // The fake joins with the real nodes' keys and addresses: same ids.
+    let fake_net = geth_ipc::fake::FakeNet::new();
+    let fakes = enodes.iter().map(|e| fake_net.join(e.clone())).collect();
+    let mut fake = Bed::Fake(fakes);
+    fake_vs_real_sequence(&mut fake, &enodes).await;
+
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let ep = Endpoint::Ipc(net.node(i).ipc_path().into());
+        clients.push(GethClient::connect(ep, options()).await.unwrap());
+    }
+    let mut real = Bed::Real { net, clients };
+    fake_vs_real_sequence(&mut real, &enodes).await;
+}

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use peer_registry::{ConfigMapRegistry, PeerRegistry};
+use peer_registry::{ConfigMapRegistry, PeerRegistry, conformance};
 use serde_json::json;
 
 const NAME: &str = "geth-shared-static-nodes";
@@ -306,4 +306,79 @@ async fn without_create_permission_a_missing_configmap_is_a_clear_error() {
         .await
         .unwrap();
     reg.upsert(test_member("geth-0", 0)).await.unwrap();
+}
+
+/// peer-registry's conformance suite on the real apiserver: a fresh namespace
+/// (and ConfigMap) per check, sidecar clients with deploy/'s Role, third-party
+/// edits as the admin.
+struct ApiserverHarness {
+    client: kube::Client,
+    admin: Api<ConfigMap>,
+    namespace: String,
+}
+
+impl ApiserverHarness {
+    async fn new(cluster: &Cluster, hint: &str) -> Result<Self, String> {
+        let ns = cluster.namespace(hint).await.map_err(|e| e.to_string())?;
+        Ok(Self {
+            client: ns.new_client().await.map_err(|e| e.to_string())?,
+            admin: Api::namespaced(cluster.admin(), &ns.name),
+            namespace: ns.name.clone(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl conformance::Harness for ApiserverHarness {
+    fn client(&self) -> std::sync::Arc<dyn PeerRegistry> {
+        std::sync::Arc::new(ConfigMapRegistry::new(
+            self.client.clone(),
+            self.namespace.clone(),
+            NAME,
+        ))
+    }
+
+    async fn edit(&self, f: conformance::DataEdit) -> Result<(), String> {
+        let current = self.admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
+        let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(NAME.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        f(cm.data.get_or_insert_with(Default::default));
+        let pp = PostParams::default();
+        let done = match current {
+            Some(_) => self.admin.replace(NAME, &pp, &cm).await,
+            None => self.admin.create(&pp, &cm).await,
+        };
+        done.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn data(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let cm = self.admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
+        Ok(cm.and_then(|c| c.data).unwrap_or_default())
+    }
+
+    async fn delete(&self) -> Result<(), String> {
+        self.admin
+            .delete(NAME, &DeleteParams::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_passes_on_the_real_apiserver() {
+    let (_ctx, cluster, _ns) = start("conformance").await;
+    let n = std::sync::atomic::AtomicU32::new(0);
+    conformance::run_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let cluster = &cluster;
+        async move { ApiserverHarness::new(cluster, &format!("conformance-{i}")).await }
+    })
+    .await
+    .unwrap();
 }

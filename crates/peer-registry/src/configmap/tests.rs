@@ -1,151 +1,19 @@
 //! The CAS loop against an in-memory fake of the ConfigMap API.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::core::Status;
 
+use super::memory::MemoryStore;
 use super::*;
 use crate::registry::MockPeerRegistry;
 use crate::schema::tests::member;
 
-/// A third party's action on the stored object; true when it changed it.
-type Meddle = Box<dyn FnMut(&mut Option<ConfigMap>) -> bool + Send>;
-
-/// An in-memory ConfigMap API for one object, with apiserver semantics:
-/// resourceVersion bumps on every write, replace is conditional on it.
-#[derive(Default)]
-struct FakeState {
-    cm: Option<ConfigMap>,
-    rv: u64,
-    gets: u32,
-    writes: u32,
-    conflicts: u32,
-    /// Errors returned by the next write calls, in order.
-    fail_writes: VecDeque<kube::Error>,
-    /// Errors returned by the next get calls, in order.
-    fail_gets: VecDeque<kube::Error>,
-    /// Run before each write is applied: a third party acting in between.
-    meddle: Option<Meddle>,
-}
-
-#[derive(Clone, Default)]
-struct Fake(Arc<Mutex<FakeState>>);
+/// The in-memory ConfigMap API (apiserver semantics), now public as `MemoryStore`.
+type Fake = MemoryStore;
 
 fn api_err(code: u16, reason: &str) -> kube::Error {
-    kube::Error::Api(Status::failure("fake", reason).with_code(code).boxed())
-}
-
-impl Fake {
-    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.0.lock().unwrap()
-    }
-
-    fn writes(&self) -> u32 {
-        self.state().writes
-    }
-
-    fn data(&self) -> BTreeMap<String, String> {
-        self.state()
-            .cm
-            .as_ref()
-            .and_then(|c| c.data.clone())
-            .unwrap_or_default()
-    }
-
-    /// A third-party write (bumps the resourceVersion).
-    fn admin_set(&self, f: impl FnOnce(&mut ConfigMap)) {
-        let mut s = self.state();
-        s.rv += 1;
-        let rv = s.rv;
-        let cm = s.cm.get_or_insert_with(ConfigMap::default);
-        f(cm);
-        cm.metadata.resource_version = Some(rv.to_string());
-    }
-
-    fn admin_delete(&self) {
-        self.state().cm = None;
-    }
-
-    fn core(&self, retry: RetryPolicy) -> Core<Fake> {
-        Core {
-            store: self.clone(),
-            retry,
-            observer: Arc::new(Observer {
-                namespace: "ns".into(),
-                name: DEFAULT_NAME.into(),
-                above_warn: AtomicBool::new(false),
-                problems: Mutex::new(Vec::new()),
-            }),
-        }
-    }
-
-    fn write(&self, cm: &ConfigMap, create: bool) -> Result<ConfigMap, kube::Error> {
-        let mut s = self.state();
-        if let Some(e) = s.fail_writes.pop_front() {
-            return Err(e);
-        }
-        let mut meddle = s.meddle.take();
-        if let Some(m) = meddle.as_mut()
-            && m(&mut s.cm)
-        {
-            s.rv += 1;
-            let rv = s.rv.to_string();
-            if let Some(c) = s.cm.as_mut() {
-                c.metadata.resource_version = Some(rv);
-            }
-        }
-        s.meddle = meddle;
-        match (&s.cm, create) {
-            (Some(_), true) => {
-                s.conflicts += 1;
-                return Err(api_err(409, "AlreadyExists"));
-            }
-            (None, false) => return Err(api_err(404, "NotFound")),
-            (Some(cur), false) if cur.metadata.resource_version != cm.metadata.resource_version => {
-                s.conflicts += 1;
-                return Err(api_err(409, "Conflict"));
-            }
-            _ => {}
-        }
-        if create && cm.metadata.resource_version.is_some() {
-            return Err(api_err(400, "BadRequest"));
-        }
-        s.rv += 1;
-        s.writes += 1;
-        let mut stored = cm.clone();
-        stored.metadata.resource_version = Some(s.rv.to_string());
-        s.cm = Some(stored.clone());
-        Ok(stored)
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Fake {
-    async fn get(&self) -> Result<Option<ConfigMap>, kube::Error> {
-        tokio::task::yield_now().await;
-        let r = {
-            let mut s = self.state();
-            s.gets += 1;
-            match s.fail_gets.pop_front() {
-                Some(e) => Err(e),
-                None => Ok(s.cm.clone()),
-            }
-        };
-        // Let others interleave between the read and the write.
-        tokio::task::yield_now().await;
-        r
-    }
-
-    async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
-        tokio::task::yield_now().await;
-        self.write(cm, true)
-    }
-
-    async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
-        tokio::task::yield_now().await;
-        self.write(cm, false)
-    }
+    MemoryStore::api_error(code, reason)
 }
 
 fn fast() -> RetryPolicy {
@@ -186,7 +54,7 @@ async fn twenty_concurrent_registrants_never_lose_an_entry() {
         let list: Vec<String> =
             serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
         assert_eq!(list.len(), 20, "round {round}");
-        fake.admin_delete();
+        fake.delete();
     }
     assert!(
         fake.state().conflicts > 0,
@@ -329,7 +197,7 @@ async fn a_deleted_configmap_is_recreated_on_the_next_upsert() {
     let fake = Fake::default();
     let core = fake.core(fast());
     core.upsert(member("geth-0", 0)).await.unwrap();
-    fake.admin_delete();
+    fake.delete();
     assert!(!core.snapshot().await.unwrap().exists());
     let snap = core.upsert(member("geth-0", 0)).await.unwrap();
     assert!(snap.exists());
@@ -390,7 +258,7 @@ async fn metadata_unknown_keys_and_garbage_survive_and_heal() {
     let fake = Fake::default();
     let core = fake.core(fast());
     core.upsert(member("geth-0", 0)).await.unwrap();
-    fake.admin_set(|cm| {
+    fake.edit_object(|cm| {
         cm.metadata.annotations = Some(BTreeMap::from([("a".into(), "b".into())]));
         let d = cm.data.get_or_insert_with(BTreeMap::new);
         d.insert(schema::STATIC_NODES_KEY.into(), "{{{ not json".into());
@@ -419,7 +287,7 @@ async fn a_write_past_the_size_limit_is_refused_and_nothing_is_lost() {
     let fake = Fake::default();
     let core = fake.core(fast());
     core.upsert(member("geth-0", 0)).await.unwrap();
-    fake.admin_set(|cm| {
+    fake.edit_object(|cm| {
         cm.data
             .get_or_insert_with(BTreeMap::new)
             .insert("operator-filler".into(), "x".repeat(950 * 1024));
@@ -590,7 +458,7 @@ async fn a_legacy_entry_survives_member_writes_and_goes_only_when_removed() {
         "{}?discport=0",
         crate::schema::tests::enode(40, "10.9.0.40")
     );
-    fake.admin_set(|cm| {
+    fake.edit_object(|cm| {
         let data = cm.data.get_or_insert_with(BTreeMap::new);
         let mut list: Vec<String> =
             serde_json::from_str(&data[crate::schema::STATIC_NODES_KEY]).unwrap();

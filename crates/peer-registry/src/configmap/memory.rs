@@ -1,0 +1,433 @@
+//! [`MemoryRegistry`]: the ConfigMap implementation's compare-and-swap core over
+//! an in-memory object store ([`MemoryStore`]) with apiserver semantics.
+
+use std::collections::VecDeque;
+use std::sync::PoisonError;
+
+use kube::core::Status;
+use tokio::sync::watch;
+
+use super::*;
+
+/// A third party's action on the stored object before a write; true when it
+/// changed it.
+pub(crate) type Meddle = Box<dyn FnMut(&mut Option<ConfigMap>) -> bool + Send>;
+
+/// The store's state: the object, counters, injected faults.
+pub(crate) struct MemoryState {
+    pub(crate) cm: Option<ConfigMap>,
+    pub(crate) rv: u64,
+    pub(crate) gets: u32,
+    pub(crate) writes: u32,
+    pub(crate) conflicts: u32,
+    /// Errors returned by the next write calls, in order.
+    pub(crate) fail_writes: VecDeque<kube::Error>,
+    /// Errors returned by the next get calls, in order.
+    pub(crate) fail_gets: VecDeque<kube::Error>,
+    /// Run before each write is applied: a third party acting in between.
+    pub(crate) meddle: Option<Meddle>,
+    /// Every change of the object, for watchers.
+    changes: watch::Sender<Option<ConfigMap>>,
+}
+
+impl Default for MemoryState {
+    fn default() -> Self {
+        Self {
+            cm: None,
+            rv: 0,
+            gets: 0,
+            writes: 0,
+            conflicts: 0,
+            fail_writes: VecDeque::new(),
+            fail_gets: VecDeque::new(),
+            meddle: None,
+            changes: watch::Sender::new(None),
+        }
+    }
+}
+
+/// An in-memory ConfigMap API for one object, with the apiserver's semantics:
+/// the resourceVersion goes up at every write, a replace is conditional on it
+/// (409 Conflict), a create of an existing object is 409 AlreadyExists, a replace
+/// of a missing one 404. Clones share the object.
+///
+/// Besides the registry's own writes, a test can act as a third party
+/// ([`MemoryStore::edit`], [`MemoryStore::delete`]) and inject failures
+/// ([`MemoryStore::fail_next_write`], [`MemoryStore::fail_next_get`]).
+#[derive(Clone, Default)]
+pub struct MemoryStore(Arc<Mutex<MemoryState>>);
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state();
+        f.debug_struct("MemoryStore")
+            .field("exists", &s.cm.is_some())
+            .field("resource_version", &s.rv)
+            .field("writes", &s.writes)
+            .field("conflicts", &s.conflicts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store: the registry object does not exist yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An apiserver error with this HTTP code and reason, e.g.
+    /// `MemoryStore::api_error(403, "Forbidden")`, to inject.
+    pub fn api_error(code: u16, reason: &str) -> kube::Error {
+        kube::Error::Api(Status::failure("injected", reason).with_code(code).boxed())
+    }
+
+    /// Successful writes (creates and replaces) so far.
+    pub fn writes(&self) -> u32 {
+        self.state().writes
+    }
+
+    /// Writes refused with a conflict so far.
+    pub fn conflicts(&self) -> u32 {
+        self.state().conflicts
+    }
+
+    /// Reads so far.
+    pub fn gets(&self) -> u32 {
+        self.state().gets
+    }
+
+    /// The stored object, if it exists.
+    pub fn object(&self) -> Option<ConfigMap> {
+        self.state().cm.clone()
+    }
+
+    /// The stored `data` (empty when the object is missing).
+    pub fn data(&self) -> BTreeMap<String, String> {
+        self.state()
+            .cm
+            .as_ref()
+            .and_then(|c| c.data.clone())
+            .unwrap_or_default()
+    }
+
+    /// A third-party edit of the object (`kubectl edit`), creating it if missing:
+    /// bumps the resourceVersion, so a registry write computed before it
+    /// conflicts and is retried.
+    pub fn edit_object(&self, f: impl FnOnce(&mut ConfigMap)) {
+        let mut s = self.state();
+        s.rv += 1;
+        let rv = s.rv;
+        let cm = s.cm.get_or_insert_with(ConfigMap::default);
+        f(cm);
+        cm.metadata.resource_version = Some(rv.to_string());
+        s.notify();
+    }
+
+    /// A third-party edit of the object's `data`; see [`MemoryStore::edit_object`].
+    pub fn edit(&self, f: impl FnOnce(&mut BTreeMap<String, String>)) {
+        self.edit_object(|cm| f(cm.data.get_or_insert_with(BTreeMap::new)));
+    }
+
+    /// A third party deletes the object (the next registration recreates it).
+    pub fn delete(&self) {
+        let mut s = self.state();
+        if s.cm.take().is_some() {
+            s.notify();
+        }
+    }
+
+    /// The next write (create or replace) fails with `err`; queued in order.
+    pub fn fail_next_write(&self, err: kube::Error) {
+        self.state().fail_writes.push_back(err);
+    }
+
+    /// The next read fails with `err`; queued in order.
+    pub fn fail_next_get(&self, err: kube::Error) {
+        self.state().fail_gets.push_back(err);
+    }
+
+    /// The CAS core over this store, with this retry policy.
+    pub(super) fn core(&self, retry: RetryPolicy) -> Core<MemoryStore> {
+        Core {
+            store: self.clone(),
+            retry,
+            observer: Arc::new(Observer {
+                namespace: "memory".into(),
+                name: DEFAULT_NAME.into(),
+                above_warn: AtomicBool::new(false),
+                problems: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn write(&self, cm: &ConfigMap, create: bool) -> Result<ConfigMap, kube::Error> {
+        let mut s = self.state();
+        if let Some(e) = s.fail_writes.pop_front() {
+            return Err(e);
+        }
+        let mut meddle = s.meddle.take();
+        if let Some(m) = meddle.as_mut()
+            && m(&mut s.cm)
+        {
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            if let Some(c) = s.cm.as_mut() {
+                c.metadata.resource_version = Some(rv);
+            }
+            s.notify();
+        }
+        s.meddle = meddle;
+        match (&s.cm, create) {
+            (Some(_), true) => {
+                s.conflicts += 1;
+                return Err(Self::api_error(409, "AlreadyExists"));
+            }
+            (None, false) => return Err(Self::api_error(404, "NotFound")),
+            (Some(cur), false) if cur.metadata.resource_version != cm.metadata.resource_version => {
+                s.conflicts += 1;
+                return Err(Self::api_error(409, "Conflict"));
+            }
+            _ => {}
+        }
+        if create && cm.metadata.resource_version.is_some() {
+            return Err(Self::api_error(400, "BadRequest"));
+        }
+        s.rv += 1;
+        s.writes += 1;
+        let mut stored = cm.clone();
+        stored.metadata.resource_version = Some(s.rv.to_string());
+        s.cm = Some(stored.clone());
+        s.notify();
+        Ok(stored)
+    }
+}
+
+impl MemoryState {
+    fn notify(&self) {
+        self.changes.send_replace(self.cm.clone());
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    async fn get(&self) -> Result<Option<ConfigMap>, kube::Error> {
+        tokio::task::yield_now().await;
+        let r = {
+            let mut s = self.state();
+            s.gets += 1;
+            match s.fail_gets.pop_front() {
+                Some(e) => Err(e),
+                None => Ok(s.cm.clone()),
+            }
+        };
+        // Let others interleave between the read and the write.
+        tokio::task::yield_now().await;
+        r
+    }
+
+    async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+        tokio::task::yield_now().await;
+        self.write(cm, true)
+    }
+
+    async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+        tokio::task::yield_now().await;
+        self.write(cm, false)
+    }
+}
+
+/// A [`PeerRegistry`] in memory with exactly the [`ConfigMapRegistry`]'s
+/// semantics: the same compare-and-swap code runs over a [`MemoryStore`] instead
+/// of the apiserver, so conflicts, retries, creation races, third-party edits and
+/// deletion, unknown keys, legacy `static-nodes.json` entries and garbage records
+/// behave as they do on Kubernetes.
+///
+/// Several registries on one store ([`MemoryRegistry::on`]) are several sidecars
+/// sharing one ConfigMap. [`PeerRegistry::watch`] yields the current snapshot,
+/// then one per change of the object; like a Kubernetes watch that falls behind,
+/// a slow reader sees only the latest of several quick changes. It ends only when
+/// every handle on the store is dropped.
+///
+/// The retry policy defaults to [`MemoryRegistry::FAST_RETRY`] (sub-millisecond
+/// backoff), not the ConfigMap's default.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use futures::StreamExt;
+/// use peer_registry::{MemberRecord, MemoryRegistry, MemoryStore, PeerRegistry};
+///
+/// let store = MemoryStore::new();
+/// let (one, two) = (MemoryRegistry::on(&store), MemoryRegistry::on(&store));
+/// let mut changes = two.watch();
+/// assert!(!changes.next().await.unwrap()?.exists());
+///
+/// let enode = geth_ipc::fake::test_enode(1, "10.0.0.1".parse()?, 30303)?;
+/// let now = jiff::Timestamp::now();
+/// let record = MemberRecord {
+///     pod: "geth-0".into(), node_id: enode.node_id(), enode, pod_uid: None,
+///     pod_ip: None, registered_at: now, updated_at: now, sidecar_version: "1".into(),
+/// };
+/// one.upsert(record).await?;
+/// assert!(changes.next().await.unwrap()?.members.contains_key("geth-0"));
+///
+/// // A third party edits the ConfigMap: unknown keys survive registry writes.
+/// store.edit(|data| { data.insert("operator-note".into(), "hi".into()); });
+/// assert_eq!(two.snapshot().await?.members.len(), 1);
+/// assert_eq!(store.data()["operator-note"], "hi");
+///
+/// // Injected apiserver failures.
+/// store.fail_next_get(MemoryStore::api_error(403, "Forbidden"));
+/// assert!(two.snapshot().await.is_err());
+/// # Ok(()) }
+/// ```
+pub struct MemoryRegistry {
+    store: MemoryStore,
+    core: Core<MemoryStore>,
+}
+
+impl MemoryRegistry {
+    /// The default retry policy here: 200 attempts, 100 µs base, 5 ms cap.
+    pub const FAST_RETRY: RetryPolicy = RetryPolicy {
+        max_attempts: 200,
+        base_delay: Duration::from_micros(100),
+        max_delay: Duration::from_millis(5),
+    };
+
+    /// A registry on a new, empty store.
+    pub fn new() -> Self {
+        Self::on(&MemoryStore::new())
+    }
+
+    /// A registry on `store`, shared with every other registry on it.
+    pub fn on(store: &MemoryStore) -> Self {
+        Self {
+            store: store.clone(),
+            core: store.core(Self::FAST_RETRY),
+        }
+    }
+
+    /// Replaces the retry policy.
+    #[must_use]
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.core.retry = retry;
+        self
+    }
+
+    /// The store: for third-party edits, fault injection and counters.
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryRegistry")
+            .field("store", &self.store)
+            .field("retry", &self.core.retry)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerRegistry for MemoryRegistry {
+    async fn snapshot(&self) -> Result<Snapshot> {
+        self.core.snapshot().await
+    }
+
+    async fn upsert(&self, record: MemberRecord) -> Result<Snapshot> {
+        self.core.upsert(record).await
+    }
+
+    async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
+        self.core.remove(expected).await
+    }
+
+    async fn remove_legacy(&self, enodes: Vec<Enode>) -> Result<Snapshot> {
+        self.core.remove_legacy(enodes).await
+    }
+
+    fn watch(&self) -> BoxStream<'static, Result<Snapshot>> {
+        let mut rx = self.store.state().changes.subscribe();
+        rx.mark_changed();
+        let observer = Arc::clone(&self.core.observer);
+        let mut last: Option<Option<String>> = None;
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            let cm = rx.borrow_and_update().clone();
+            Some((cm, rx))
+        })
+        .filter_map(move |cm| {
+            let snap = observer.observe(cm.as_ref());
+            let item = if last.as_ref() == Some(&snap.resource_version) {
+                None
+            } else {
+                last = Some(snap.resource_version.clone());
+                Some(Ok(snap))
+            };
+            futures::future::ready(item)
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::conformance::{self, MemoryHarness};
+
+    #[tokio::test]
+    async fn conformance_concurrent_registrants_none_lost() {
+        let h = MemoryHarness::new();
+        conformance::concurrent_registrants_none_lost(&h, 30)
+            .await
+            .unwrap();
+        assert!(h.store.conflicts() > 0, "the check must exercise conflicts");
+    }
+
+    #[tokio::test]
+    async fn conformance_conditional_removal_keeps_a_re_registered_member() {
+        conformance::conditional_removal_keeps_a_re_registered_member(&MemoryHarness::new())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn conformance_unknown_keys_are_preserved() {
+        conformance::unknown_keys_are_preserved(&MemoryHarness::new())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn conformance_legacy_entries_are_preserved() {
+        conformance::legacy_entries_are_preserved(&MemoryHarness::new())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn conformance_watch_sees_changes() {
+        conformance::watch_sees_changes(&MemoryHarness::new(), Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn conformance_run_all() {
+        conformance::run_all(|| async { Ok(MemoryHarness::new()) })
+            .await
+            .unwrap();
+    }
+}
