@@ -369,15 +369,18 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
     let mut unmatched: BTreeSet<String> = BTreeSet::new();
     for other in &others {
         let record = other.record;
+        let seen = obs.registrations_seen.get(&other.id).copied();
         let recent = within(obs.now, record.updated_at, config.grace_after_register);
         // Continuous unreachability, never counted from before the record's last
-        // update (a re-registered member starts a new clock).
+        // update nor from before this observer saw that registration (a
+        // re-registered member starts a new clock, whatever its own clock says).
         let down_for = obs.unreachable_since.get(&other.id).map(|&since| {
             let since = if record.updated_at <= obs.now {
                 since.max(record.updated_at)
             } else {
                 since
             };
+            let since = seen.filter(|seen| *seen <= obs.now).map_or(since, |seen| since.max(seen));
             (since, elapsed(obs.now, since))
         });
         let long_down = down_for.filter(|(_, d)| *d >= config.dead_after);
@@ -426,11 +429,21 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         .collect();
     // Partition guard: act only when this node and the members it can reach
     // (connected, or not failing probes) are a strict majority of the registry.
+    // A member first seen after the last probe round and not connected is
+    // unknown, not reachable: a new registration on the far side of a partition
+    // must not make a minority look like a majority.
+    let unchecked = |id: &NodeId| {
+        obs.registrations_seen
+            .get(id)
+            .is_some_and(|seen| obs.probed_at.is_none_or(|probed| *seen > probed))
+    };
     let total = others.len() + legacy.len() + 1;
     let reachable = 1
         + others
             .iter()
-            .filter(|o| o.connected || !obs.unreachable_since.contains_key(&o.id))
+            .filter(|o| {
+                o.connected || !(obs.unreachable_since.contains_key(&o.id) || unchecked(&o.id))
+            })
             .count()
         + legacy
             .iter()

@@ -87,6 +87,18 @@ pub struct Observation<'a> {
     /// not connected after [`Config::stale_entry_after`](crate::Config); the
     /// caller forgets an entry once the peer connects or is removed.
     pub blind_adds: &'a BTreeMap<NodeId, Timestamp>,
+    /// When this observer first saw each member's current registration, on its
+    /// own clock. A member's unreachability clock counts from here as well as
+    /// from the record's `updated_at`, which the member wrote with *its* clock:
+    /// a member whose clock runs behind would otherwise look unreachable for
+    /// longer than it was (and a member removed while partitioned away, which
+    /// re-registers at once, be removed again at once).
+    pub registrations_seen: &'a BTreeMap<NodeId, Timestamp>,
+    /// When this observer's last round of probes started. A member it is not
+    /// connected to and whose registration it first saw after that (see
+    /// `registrations_seen`) has not been checked at all: the partition guard
+    /// does not count it as reachable. `None`: no round yet.
+    pub probed_at: Option<Timestamp>,
 }
 
 impl<'a> Observation<'a> {
@@ -108,6 +120,8 @@ impl<'a> Observation<'a> {
             pods: None,
             unusable: &NO_REASONS,
             blind_adds: &NO_TIMES,
+            registrations_seen: &NO_TIMES,
+            probed_at: None,
         }
     }
 }

@@ -10,6 +10,8 @@ mod identity;
 mod metrics;
 mod pods;
 mod runner;
+#[cfg(test)]
+mod sim;
 mod status;
 
 use std::path::Path;

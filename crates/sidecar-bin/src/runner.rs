@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use geth_ipc::{AdminApi, Enode, Host, NodeId, PeerEvent, PeerEventKind, PeerEventStream};
 use peer_registry::{MemberRecord, PeerRegistry, Snapshot};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use reconcile_core as core;
 use tracing::{debug, info, warn};
 
@@ -40,6 +40,12 @@ pub(crate) struct Settings {
     pub(crate) pod_changes: Arc<tokio::sync::Notify>,
     /// Kubernetes Events on this pod.
     pub(crate) events: Events,
+    /// How members are probed (TCP; the simulation's network in tests).
+    pub(crate) prober: Prober,
+    /// The wall clock (the system's; a simulated one in tests).
+    pub(crate) clock: Clock,
+    /// Seeds the resync jitter (from the OS when `None`).
+    pub(crate) seed: Option<u64>,
 }
 
 impl Settings {
@@ -79,7 +85,74 @@ impl Settings {
             pods: None,
             pod_changes: Arc::new(tokio::sync::Notify::new()),
             events: Events::disabled(),
+            prober: Prober::Tcp,
+            clock: Clock::System,
+            seed: None,
         })
+    }
+}
+
+/// Wall-clock time as this sidecar sees it: record timestamps, unreachability
+/// clocks, the dial grace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Clock {
+    /// The system clock.
+    System,
+    /// `epoch` at `start` of tokio's (paused) clock, shifted by `skew`: the
+    /// simulation's clock, which can be wrong by `skew` like a node's.
+    #[cfg(test)]
+    Simulated {
+        epoch: jiff::Timestamp,
+        start: tokio::time::Instant,
+        skew: jiff::SignedDuration,
+    },
+}
+
+impl Clock {
+    /// The current time.
+    pub(crate) fn now(&self) -> jiff::Timestamp {
+        match self {
+            Self::System => jiff::Timestamp::now(),
+            #[cfg(test)]
+            Self::Simulated { epoch, start, skew } => {
+                let elapsed = jiff::SignedDuration::try_from(start.elapsed())
+                    .unwrap_or(jiff::SignedDuration::MAX);
+                epoch
+                    .saturating_add(elapsed)
+                    .and_then(|t| t.saturating_add(*skew))
+                    .unwrap_or(*epoch)
+            }
+        }
+    }
+}
+
+/// How a member is probed.
+#[derive(Clone)]
+pub(crate) enum Prober {
+    /// A TCP connect with a 2 s timeout, to [`probe_target`].
+    Tcp,
+    /// The simulation's network answers whether the member is reachable.
+    #[cfg(test)]
+    Simulated(Arc<dyn Fn(&Enode) -> bool + Send + Sync>),
+}
+
+impl Prober {
+    /// Whether the member answers, and where it was probed; `None` when its
+    /// host does not resolve.
+    async fn probe(&self, enode: &Enode, sidecar_port: u16) -> Option<(bool, ProbeVia)> {
+        match self {
+            Self::Tcp => {
+                let (addr, via) = probe_target(enode, sidecar_port).await?;
+                let connect = tokio::net::TcpStream::connect(addr);
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), connect).await,
+                    Ok(Ok(_))
+                );
+                Some((ok, via))
+            }
+            #[cfg(test)]
+            Self::Simulated(reachable) => Some((reachable(enode), ProbeVia::GethPort)),
+        }
     }
 }
 
@@ -107,9 +180,8 @@ const GETH_RETRY_CAP: Duration = Duration::from_secs(1);
 /// The longest wait between retries of a pass that failed for another reason.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
-fn jittered(base: Duration) -> Duration {
-    let f = rand::rng().random_range(0.8..1.2);
-    base.mul_f64(f)
+fn jittered(rng: &mut rand::rngs::StdRng, base: Duration) -> Duration {
+    base.mul_f64(rng.random_range(0.8..1.2))
 }
 
 /// Why one geth action failed.
@@ -213,6 +285,12 @@ struct Runner<G, R> {
     /// True once geth restarted under this sidecar: its static set is then
     /// known (empty at the restart, then exactly what we applied).
     static_set_known: bool,
+    /// The resync jitter's source ([`Settings::seed`]).
+    rng: rand::rngs::StdRng,
+    /// When each member's current registration was first seen here.
+    registrations_seen: BTreeMap<NodeId, jiff::Timestamp>,
+    /// When the last round of probes started.
+    probed_at: Option<jiff::Timestamp>,
 }
 
 /// How long reachable members may stay unconnected before the log names geth's
@@ -234,11 +312,27 @@ where
         version = env!("CARGO_PKG_VERSION"),
         "geth-peer-sidecar starting"
     );
+    run_until(geth, registry, s, metrics, health, shutdown_signal()).await;
+    Ok(())
+}
+
+/// The loop until `shutdown` completes, then deregistration: what [`run`] does
+/// after starting the HTTP endpoints (the simulation runs many of these).
+pub(crate) async fn run_until<G, R>(
+    geth: Arc<G>,
+    registry: Arc<R>,
+    s: Settings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    G: AdminApi + 'static,
+    R: PeerRegistry + 'static,
+{
     let mut r = Runner::new(geth, registry, s, metrics, health);
-    r.event_loop().await;
+    r.event_loop(shutdown).await;
     r.deregister().await;
     r.s.events.close(Duration::from_secs(2)).await;
-    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -277,6 +371,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Self {
+        let s_seed = s.seed.unwrap_or_else(rand::random);
         Self {
             geth,
             registry,
@@ -302,15 +397,21 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             cleared: BTreeSet::new(),
             probe_via: None,
             static_set_known: false,
+            rng: rand::rngs::StdRng::seed_from_u64(s_seed),
+            registrations_seen: BTreeMap::new(),
+            probed_at: None,
         }
     }
 
-    async fn event_loop(&mut self) {
-        let shutdown = shutdown_signal();
+    /// Runs passes on every trigger until `shutdown` completes. Every `select!`
+    /// is `biased` (first ready branch wins, in the order written: shutdown,
+    /// the registry, geth, timers), so a run on a paused clock with seeded
+    /// jitter is deterministic.
+    async fn event_loop(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut watch = self.registry.watch();
         let mut events: Option<PeerEventStream> = None;
-        let mut resync_at = tokio::time::Instant::now() + jittered(self.s.resync);
+        let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
         let mut probe_at = tokio::time::Instant::now() + self.s.probe_interval;
         let mut retry_delay = Duration::from_millis(200);
         let mut dirty = true;
@@ -322,6 +423,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 // A pass may wait on a hung geth or a slow apiserver: SIGTERM
                 // abandons it so deregistration fits the pod's grace period.
                 let outcome = tokio::select! {
+                    biased;
                     _ = &mut shutdown => return,
                     outcome = self.reconcile() => outcome,
                 };
@@ -352,6 +454,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 self.health.pass_completed();
                 if events.is_none() && self.geth_state == GethState::Up {
                     let subscribed = tokio::select! {
+                        biased;
                         _ = &mut shutdown => return,
                         subscribed = self.geth.peer_events() => subscribed,
                     };
@@ -367,10 +470,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     None => std::future::pending().await,
                 }
             };
+            let clock = self.s.clock;
             let recheck = async {
                 match self.recheck_at {
                     Some(at) => {
-                        let wait = jiff::Timestamp::now().duration_until(at);
+                        let wait = clock.now().duration_until(at);
                         let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
                         tokio::time::sleep(wait).await;
                     }
@@ -378,6 +482,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
             };
             tokio::select! {
+                biased;
                 _ = &mut shutdown => return,
                 item = watch.next() => match item {
                     Some(Ok(snap)) => {
@@ -414,13 +519,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     }
                 },
                 _ = tokio::time::sleep_until(resync_at) => {
-                    resync_at = tokio::time::Instant::now() + jittered(self.s.resync);
+                    resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
                     debug!("periodic resync");
                     dirty = true;
                 }
                 _ = tokio::time::sleep_until(probe_at) => {
                     probe_at = tokio::time::Instant::now() + self.s.probe_interval;
                     tokio::select! {
+                        biased;
                         _ = &mut shutdown => return,
                         changed = self.probe_members() => dirty |= changed,
                     }
@@ -460,9 +566,36 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             }
             self.last_problems = snap.problems.clone();
         }
+        self.note_new_registrations(&snap);
         self.metrics.members.set(snap.members.len() as i64);
         self.health.registry_synced.store(true, Ordering::Relaxed);
         self.snapshot = Some(snap);
+    }
+
+    /// Notes when this sidecar first saw each member's current registration
+    /// (a new member, a pod back at a new address, a member that re-registered
+    /// after it was removed), on its own clock: the engine's grace and
+    /// unreachability clock count from there ([`core::Observation::registrations_seen`]).
+    ///
+    /// Without it, a member removed while partitioned away re-registers at once
+    /// (it is alive) and, trusted by its record's `updated_at` alone, is removed
+    /// again as soon as that leaves the grace: at once when the member's clock
+    /// runs behind by more than the grace. The simulation (`sim.rs`) found this
+    /// remove / re-register loop, which wrote without pause while the partition
+    /// lasted.
+    fn note_new_registrations(&mut self, snap: &Snapshot) {
+        let now = self.s.clock.now();
+        let held = self.snapshot.as_ref();
+        for (pod, record) in &snap.members {
+            let known = held.and_then(|h| h.members.get(pod)).is_some_and(|old| {
+                old.same_registration(record) && old.pod_uid == record.pod_uid
+            });
+            if !known || !self.registrations_seen.contains_key(&record.node_id) {
+                self.registrations_seen.insert(record.node_id, now);
+            }
+        }
+        self.registrations_seen
+            .retain(|id, _| snap.member_by_node_id(id).is_some());
     }
 
     /// Returns true when the event calls for a reconcile (any change of the peer
@@ -517,20 +650,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .filter(|e| Some(e.node_id()) != me && !self.connected.contains(&e.node_id()))
             .map(|e| (e.node_id(), e.clone()))
             .collect();
+        let started = self.s.clock.now();
         let sidecar_port = self.s.listen.port();
+        let prober = &self.s.prober;
         let probes = targets.into_iter().map(|(id, enode)| async move {
-            let Some((addr, via)) = probe_target(&enode, sidecar_port).await else {
-                return (id, false, None);
-            };
-            let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                    .await,
-                Ok(Ok(_))
-            );
-            (id, ok, Some(via))
+            match prober.probe(&enode, sidecar_port).await {
+                Some((ok, via)) => (id, ok, Some(via)),
+                None => (id, false, None),
+            }
         });
         let results = futures::future::join_all(probes).await;
-        let now = jiff::Timestamp::now();
+        self.probed_at = Some(started);
+        let now = self.s.clock.now();
         let mut changed = false;
         if let Some(via) = results.iter().find_map(|r| r.2)
             && self.probe_via != Some(via)
@@ -773,7 +904,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
             }
         }
-        let now = jiff::Timestamp::now();
+        let now = self.s.clock.now();
         let me = core::SelfIdentity {
             pod: self.s.pod.clone(),
             node_id: info.id,
@@ -801,6 +932,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             unreachable_since: &self.unreachable_since,
             unusable: &self.unusable,
             blind_adds: &self.blind_adds,
+            registrations_seen: &self.registrations_seen,
+            probed_at: self.probed_at,
             ..core::Observation::new(now, &me, self.snapshot.as_ref(), &self.applied)
         };
         let plan = core::plan(&self.s.engine, &obs);
@@ -1175,6 +1308,9 @@ mod tests {
             pod_changes: Arc::new(tokio::sync::Notify::new()),
             events: Events::disabled(),
             liveness_timeout: None,
+            prober: Prober::Tcp,
+            clock: Clock::System,
+            seed: Some(1),
         };
         Runner::new(
             Arc::new(geth),
