@@ -380,7 +380,9 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
             } else {
                 since
             };
-            let since = seen.filter(|seen| *seen <= obs.now).map_or(since, |seen| since.max(seen));
+            let since = seen
+                .filter(|seen| *seen <= obs.now)
+                .map_or(since, |seen| since.max(seen));
             (since, elapsed(obs.now, since))
         });
         let long_down = down_for.filter(|(_, d)| *d >= config.dead_after);

@@ -26,6 +26,8 @@ struct World {
     unreachable: BTreeMap<NodeId, Timestamp>,
     pods: Option<BTreeMap<String, PodObservation>>,
     unusable: BTreeMap<NodeId, String>,
+    seen: BTreeMap<NodeId, Timestamp>,
+    probed_at: Option<Timestamp>,
 }
 
 fn node(i: u8) -> Enode {
@@ -53,7 +55,16 @@ impl World {
             unreachable: BTreeMap::new(),
             pods: None,
             unusable: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            probed_at: None,
         }
+    }
+
+    /// Seconds before now.
+    fn ago(&self, secs: i64) -> Timestamp {
+        self.now
+            .checked_sub(jiff::SignedDuration::from_secs(secs))
+            .expect("in range")
     }
 
     fn snap_mut(&mut self) -> &mut Snapshot {
@@ -100,6 +111,8 @@ impl World {
             unreachable_since: &self.unreachable,
             pods: self.pods.as_ref(),
             unusable: &self.unusable,
+            registrations_seen: &self.seen,
+            probed_at: self.probed_at,
             ..Observation::new(self.now, &self.me, self.snap.as_ref(), &self.applied)
         };
         plan(&self.config, &obs)
@@ -998,4 +1011,40 @@ fn a_peer_record_far_in_the_future_is_clock_skew_and_never_delays_the_add() {
         &Observation::new(at(1), &me, Some(&snap), &applied),
     );
     assert_eq!(p.geth, vec![AddPeer(b)]);
+}
+
+#[test]
+fn a_re_registered_member_gets_dead_after_from_when_this_observer_saw_it_whatever_its_clock() {
+    // geth-1 was removed while partitioned away and wrote itself back at once,
+    // but its clock runs 10 minutes behind: its record says it was updated long
+    // ago. Unreachable from here for an hour; this observer saw the new
+    // registration 30 s ago.
+    let mut w = World::mesh(4);
+    w.unreachable_for(1, 3600);
+    let seen = w.ago(30);
+    w.seen.insert(node(1).node_id(), seen);
+    let p = w.plan();
+    assert!(removed_pods(&p).is_empty(), "removed again at once: {p:?}");
+    // dead_after (120 s) after it was seen, it goes.
+    w.now = seen
+        .checked_add(jiff::SignedDuration::from_secs(121))
+        .expect("in range");
+    assert_eq!(removed_pods(&w.plan()), vec!["geth-1".to_owned()]);
+}
+
+#[test]
+fn a_registration_seen_after_the_last_probe_round_does_not_count_toward_a_majority() {
+    // Self, geth-1 (unreachable for an hour) and geth-2, a registration seen
+    // after the last probe round and not connected: whether it is reachable is
+    // unknown, so self alone is not a majority of three.
+    let mut w = World::mesh(2);
+    w.unreachable_for(1, 3600);
+    w.probed_at = Some(w.ago(4));
+    w.seen.insert(node(2).node_id(), w.ago(2));
+    let p = w.plan();
+    assert!(removed_pods(&p).is_empty(), "a minority removed: {p:?}");
+    assert!(p.report.suspected_partition);
+    // Once a probe round has passed without failing it, it counts.
+    w.probed_at = Some(w.ago(1));
+    assert_eq!(removed_pods(&w.plan()), vec!["geth-1".to_owned()]);
 }

@@ -155,10 +155,15 @@ impl Metrics {
     /// Successful geth admin calls of every kind (the simulation's activity count).
     #[cfg(test)]
     pub(crate) fn geth_actions_total(&self) -> u64 {
-        ["add_peer", "remove_peer", "add_trusted_peer", "remove_trusted_peer"]
-            .iter()
-            .map(|k| self.geth_actions.get_or_create(&Self::kind(k)).get())
-            .sum()
+        [
+            "add_peer",
+            "remove_peer",
+            "add_trusted_peer",
+            "remove_trusted_peer",
+        ]
+        .iter()
+        .map(|k| self.geth_actions.get_or_create(&Self::kind(k)).get())
+        .sum()
     }
 
     pub(crate) fn kind(kind: &str) -> KindLabel {

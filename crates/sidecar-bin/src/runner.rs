@@ -587,9 +587,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let now = self.s.clock.now();
         let held = self.snapshot.as_ref();
         for (pod, record) in &snap.members {
-            let known = held.and_then(|h| h.members.get(pod)).is_some_and(|old| {
-                old.same_registration(record) && old.pod_uid == record.pod_uid
-            });
+            let known = held
+                .and_then(|h| h.members.get(pod))
+                .is_some_and(|old| old.same_registration(record) && old.pod_uid == record.pod_uid);
             if !known || !self.registrations_seen.contains_key(&record.node_id) {
                 self.registrations_seen.insert(record.node_id, now);
             }

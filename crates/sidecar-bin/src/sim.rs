@@ -128,7 +128,6 @@ struct Span {
 /// checked against.
 struct Truth {
     start: Instant,
-    nodes: usize,
     dead_after: Duration,
     gethes: Vec<FakeGeth>,
     /// Each node's current pod UID (its live registration's).
@@ -447,7 +446,6 @@ impl World {
         }
         let truth = Truth {
             start,
-            nodes: n,
             dead_after: engine.dead_after,
             gethes: nodes.iter().map(|n| n.geth.clone()).collect(),
             uids: nodes.iter().map(|n| uid(&n.pod, 0)).collect(),
@@ -466,7 +464,8 @@ impl World {
             nodes,
             truth: Arc::new(Mutex::new(truth)),
             engine,
-            epoch: jiff::Timestamp::from_second(1_795_000_000).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+            epoch: jiff::Timestamp::from_second(1_795_000_000)
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
             start,
             next_ip: 0,
             history: Vec::new(),
@@ -566,7 +565,8 @@ impl World {
             .collect();
         times.sort();
         for at in times {
-            let secs = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_secs(rng.random_range(lo..=hi));
+            let secs =
+                |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_secs(rng.random_range(lo..=hi));
             match self.rng.random_range(0..6) {
                 0 => {
                     if let Some(i) = self.pick_idle(at) {
@@ -620,14 +620,20 @@ impl World {
         match step {
             Step::GethDown(i) => {
                 self.nodes[i].geth.stop();
-                lock(&self.truth).down[i].push(Span { from: now, to: None });
+                lock(&self.truth).down[i].push(Span {
+                    from: now,
+                    to: None,
+                });
             }
             Step::GethUp(i) => {
                 self.nodes[i].geth.start();
                 end_span(&mut lock(&self.truth).down[i], now);
             }
             Step::PodGone(i, graceful) => {
-                lock(&self.truth).down[i].push(Span { from: now, to: None });
+                lock(&self.truth).down[i].push(Span {
+                    from: now,
+                    to: None,
+                });
                 self.stop_sidecar(i, graceful).await;
                 self.nodes[i].geth.stop();
             }
@@ -637,8 +643,9 @@ impl World {
                 let node = &mut self.nodes[i];
                 node.ip = ip;
                 node.incarnation += 1;
-                node.skew =
-                    jiff::SignedDuration::from_secs(self.rng.random_range(-MAX_SKEW_SECS..=MAX_SKEW_SECS));
+                node.skew = jiff::SignedDuration::from_secs(
+                    self.rng.random_range(-MAX_SKEW_SECS..=MAX_SKEW_SECS),
+                );
                 node.geth.move_to(Host::Ip(ip.into()), 30303);
                 node.geth.start();
                 {
@@ -658,9 +665,13 @@ impl World {
                         .collect()
                 };
                 self.net.partition(&ids(true), &ids(false));
-                lock(&self.truth)
-                    .partitions
-                    .push((Span { from: now, to: None }, sides));
+                lock(&self.truth).partitions.push((
+                    Span {
+                        from: now,
+                        to: None,
+                    },
+                    sides,
+                ));
             }
             Step::Heal => {
                 self.net.heal();
@@ -685,7 +696,11 @@ impl World {
     fn observe(&mut self) {
         let snap = self.registry_view();
         let now = self.now();
-        let peers: Vec<usize> = self.nodes.iter().map(|n| n.geth.static_peers().len()).collect();
+        let peers: Vec<usize> = self
+            .nodes
+            .iter()
+            .map(|n| n.geth.static_peers().len())
+            .collect();
         lock(&self.truth).trace.push(format!(
             "{now:?} step: rv {:?} members {:?} statics {peers:?}",
             snap.resource_version,
@@ -712,8 +727,9 @@ impl World {
         for (i, n) in self.nodes.iter().enumerate() {
             let uid = uid(&n.pod, n.incarnation);
             match snap.members.get(&n.pod) {
-                Some(r) if r.pod_uid.as_deref() == Some(uid.as_str())
-                    && r.enode.same_address(&n.geth.enode()) => {}
+                Some(r)
+                    if r.pod_uid.as_deref() == Some(uid.as_str())
+                        && r.enode.same_address(&n.geth.enode()) => {}
                 other => gaps.push(format!(
                     "registry holds {:?} for {}, not {}",
                     other.map(|r| r.enode.to_string()),
@@ -829,7 +845,10 @@ impl World {
         }
         let gaps = self.mesh_gaps().await;
         if !gaps.is_empty() {
-            v.push(format!("mesh lost its fullness while quiet: {}", gaps.join("; ")));
+            v.push(format!(
+                "mesh lost its fullness while quiet: {}",
+                gaps.join("; ")
+            ));
         }
         // SIGTERM to every sidecar: all deregister.
         for i in 0..self.nodes.len() {
@@ -837,7 +856,9 @@ impl World {
         }
         let left = self.registry_view().members.len();
         if left != 0 {
-            v.push(format!("{left} member(s) left after every sidecar got SIGTERM"));
+            v.push(format!(
+                "{left} member(s) left after every sidecar got SIGTERM"
+            ));
         }
         if !v.is_empty() {
             return Err(self.fail(v));
@@ -908,16 +929,83 @@ mod tests {
         0..n
     }
 
+    /// A run that takes longer than this in real time is stuck: a sidecar loops
+    /// without ever waiting, so the paused clock never moves (in production: a
+    /// busy loop).
+    const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Runs the seeds on every core; a seed that does not finish within
+    /// [`STUCK_AFTER`] is reported as stuck.
+    fn run_all(seeds: std::ops::Range<u64>) -> Vec<(u64, Result<Outcome, String>)> {
+        let workers = std::thread::available_parallelism().map_or(1, usize::from);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(seeds.start));
+        let in_flight = Arc::new(Mutex::new(BTreeSet::new()));
+        for _ in 0..workers {
+            let (tx, next, in_flight, end) =
+                (tx.clone(), next.clone(), in_flight.clone(), seeds.end);
+            std::thread::spawn(move || {
+                loop {
+                    let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if seed >= end {
+                        break;
+                    }
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(seed);
+                    let result = run(seed).map_err(|f| f.to_string());
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&seed);
+                    if tx.send((seed, result)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut results = Vec::new();
+        for _ in seeds.clone() {
+            match rx.recv_timeout(STUCK_AFTER) {
+                Ok(r) => results.push(r),
+                Err(_) => {
+                    let stuck = in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    for seed in stuck {
+                        results.push((
+                            seed,
+                            Err(format!(
+                                "seed {seed} is stuck: no run finished for {STUCK_AFTER:?} of real \
+                                 time; a sidecar loops without waiting, so the paused clock never \
+                                 moves (replay: SIM_SEED={seed} SIM_TRACE=debug cargo test -p \
+                                 sidecar-bin sim:: -- --nocapture)"
+                            )),
+                        ));
+                    }
+                    break;
+                }
+            }
+        }
+        results.sort_by_key(|(seed, _)| *seed);
+        results
+    }
+
     #[test]
     fn seeded_fault_runs_keep_every_invariant() {
         let started = std::time::Instant::now();
+        let results = run_all(runs());
         let mut failures = Vec::new();
         let mut worst = Duration::ZERO;
-        let (mut removals, mut faults, mut count) = (0, 0, 0);
-        for seed in runs() {
-            count += 1;
-            match run(seed) {
+        let (mut removals, mut faults, mut writes, mut nodes) = (0, 0, 0, 0);
+        for (seed, result) in &results {
+            match result {
                 Ok(o) => {
+                    writes += u64::from(o.writes);
+                    nodes += o.nodes;
                     worst = worst.max(o.converged_after);
                     removals += o.removals;
                     faults += o.faults.len();
@@ -927,13 +1015,15 @@ mod tests {
                 }
                 Err(f) => {
                     eprintln!("{f}");
-                    failures.push(f.seed);
+                    failures.push(*seed);
                 }
             }
         }
+        let count = results.len();
         eprintln!(
-            "{count} runs in {:?}: {faults} fault steps, {removals} removals by evidence, \
-             slowest convergence after the last fault {worst:?}",
+            "{count} runs in {:?}: {nodes} nodes, {faults} fault steps, {removals} removals \
+             by evidence, {writes} registry writes, slowest convergence after the last fault \
+             {worst:?}",
             started.elapsed()
         );
         assert!(
@@ -941,8 +1031,12 @@ mod tests {
             "{} of {count} seeds failed: {failures:?} (details above; replay one with SIM_SEED)",
             failures.len()
         );
+        assert_eq!(count as u64, runs().end - runs().start, "runs went missing");
         // The faults did make sidecars remove members: the evidence checks ran.
-        assert!(count < 50 || removals > 0, "no run removed anybody: the faults are too mild");
+        assert!(
+            count < 50 || removals > 0,
+            "no run removed anybody: the faults are too mild"
+        );
     }
 
     #[test]
@@ -950,7 +1044,11 @@ mod tests {
         let a = run(17).map_err(|f| f.to_string());
         let b = run(17).map_err(|f| f.to_string());
         let c = run(18).map_err(|f| f.to_string());
-        let (a, b, c) = (a.expect("seed 17"), b.expect("seed 17"), c.expect("seed 18"));
+        let (a, b, c) = (
+            a.expect("seed 17"),
+            b.expect("seed 17"),
+            c.expect("seed 18"),
+        );
         assert_eq!(a.digest, b.digest, "seed 17 ran twice differently");
         assert_eq!(a.faults, b.faults);
         assert_ne!(a.digest, c.digest, "seeds 17 and 18 ran the same");
