@@ -53,3 +53,8 @@ pub use client::{AdminApi, ClientOptions, GethClient, PeerEventStream};
 pub use endpoint::Endpoint;
 #[cfg(feature = "client")]
 pub use error::{Error, Result};
+
+/// The examples of this crate's README.md, run as doc tests.
+#[cfg(all(doctest, feature = "fake"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

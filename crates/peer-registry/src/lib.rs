@@ -37,3 +37,8 @@ pub use error::{Error, Result, describe_kube_error};
 pub use registry::MockPeerRegistry;
 #[cfg(feature = "kube")]
 pub use registry::PeerRegistry;
+
+/// The examples of this crate's README.md, run as doc tests.
+#[cfg(all(doctest, feature = "test-utils"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -87,3 +87,8 @@ mod property_tests;
 mod rule_tests;
 #[cfg(test)]
 mod testkit;
+
+/// The examples of this crate's README.md, run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
