@@ -180,8 +180,11 @@ const GETH_RETRY_CAP: Duration = Duration::from_secs(1);
 /// The longest wait between retries of a pass that failed for another reason.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
+/// `base` ± 20 %, in whole milliseconds (tokio's timer resolution; whole
+/// milliseconds also keep the simulation's runs identical from run to run).
 fn jittered(rng: &mut rand::rngs::StdRng, base: Duration) -> Duration {
-    base.mul_f64(rng.random_range(0.8..1.2))
+    let ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rng.random_range(ms - ms / 5..=ms + ms / 5))
 }
 
 /// Why one geth action failed.
@@ -886,6 +889,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.connected = peers.iter().map(|p| p.id).collect();
         let connected_now = &self.connected;
         self.blind_adds.retain(|id, _| !connected_now.contains(id));
+        // A connected member is reachable, whether or not its peer event was
+        // seen (the subscription is re-made after a geth restart, and connected
+        // members are never probed): without this, an unreachability clock from
+        // an old partition survived the reconnection, and the member was removed
+        // at once the next time its link dropped (found by the simulation).
+        self.unreachable_since
+            .retain(|id, _| !connected_now.contains(id));
         for p in &peers {
             if p.eth_ready() {
                 self.unusable.remove(&p.id);
@@ -1463,6 +1473,24 @@ mod tests {
         assert_eq!(r.reconcile().await, Ok(()));
         assert_eq!(r.metrics.geth_reconnects.get(), 2);
         assert_eq!(r.applied.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_member_seen_connected_loses_its_old_unreachability_clock() {
+        let mut g = geth_connected("10.0.0.1", &[1], Arc::new(AtomicU64::new(1)));
+        g.expect_add_peer().returning(|_| Ok(true));
+        let mut r = runner(g, pod_ip());
+        // Failing since an old partition; connected again without an `add`
+        // event reaching us.
+        let long_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+        r.unreachable_since.insert(enode(1).node_id(), long_ago);
+        r.unreachable_since.insert(enode(2).node_id(), long_ago);
+        assert_eq!(r.reconcile().await, Ok(()));
+        assert!(!r.unreachable_since.contains_key(&enode(1).node_id()));
+        assert!(
+            r.unreachable_since.contains_key(&enode(2).node_id()),
+            "an unconnected member keeps its clock"
+        );
     }
 
     #[tokio::test]
