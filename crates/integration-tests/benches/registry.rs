@@ -1,24 +1,29 @@
-//! Registry contention benchmark on the real apiserver (issue 4); prints a table.
+//! Registry contention benchmark on the real apiserver (issues 4 and 12);
+//! prints a table.
 //!
-//! For N = 10, 50, 200 registrants, each with its own kube client (its own
-//! connection, warmed up by one GET), all released at the same moment by a
-//! tokio `Barrier`, each upserts its own member into the one shared ConfigMap,
-//! which does not exist yet (so the first write of every registrant is a
-//! create, and all but one lose that race). Every run uses a fresh namespace.
+//! For N = 10, 50, 200, 1000 registrants, each with its own kube client (its
+//! own connection, warmed up by one GET), all released at the same moment by
+//! a tokio `Barrier`, each upserts its own member into the one shared
+//! ConfigMap, which does not exist yet (so the first write of every
+//! registrant is a create, and all but one lose that race). Registrants are
+//! tasks of this process, not processes. Every run uses a fresh namespace.
 //!
-//! Figures per run: writes attempted (create + update requests) and conflicts
-//! (409 responses, AlreadyExists included), both counted from the apiserver's
-//! audit log; the most write attempts one registrant made (each client sends
-//! its own User-Agent, which the audit log records); registrants that gave up
+//! Each N runs once per write protocol (`WriteProtocol`): the whole-object
+//! compare-and-swap (PUT with resourceVersion, every concurrent write
+//! conflicts) and the per-member-key JSON Patch (the default since issue 12).
+//!
+//! Figures per run: writes attempted (create + update + patch requests) and
+//! conflicts (409 responses, AlreadyExists included, and 422 failed JSON
+//! Patch `test`s), both counted from the apiserver's audit log, and writes per
+//! member; the most write attempts one registrant made (each client sends its
+//! own User-Agent, which the audit log records); registrants that gave up
 //! (`Error::Conflict`, attempts exhausted); p50 / p99 / max time from the
 //! barrier until a registrant's upsert returned; time until all were
-//! registered; and the end check: members present in the ConfigMap, and those
-//! whose upsert succeeded but which are absent (lost; must be 0).
-//!
-//! Each N runs once per entry of `variants()`: the default `RetryPolicy`,
-//! two with a longer backoff cap and more attempts, and a prototype that
-//! patches its own key before the CAS (measured: much worse at N=200, kept as
-//! evidence). `REGISTRY_BENCH_N=10,50` restricts the sizes.
+//! registered; the apiserver's CPU time during the race (utime + stime of its
+//! process, from `/proc/<pid>/stat`, in USER_HZ = 100 ticks per second); and
+//! the end check: members present in the ConfigMap, those whose upsert
+//! succeeded but which are absent (lost; must be 0), and `static-nodes.json`
+//! listing exactly the members. `REGISTRY_BENCH_N=10,50` restricts the sizes.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -32,91 +37,29 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{Cluster, TestContext, TestNamespace, test_member};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use peer_registry::{
-    ConfigMapRegistry, DEFAULT_NAME, Error, MemberRecord, PeerRegistry, RetryPolicy, schema,
-};
+use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, Error, PeerRegistry, WriteProtocol, schema};
 
-const SIZES: [usize; 3] = [10, 50, 200];
+const SIZES: [usize; 4] = [10, 50, 200, 1000];
 
-/// How a registrant writes.
-#[derive(Clone, Copy)]
-enum Mode {
-    /// `ConfigMapRegistry::upsert` as is: read, compute, CAS replace (PUT with
-    /// resourceVersion), retried per the policy.
-    Cas,
-    /// Prototype of the proposed design: first write the registrant's own
-    /// `member.<pod>` key with a JSON merge patch (no resourceVersion: the
-    /// apiserver applies it to the latest object, no client-visible conflict;
-    /// on 404 create the object, on AlreadyExists patch again), then
-    /// `upsert` the same record, which now only has to bring the derived
-    /// `static-nodes.json` up to date: it writes nothing when another
-    /// registrant's write already did, so one successful CAS serves every
-    /// member patched before it.
-    PatchThenCas,
-}
-
-/// The variants each N runs with: (label, mode, policy).
-fn variants() -> Vec<(&'static str, Mode, RetryPolicy)> {
-    let tuned = |attempts, cap_ms| RetryPolicy {
-        max_attempts: attempts,
-        base_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(cap_ms),
-    };
+/// The variants each N runs with: (label, protocol).
+fn variants() -> Vec<(&'static str, WriteProtocol)> {
     vec![
-        (
-            "CAS, default 20x 20ms..1s",
-            Mode::Cas,
-            RetryPolicy::default(),
-        ),
-        ("CAS, 60x 20ms..2s", Mode::Cas, tuned(60, 2000)),
-        ("CAS, 60x 20ms..4s", Mode::Cas, tuned(60, 4000)),
-        (
-            "patch+CAS, default 20x 20ms..1s",
-            Mode::PatchThenCas,
-            RetryPolicy::default(),
-        ),
+        ("whole-object CAS", WriteProtocol::WholeObjectCas),
+        ("key patch", WriteProtocol::KeyPatch),
     ]
 }
 
-/// Writes `rec` into its own key without a precondition (see [`Mode::PatchThenCas`]).
-async fn patch_own_key(api: &Api<ConfigMap>, rec: &MemberRecord) -> Result<(), String> {
-    let data = schema::encode(
-        &BTreeMap::new(),
-        &BTreeMap::from([(rec.pod.clone(), rec.clone())]),
-    );
-    let key = schema::member_key(&rec.pod);
-    let patch = serde_json::json!({ "data": { &key: &data[&key] } });
-    for _ in 0..3 {
-        match api
-            .patch(DEFAULT_NAME, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(e) => return Err(format!("patch: {e}")),
-        }
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(DEFAULT_NAME.to_owned()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "geth-peer-sidecar".to_owned(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            data: Some(data.clone()),
-            ..ConfigMap::default()
-        };
-        match api.create(&PostParams::default(), &cm).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => return Err(format!("create: {e}")),
-        }
-    }
-    Err("patch: 404 after create lost to AlreadyExists 3 times".to_owned())
+/// The apiserver's CPU time so far (utime + stime), from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the
+    // 14th field of the line, stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
 /// A client for the namespace's service account with its own connection pool
@@ -151,7 +94,7 @@ struct Outcome {
 
 struct Row {
     n: usize,
-    policy: &'static str,
+    protocol: &'static str,
     writes: usize,
     conflicts: usize,
     gets: usize,
@@ -162,6 +105,7 @@ struct Row {
     p99: Duration,
     max: Duration,
     all_registered: Option<Duration>,
+    apiserver_cpu: Duration,
     present: usize,
     lost: usize,
 }
@@ -175,7 +119,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn run(
     cluster: &Cluster,
     n: usize,
-    (label, mode, policy): (&'static str, Mode, RetryPolicy),
+    (label, protocol): (&'static str, WriteProtocol),
     run_no: usize,
 ) -> Row {
     let ns = cluster
@@ -185,15 +129,16 @@ async fn run(
     let mut registries = Vec::with_capacity(n);
     for i in 0..n {
         let client = client_as(&ns, &format!("registry-bench/registrant-{i}")).await;
-        let api = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
-        let reg =
-            ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME).with_retry_policy(policy);
+        let reg = ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME)
+            .with_write_protocol(protocol);
         // Warm the connection (TLS handshake) so the race measures the CAS loop.
         let snap = reg.snapshot().await.unwrap();
         assert!(!snap.exists(), "the registry starts absent");
-        registries.push(Arc::new((reg, api)));
+        registries.push(Arc::new(reg));
     }
 
+    let pid = cluster.apiserver_pid().unwrap();
+    let cpu_before = cpu_time(pid);
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = Vec::with_capacity(n);
     for (i, reg) in registries.iter().enumerate() {
@@ -202,18 +147,10 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let t0 = Instant::now();
-            let (reg, api) = &*reg;
-            let patched = match mode {
-                Mode::Cas => Ok(()),
-                Mode::PatchThenCas => patch_own_key(api, &rec).await.map_err(Fail::Other),
-            };
-            let result = match patched {
-                Ok(()) => reg.upsert(rec).await.map(|_| ()).map_err(|e| match e {
-                    Error::Conflict { .. } => Fail::GaveUp,
-                    e => Fail::Other(e.to_string()),
-                }),
-                Err(e) => Err(e),
-            };
+            let result = reg.upsert(rec).await.map(|_| ()).map_err(|e| match e {
+                Error::Conflict { .. } => Fail::GaveUp,
+                e => Fail::Other(e.to_string()),
+            });
             (t0, t0.elapsed(), result)
         }));
     }
@@ -224,6 +161,7 @@ async fn run(
         starts.push(t0);
         outcomes.push(Outcome { elapsed, result });
     }
+    let apiserver_cpu = cpu_time(pid) - cpu_before;
     let start = starts.iter().min().copied().unwrap();
     let ends = starts.iter().zip(&outcomes).map(|(s, o)| *s + o.elapsed);
 
@@ -284,7 +222,7 @@ async fn run(
     let writes = events.iter().filter(|e| is_write(e)).count();
     let conflicts = events
         .iter()
-        .filter(|e| is_write(e) && e["responseStatus"]["code"] == 409)
+        .filter(|e| is_write(e) && matches!(e["responseStatus"]["code"].as_u64(), Some(409 | 422)))
         .count();
     // The warm-up GETs are not part of the race.
     let gets = events.iter().filter(|e| e["verb"] == "get").count() - n;
@@ -299,7 +237,7 @@ async fn run(
     times.sort();
     Row {
         n,
-        policy: label,
+        protocol: label,
         writes,
         conflicts,
         gets,
@@ -310,6 +248,7 @@ async fn run(
         p99: percentile(&times, 99.0),
         max: *times.last().unwrap(),
         all_registered,
+        apiserver_cpu,
         present: present_pods.len(),
         lost,
     }
@@ -322,9 +261,10 @@ fn secs(d: Duration) -> String {
 fn print_table(rows: &[Row]) {
     let header = [
         "N",
-        "policy",
+        "protocol",
         "writes",
-        "409s",
+        "writes/member",
+        "409/422s",
         "GETs",
         "max writes/reg",
         "gave up",
@@ -332,6 +272,7 @@ fn print_table(rows: &[Row]) {
         "p99",
         "max",
         "all registered",
+        "apiserver CPU",
         "present",
         "lost",
     ];
@@ -340,8 +281,9 @@ fn print_table(rows: &[Row]) {
         .map(|r| {
             vec![
                 r.n.to_string(),
-                r.policy.to_owned(),
+                r.protocol.to_owned(),
                 r.writes.to_string(),
+                format!("{:.2}", r.writes as f64 / r.n as f64),
                 r.conflicts.to_string(),
                 r.gets.to_string(),
                 r.max_writes_one.to_string(),
@@ -354,6 +296,7 @@ fn print_table(rows: &[Row]) {
                 secs(r.p99),
                 secs(r.max),
                 r.all_registered.map_or_else(|| "never".to_owned(), secs),
+                secs(r.apiserver_cpu),
                 format!("{}/{}", r.present, r.n),
                 r.lost.to_string(),
             ]

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use geth_ipc::{Enode, NodeId};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{debug, info, warn};
@@ -66,13 +66,34 @@ impl RetryPolicy {
     }
 }
 
-/// The four calls the compare-and-swap loop needs, on the one named object.
+/// How `upsert` and `remove` write (the two protocols are described in the
+/// crate README, "Concurrency").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteProtocol {
+    /// Each member's own key written by a JSON Patch guarded by a `test` of its
+    /// stored value, applied by the apiserver to the latest object (no
+    /// resourceVersion, so writes to other keys never conflict), together with
+    /// `static-nodes.json` as derived from the members read; when the result
+    /// shows it stale (members changed meanwhile) it is repaired by a second
+    /// JSON Patch guarded by a `test` of its stored value. Creating a missing
+    /// object, or one without `data`, goes through the CAS path.
+    #[default]
+    KeyPatch,
+    /// The whole object replaced with the resourceVersion it was computed from
+    /// (a compare-and-swap), retried on 409. Every concurrent write conflicts.
+    WholeObjectCas,
+}
+
+/// The calls the write loops need, on the one named object.
 #[async_trait::async_trait]
 trait Store: Send + Sync {
     async fn get(&self) -> Result<Option<ConfigMap>, kube::Error>;
     async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error>;
     /// A PUT carrying `metadata.resourceVersion`: fails with 409 if it changed.
     async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error>;
+    /// A JSON Patch (RFC 6902, `ops` is its array), applied by the server to
+    /// the latest object: fails with 422 when a `test` op does not hold.
+    async fn patch(&self, ops: serde_json::Value) -> Result<ConfigMap, kube::Error>;
 }
 
 struct KubeStore {
@@ -93,6 +114,13 @@ impl Store for KubeStore {
     async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
         self.api
             .replace(&self.name, &PostParams::default(), cm)
+            .await
+    }
+
+    async fn patch(&self, ops: serde_json::Value) -> Result<ConfigMap, kube::Error> {
+        let ops = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+        self.api
+            .patch(&self.name, &PatchParams::default(), &Patch::Json::<()>(ops))
             .await
     }
 }
@@ -167,10 +195,65 @@ fn is_retryable(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists() || s.is_not_found())
 }
 
+/// A JSON Patch precondition (`test` op) that did not hold, or the object
+/// deleted meanwhile: re-read and recompute. (Our ops are well-formed, so a
+/// 422 means a failed `test`, or a limit that the re-read then reports.)
+fn is_stale_patch(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 422 || s.is_not_found() || s.is_conflict())
+}
+
+/// The JSON Pointer of `data[key]` (RFC 6901 escaping).
+fn data_pointer(key: &str) -> String {
+    format!("/data/{}", key.replace('~', "~0").replace('/', "~1"))
+}
+
+/// The ops that set `data[key]` to `value` only if it still holds `old`
+/// (absent: a plain `add`).
+fn set_ops(key: &str, old: Option<&String>, value: &str) -> Vec<serde_json::Value> {
+    let path = data_pointer(key);
+    match old {
+        Some(old) => vec![
+            serde_json::json!({ "op": "test", "path": path, "value": old }),
+            serde_json::json!({ "op": "replace", "path": path, "value": value }),
+        ],
+        None => vec![serde_json::json!({ "op": "add", "path": path, "value": value })],
+    }
+}
+
+/// True when the stored `static-nodes.json` lists the same enodes as
+/// [`schema::static_nodes`] of `members`.
+fn static_nodes_current(
+    data: &BTreeMap<String, String>,
+    members: &BTreeMap<String, MemberRecord>,
+) -> bool {
+    let parse = |s: &str| serde_json::from_str::<Vec<String>>(s).ok();
+    data.get(schema::STATIC_NODES_KEY).is_some_and(|old| {
+        parse(old).is_some() && parse(old) == parse(&schema::static_nodes(members))
+    })
+}
+
+/// The op that sets `static-nodes.json` from `members` unconditionally (none
+/// when it is current). Sent with a member's own write: when members changed
+/// between our read and the write, the value is stale, which the write's
+/// result shows and [`Core::settle_static_nodes`] then repairs.
+fn static_nodes_op(
+    data: &BTreeMap<String, String>,
+    members: &BTreeMap<String, MemberRecord>,
+) -> Option<serde_json::Value> {
+    (!static_nodes_current(data, members)).then(|| {
+        serde_json::json!({
+            "op": "add",
+            "path": data_pointer(schema::STATIC_NODES_KEY),
+            "value": schema::static_nodes(members),
+        })
+    })
+}
+
 /// The compare-and-swap engine, over any [`Store`].
 struct Core<S> {
     store: S,
     retry: RetryPolicy,
+    protocol: WriteProtocol,
     observer: Arc<Observer>,
 }
 
@@ -256,26 +339,14 @@ impl<S: Store> Core<S> {
                     }
                     return Ok(self.observer.observe(Some(&written)));
                 }
-                Err(e) if is_retryable(&e) => {
-                    if attempt < max {
-                        let delay = self.retry.delay(attempt);
-                        debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
-                               op, attempt, ?delay, error = %e,
-                               "concurrent write to the registry; re-reading and retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
+                Err(e) if is_retryable(&e) => self.back_off(op, attempt, &e).await,
                 Err(e) => {
                     let verb = if snap.exists() { "update" } else { "create" };
                     return Err(self.err(e, verb));
                 }
             }
         }
-        Err(Error::Conflict {
-            attempts: max,
-            name: self.observer.name.clone(),
-            namespace: self.observer.namespace.clone(),
-        })
+        Err(self.exhausted())
     }
 
     async fn upsert(&self, record: MemberRecord) -> Result<Snapshot> {
@@ -295,13 +366,16 @@ impl<S: Store> Core<S> {
                 pod: record.pod,
             });
         }
+        if self.protocol == WriteProtocol::KeyPatch {
+            return self.patch_upsert(&record).await;
+        }
+        self.cas_upsert(&record).await
+    }
+
+    async fn cas_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
         self.modify("upsert", |snap| {
             let mut members = snap.members.clone();
-            let keep = members.get(&record.pod).is_some_and(|stored| {
-                stored.same_registration(&record)
-                    && stored.sidecar_version == record.sidecar_version
-            });
-            if !keep {
+            if !keeps(snap, record) {
                 members.insert(record.pod.clone(), record.clone());
             }
             Some(members)
@@ -309,7 +383,144 @@ impl<S: Store> Core<S> {
         .await
     }
 
+    /// Sleeps the backoff after failed attempt `attempt` (none after the last).
+    async fn back_off(&self, op: &'static str, attempt: u32, e: &kube::Error) {
+        if attempt < self.retry.max_attempts.max(1) {
+            let delay = self.retry.delay(attempt);
+            debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                   op, attempt, ?delay, error = %e,
+                   "concurrent write to the registry; re-reading and retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn exhausted(&self) -> Error {
+        Error::Conflict {
+            attempts: self.retry.max_attempts.max(1),
+            name: self.observer.name.clone(),
+            namespace: self.observer.namespace.clone(),
+        }
+    }
+
+    /// [`WriteProtocol::KeyPatch`] upsert: one JSON Patch of the member's own
+    /// key (guarded by a `test` of the value read) and of the derived key (as
+    /// computed from our read), then [`Self::settle_static_nodes`].
+    async fn patch_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
+        for attempt in 1..=self.retry.max_attempts.max(1) {
+            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let snap = self.observer.observe(cm.as_ref());
+            let Some((cm, old)) = cm.and_then(|cm| cm.data.clone().map(|d| (cm, d))) else {
+                // Nothing to patch into: create it (or add `data`) by CAS.
+                return self.cas_upsert(record).await;
+            };
+            if keeps(&snap, record) {
+                return self.settle_static_nodes(cm).await;
+            }
+            let mut members = snap.members.clone();
+            members.insert(record.pod.clone(), record.clone());
+            let new_size = object_size(&schema::encode(&old, &members), &cm);
+            if new_size > schema::MAX_BYTES && new_size > object_size(&old, &cm) {
+                return Err(Error::TooLarge { bytes: new_size });
+            }
+            let key = schema::member_key(&record.pod);
+            let value = serde_json::to_string(record).unwrap_or_default();
+            let mut ops = set_ops(&key, old.get(&key), &value);
+            if !old.contains_key(schema::SCHEMA_VERSION_KEY) {
+                ops.extend(set_ops(
+                    schema::SCHEMA_VERSION_KEY,
+                    None,
+                    schema::SCHEMA_VERSION,
+                ));
+            }
+            ops.extend(static_nodes_op(&old, &members));
+            match self.store.patch(serde_json::Value::Array(ops)).await {
+                Ok(written) => {
+                    debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                           pod = %record.pod, attempt, "patched the member's key");
+                    return self.settle_static_nodes(written).await;
+                }
+                Err(e) if is_stale_patch(&e) => self.back_off("upsert", attempt, &e).await,
+                Err(e) => return Err(self.err(e, "patch")),
+            }
+        }
+        Err(self.exhausted())
+    }
+
+    /// Brings `static-nodes.json` in line with the members of `cm` (the latest
+    /// object this writer saw), by a JSON Patch guarded by a `test` of the
+    /// stored value, and repeats on the object that write returns. A failed
+    /// `test` means another writer changed it after our read: that writer
+    /// then checks its own result (which includes everything we saw) and goes
+    /// on, so we stop. Hence the last write to the object always leaves it
+    /// consistent, and a burst of N registrations costs about N such writes,
+    /// not N^2.
+    async fn settle_static_nodes(&self, mut cm: ConfigMap) -> Result<Snapshot> {
+        loop {
+            let data = cm.data.clone().unwrap_or_default();
+            let members = schema::decode(&data, None).members;
+            if static_nodes_current(&data, &members) {
+                return Ok(self.observer.observe(Some(&cm)));
+            }
+            let derived = schema::static_nodes(&members);
+            let ops = set_ops(
+                schema::STATIC_NODES_KEY,
+                data.get(schema::STATIC_NODES_KEY),
+                &derived,
+            );
+            match self.store.patch(serde_json::Value::Array(ops)).await {
+                Ok(written) => cm = written,
+                Err(e) if is_stale_patch(&e) => {
+                    debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                           error = %e, "static-nodes.json changed meanwhile; its writer settles it");
+                    return Ok(self.observer.observe(Some(&cm)));
+                }
+                Err(e) => return Err(self.err(e, "patch")),
+            }
+        }
+    }
+
+    /// [`WriteProtocol::KeyPatch`] remove: one JSON Patch removing each key
+    /// whose stored value is still the one read (a `test` op per key) and
+    /// setting the derived key, then [`Self::settle_static_nodes`].
+    async fn patch_remove(&self, expected: &[MemberRecord]) -> Result<Snapshot> {
+        for attempt in 1..=self.retry.max_attempts.max(1) {
+            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let snap = self.observer.observe(cm.as_ref());
+            let Some(data) = cm.and_then(|cm| cm.data) else {
+                return Ok(snap);
+            };
+            let mut members = snap.members.clone();
+            let mut ops = Vec::new();
+            for exp in expected {
+                let key = schema::member_key(&exp.pod);
+                let stored = snap.members.get(&exp.pod);
+                if let (Some(value), true) = (
+                    data.get(&key),
+                    stored.is_some_and(|s| s.same_registration(exp)),
+                ) {
+                    let path = data_pointer(&key);
+                    ops.push(serde_json::json!({ "op": "test", "path": path, "value": value }));
+                    ops.push(serde_json::json!({ "op": "remove", "path": path }));
+                    members.remove(&exp.pod);
+                }
+            }
+            if ops.is_empty() {
+                return Ok(snap);
+            }
+            ops.extend(static_nodes_op(&data, &members));
+            match self.store.patch(serde_json::Value::Array(ops)).await {
+                Ok(written) => return self.settle_static_nodes(written).await,
+                Err(e) if is_stale_patch(&e) => self.back_off("remove", attempt, &e).await,
+                Err(e) => return Err(self.err(e, "patch")),
+            }
+        }
+        Err(self.exhausted())
+    }
+
     async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
+        if self.protocol == WriteProtocol::KeyPatch {
+            return self.patch_remove(&expected).await;
+        }
         self.modify("remove", |snap| {
             let mut members = snap.members.clone();
             let mut removed = false;
@@ -339,13 +550,24 @@ impl<S: Store> Core<S> {
     }
 }
 
+/// True when the stored record of `record.pod` is the same registration with
+/// the same sidecar version: an upsert keeps it as stored (no write).
+fn keeps(snap: &Snapshot, record: &MemberRecord) -> bool {
+    snap.members.get(&record.pod).is_some_and(|stored| {
+        stored.same_registration(record) && stored.sidecar_version == record.sidecar_version
+    })
+}
+
 /// The [`PeerRegistry`] kept in one ConfigMap (schema: [`crate::schema`]).
 ///
 /// Reads are a GET of the one named object (never a list of the namespace).
-/// Writes are a replace carrying the resourceVersion they were computed from (a
-/// true compare-and-swap), retried on conflicts per [`RetryPolicy`]; a missing
-/// ConfigMap is created (losing the creation race is normal). When the computed
-/// data equals the stored data nothing is written.
+/// Writes follow the [`WriteProtocol`]: by default a JSON Patch of the member's
+/// own key guarded by a `test` of the value read (no conflicts between
+/// members), then the derived `static-nodes.json` only when it differs;
+/// otherwise a replace carrying the resourceVersion they were computed from (a
+/// true compare-and-swap). Both retry per [`RetryPolicy`]; a missing ConfigMap
+/// is created (losing the creation race is normal). When nothing changes
+/// nothing is written.
 ///
 /// ```no_run
 /// use peer_registry::{ConfigMapRegistry, PeerRegistry, DEFAULT_NAME};
@@ -378,6 +600,7 @@ impl ConfigMapRegistry {
                     name: name.clone(),
                 },
                 retry: RetryPolicy::default(),
+                protocol: WriteProtocol::default(),
                 observer: Arc::new(Observer {
                     namespace,
                     name,
@@ -393,6 +616,13 @@ impl ConfigMapRegistry {
     #[must_use]
     pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
         self.core.retry = retry;
+        self
+    }
+
+    /// Replaces the write protocol ([`WriteProtocol::KeyPatch`] by default).
+    #[must_use]
+    pub fn with_write_protocol(mut self, protocol: WriteProtocol) -> Self {
+        self.core.protocol = protocol;
         self
     }
 
@@ -418,6 +648,7 @@ impl std::fmt::Debug for ConfigMapRegistry {
             .field("namespace", &self.namespace())
             .field("name", &self.name())
             .field("retry", &self.core.retry)
+            .field("protocol", &self.core.protocol)
             .finish()
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use peer_registry::{ConfigMapRegistry, PeerRegistry, conformance};
+use peer_registry::{ConfigMapRegistry, PeerRegistry, WriteProtocol, conformance};
 use serde_json::json;
 
 const NAME: &str = "geth-shared-static-nodes";
@@ -310,20 +310,22 @@ async fn without_create_permission_a_missing_configmap_is_a_clear_error() {
 
 /// peer-registry's conformance suite on the real apiserver: a fresh namespace
 /// (and ConfigMap) per check, sidecar clients with deploy/'s Role, third-party
-/// edits as the admin.
+/// edits as the admin; sidecar clients write with `protocol`.
 struct ApiserverHarness {
     client: kube::Client,
     admin: Api<ConfigMap>,
     namespace: String,
+    protocol: WriteProtocol,
 }
 
 impl ApiserverHarness {
-    async fn new(cluster: &Cluster, hint: &str) -> Result<Self, String> {
+    async fn new(cluster: &Cluster, hint: &str, protocol: WriteProtocol) -> Result<Self, String> {
         let ns = cluster.namespace(hint).await.map_err(|e| e.to_string())?;
         Ok(Self {
             client: ns.new_client().await.map_err(|e| e.to_string())?,
             admin: Api::namespaced(cluster.admin(), &ns.name),
             namespace: ns.name.clone(),
+            protocol,
         })
     }
 }
@@ -331,11 +333,10 @@ impl ApiserverHarness {
 #[async_trait::async_trait]
 impl conformance::Harness for ApiserverHarness {
     fn client(&self) -> std::sync::Arc<dyn PeerRegistry> {
-        std::sync::Arc::new(ConfigMapRegistry::new(
-            self.client.clone(),
-            self.namespace.clone(),
-            NAME,
-        ))
+        std::sync::Arc::new(
+            ConfigMapRegistry::new(self.client.clone(), self.namespace.clone(), NAME)
+                .with_write_protocol(self.protocol),
+        )
     }
 
     async fn edit(&self, f: conformance::DataEdit) -> Result<(), String> {
@@ -374,11 +375,15 @@ impl conformance::Harness for ApiserverHarness {
 async fn conformance_suite_passes_on_the_real_apiserver() {
     let (_ctx, cluster, _ns) = start("conformance").await;
     let n = std::sync::atomic::AtomicU32::new(0);
-    conformance::run_all(|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let cluster = &cluster;
-        async move { ApiserverHarness::new(cluster, &format!("conformance-{i}")).await }
-    })
-    .await
-    .unwrap();
+    for protocol in [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas] {
+        conformance::run_all(|| {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let cluster = &cluster;
+            async move {
+                ApiserverHarness::new(cluster, &format!("conformance-{i}"), protocol).await
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+    }
 }

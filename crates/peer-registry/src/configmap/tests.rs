@@ -223,10 +223,92 @@ async fn conflicts_exhaust_into_a_clear_error() {
     core.upsert(member("geth-0", 0)).await.unwrap();
     // A third party writes before each of our writes, forever.
     fake.state().meddle = Some(Box::new(|_| true));
-    let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
+    let mut cas = fake.core(retry);
+    cas.protocol = WriteProtocol::WholeObjectCas;
+    let gets = fake.state().gets;
+    let err = cas.upsert(member("geth-1", 1)).await.unwrap_err();
     assert_eq!(err.kind(), "conflict");
     assert!(err.to_string().contains("3 attempts"), "{err}");
-    assert_eq!(fake.state().gets, 1 + 3);
+    assert_eq!(fake.state().gets, gets + 3);
+    // A key patch only conflicts with writes to its own key: it went through.
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    // ... and is exhausted when that key changes before each of its writes.
+    fake.edit_object(|cm| {
+        let data = cm.data.as_mut().unwrap();
+        data.insert("member.geth-2".into(), "garbage".into());
+    });
+    let mut n = 0;
+    fake.state().meddle = Some(Box::new(move |cm| {
+        n += 1;
+        let data = cm.as_mut().and_then(|c| c.data.as_mut()).unwrap();
+        data.insert("member.geth-2".into(), format!("garbage {n}"));
+        true
+    }));
+    let err = core.upsert(member("geth-2", 2)).await.unwrap_err();
+    assert_eq!(err.kind(), "conflict");
+    assert!(err.to_string().contains("3 attempts"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_patches_of_a_burst_never_lose_an_entry_and_leave_static_nodes_derived() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core(fast()));
+    core.upsert(member("seed", 999)).await.unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50u32)
+        .map(|i| {
+            let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                core.upsert(member(&format!("geth-{i}"), i)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let data = fake.data();
+    let snap = schema::decode(&data, None);
+    assert_eq!(snap.members.len(), 51);
+    assert!(
+        static_nodes_current(&data, &snap.members),
+        "static-nodes.json must list every member once the burst is over"
+    );
+    let s = fake.state();
+    assert!(
+        s.writes <= 1 + 2 * 50,
+        "at most two writes per member: {}",
+        s.writes
+    );
+    assert!(
+        s.patch_failures.iter().any(|f| f.contains("static-nodes")),
+        "the burst must exercise the static-nodes.json repair: {:?}",
+        s.patch_failures
+    );
+}
+
+#[tokio::test]
+async fn a_stale_key_patch_removal_keeps_a_member_re_registered_between_read_and_write() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let before = member("geth-0", 0);
+    core.upsert(before.clone()).await.unwrap();
+    let mut moved = before.clone();
+    moved.enode = moved.enode.with_host("198.19.9.9".parse().unwrap());
+    moved.pod_ip = Some("198.19.9.9".into());
+    let value = serde_json::to_string(&moved).unwrap();
+    let mut once = true;
+    // The pod re-registers after our read, before our patch lands.
+    fake.state().meddle = Some(Box::new(move |cm| {
+        std::mem::take(&mut once) && {
+            let data = cm.as_mut().and_then(|c| c.data.as_mut()).unwrap();
+            data.insert("member.geth-0".into(), value.clone());
+            true
+        }
+    }));
+    let snap = core.remove(vec![before]).await.unwrap();
+    assert!(snap.members["geth-0"].same_registration(&moved));
+    assert!(fake.state().patch_failures[0].contains("test"));
 }
 
 #[tokio::test]
@@ -328,7 +410,7 @@ async fn errors_are_classified() {
         .fail_writes
         .push_back(api_err(403, "Forbidden"));
     let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
-    assert!(err.to_string().contains("configmaps/update"), "{err}");
+    assert!(err.to_string().contains("configmaps/patch"), "{err}");
     fake.state()
         .fail_gets
         .push_back(api_err(503, "ServiceUnavailable"));
@@ -336,7 +418,9 @@ async fn errors_are_classified() {
     fake.state().fail_gets.push_back(api_err(403, "Forbidden"));
     let err = core.snapshot().await.unwrap_err();
     assert!(err.to_string().contains("configmaps/get"), "{err}");
-    fake.state().fail_writes.push_back(api_err(422, "Invalid"));
+    fake.state()
+        .fail_writes
+        .push_back(api_err(400, "BadRequest"));
     assert_eq!(
         core.upsert(member("geth-2", 2)).await.unwrap_err().kind(),
         "kube"
