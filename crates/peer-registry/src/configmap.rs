@@ -220,33 +220,59 @@ fn set_ops(key: &str, old: Option<&String>, value: &str) -> Vec<serde_json::Valu
     }
 }
 
-/// True when the stored `static-nodes.json` lists the same enodes as
-/// [`schema::static_nodes`] of `members`.
-fn static_nodes_current(
+/// The `static-nodes.json` value `data` should hold with the member set
+/// `members` (legacy entries kept, except those in `drop_legacy`): exactly
+/// what [`schema::encode_dropping_legacy`] writes, the one home of that rule.
+/// `None` when the stored value already holds it.
+fn derived_static_nodes(
     data: &BTreeMap<String, String>,
     members: &BTreeMap<String, MemberRecord>,
-) -> bool {
-    let parse = |s: &str| serde_json::from_str::<Vec<String>>(s).ok();
-    data.get(schema::STATIC_NODES_KEY).is_some_and(|old| {
-        parse(old).is_some() && parse(old) == parse(&schema::static_nodes(members))
-    })
+    drop_legacy: &BTreeSet<NodeId>,
+) -> Option<String> {
+    let mut encoded = schema::encode_dropping_legacy(data, members, drop_legacy);
+    let derived = encoded.remove(schema::STATIC_NODES_KEY)?;
+    (data.get(schema::STATIC_NODES_KEY) != Some(&derived)).then_some(derived)
 }
 
-/// The op that sets `static-nodes.json` from `members` unconditionally (none
-/// when it is current). Sent with a member's own write: when members changed
-/// between our read and the write, the value is stale, which the write's
-/// result shows and [`Core::settle_static_nodes`] then repairs.
-fn static_nodes_op(
+/// The guarded ops that set `static-nodes.json` as [`derived_static_nodes`]
+/// gives it from `data` (as read) and `members` (none when it is current):
+/// a `test` of the value read, and a `test` of the stored record of every
+/// member whose entry is added. The second kind keeps a stale writer from
+/// adding the entry of a member removed after its read: that entry, with no
+/// record, would then pass for a legacy one and stay forever.
+///
+/// Invariant kept by every [`WriteProtocol::KeyPatch`] write: an entry whose
+/// node id belongs to no member record is a legacy entry. Writes that take a
+/// node id out of the member set (a removal, a record re-registered under a
+/// new key) set `static-nodes.json` in the same patch, through these ops.
+fn static_nodes_ops(
     data: &BTreeMap<String, String>,
     members: &BTreeMap<String, MemberRecord>,
-) -> Option<serde_json::Value> {
-    (!static_nodes_current(data, members)).then(|| {
-        serde_json::json!({
-            "op": "add",
-            "path": data_pointer(schema::STATIC_NODES_KEY),
-            "value": schema::static_nodes(members),
-        })
-    })
+    drop_legacy: &BTreeSet<NodeId>,
+) -> Option<Vec<serde_json::Value>> {
+    let derived = derived_static_nodes(data, members, drop_legacy)?;
+    let old = data.get(schema::STATIC_NODES_KEY);
+    let listed: BTreeSet<String> = old
+        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut ops = Vec::new();
+    for m in members.values() {
+        let key = schema::member_key(&m.pod);
+        if let (false, Some(stored)) = (listed.contains(&m.enode.to_string()), data.get(&key)) {
+            ops.push(
+                serde_json::json!({ "op": "test", "path": data_pointer(&key), "value": stored }),
+            );
+        }
+    }
+    ops.extend(set_ops(schema::STATIC_NODES_KEY, old, &derived));
+    Some(ops)
+}
+
+/// The node ids a record answers to (its `nodeId` and its enode's).
+fn node_ids(m: &MemberRecord) -> [NodeId; 2] {
+    [m.node_id, m.enode.node_id()]
 }
 
 /// The compare-and-swap engine, over any [`Store`].
@@ -403,14 +429,21 @@ impl<S: Store> Core<S> {
     }
 
     /// [`WriteProtocol::KeyPatch`] upsert: one JSON Patch of the member's own
-    /// key (guarded by a `test` of the value read) and of the derived key (as
-    /// computed from our read), then [`Self::settle_static_nodes`].
+    /// key (guarded by a `test` of the value read), then
+    /// [`Self::settle_static_nodes`]. Only when the record replaced answered
+    /// to a node id the new one does not (a new node key) is
+    /// `static-nodes.json` set in the same patch (guarded, see
+    /// [`static_nodes_ops`]), so the old entry cannot pass for a legacy one.
     async fn patch_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
         for attempt in 1..=self.retry.max_attempts.max(1) {
             let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
             let snap = self.observer.observe(cm.as_ref());
-            let Some((cm, old)) = cm.and_then(|cm| cm.data.clone().map(|d| (cm, d))) else {
-                // Nothing to patch into: create it (or add `data`) by CAS.
+            let Some((cm, old)) = cm
+                .and_then(|cm| cm.data.clone().map(|d| (cm, d)))
+                .filter(|(_, d)| d.contains_key(schema::STATIC_NODES_KEY))
+            else {
+                // Nothing to patch into: create it (or add `data`, or the
+                // derived key, whose absence JSON Patch cannot test) by CAS.
                 return self.cas_upsert(record).await;
             };
             if keeps(&snap, record) {
@@ -424,7 +457,18 @@ impl<S: Store> Core<S> {
             }
             let key = schema::member_key(&record.pod);
             let value = serde_json::to_string(record).unwrap_or_default();
-            let mut ops = set_ops(&key, old.get(&key), &value);
+            let new_ids = node_ids(record);
+            let drops_an_id = snap
+                .members
+                .get(&record.pod)
+                .is_some_and(|stored| node_ids(stored).iter().any(|id| !new_ids.contains(id)));
+            // First, as its tests are of the values read.
+            let mut ops = if drops_an_id {
+                static_nodes_ops(&old, &members, &BTreeSet::new()).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            ops.extend(set_ops(&key, old.get(&key), &value));
             if !old.contains_key(schema::SCHEMA_VERSION_KEY) {
                 ops.extend(set_ops(
                     schema::SCHEMA_VERSION_KEY,
@@ -432,7 +476,6 @@ impl<S: Store> Core<S> {
                     schema::SCHEMA_VERSION,
                 ));
             }
-            ops.extend(static_nodes_op(&old, &members));
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => {
                     debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
@@ -446,27 +489,21 @@ impl<S: Store> Core<S> {
         Err(self.exhausted())
     }
 
-    /// Brings `static-nodes.json` in line with the members of `cm` (the latest
-    /// object this writer saw), by a JSON Patch guarded by a `test` of the
-    /// stored value, and repeats on the object that write returns. A failed
-    /// `test` means another writer changed it after our read: that writer
-    /// then checks its own result (which includes everything we saw) and goes
-    /// on, so we stop. Hence the last write to the object always leaves it
-    /// consistent, and a burst of N registrations costs about N such writes,
-    /// not N^2.
+    /// Brings `static-nodes.json` in line with the members (and legacy
+    /// entries) of `cm`, the latest object this writer saw, by the guarded
+    /// ops of [`static_nodes_ops`], and repeats on the object that write
+    /// returns. A failed `test` means another writer changed it after our
+    /// read: that writer then checks its own result (which includes
+    /// everything we saw) and goes on, so we stop. Hence the last write to the
+    /// object always leaves it consistent, and a burst of N registrations
+    /// costs about N such writes, not N^2.
     async fn settle_static_nodes(&self, mut cm: ConfigMap) -> Result<Snapshot> {
         loop {
             let data = cm.data.clone().unwrap_or_default();
             let members = schema::decode(&data, None).members;
-            if static_nodes_current(&data, &members) {
+            let Some(ops) = static_nodes_ops(&data, &members, &BTreeSet::new()) else {
                 return Ok(self.observer.observe(Some(&cm)));
-            }
-            let derived = schema::static_nodes(&members);
-            let ops = set_ops(
-                schema::STATIC_NODES_KEY,
-                data.get(schema::STATIC_NODES_KEY),
-                &derived,
-            );
+            };
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => cm = written,
                 Err(e) if is_stale_patch(&e) => {
@@ -481,7 +518,8 @@ impl<S: Store> Core<S> {
 
     /// [`WriteProtocol::KeyPatch`] remove: one JSON Patch removing each key
     /// whose stored value is still the one read (a `test` op per key) and
-    /// setting the derived key, then [`Self::settle_static_nodes`].
+    /// setting `static-nodes.json` without their entries (guarded, see
+    /// [`static_nodes_ops`]), then [`Self::settle_static_nodes`].
     async fn patch_remove(&self, expected: &[MemberRecord]) -> Result<Snapshot> {
         for attempt in 1..=self.retry.max_attempts.max(1) {
             let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
@@ -507,10 +545,36 @@ impl<S: Store> Core<S> {
             if ops.is_empty() {
                 return Ok(snap);
             }
-            ops.extend(static_nodes_op(&data, &members));
+            ops.extend(static_nodes_ops(&data, &members, &BTreeSet::new()).unwrap_or_default());
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => return self.settle_static_nodes(written).await,
                 Err(e) if is_stale_patch(&e) => self.back_off("remove", attempt, &e).await,
+                Err(e) => return Err(self.err(e, "patch")),
+            }
+        }
+        Err(self.exhausted())
+    }
+
+    /// [`WriteProtocol::KeyPatch`] remove_legacy: `static-nodes.json` set
+    /// without those entries by the guarded ops of [`static_nodes_ops`],
+    /// retried until they are gone (no other writer would drop them), then
+    /// [`Self::settle_static_nodes`].
+    async fn patch_remove_legacy(&self, drop: &BTreeSet<NodeId>) -> Result<Snapshot> {
+        for attempt in 1..=self.retry.max_attempts.max(1) {
+            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let snap = self.observer.observe(cm.as_ref());
+            if !snap.legacy.iter().any(|e| drop.contains(&e.node_id())) {
+                return Ok(snap);
+            }
+            let Some(data) = cm.as_ref().and_then(|cm| cm.data.as_ref()) else {
+                return Ok(snap);
+            };
+            let Some(ops) = static_nodes_ops(data, &snap.members, drop) else {
+                return Ok(snap);
+            };
+            match self.store.patch(serde_json::Value::Array(ops)).await {
+                Ok(written) => return self.settle_static_nodes(written).await,
+                Err(e) if is_stale_patch(&e) => self.back_off("remove_legacy", attempt, &e).await,
                 Err(e) => return Err(self.err(e, "patch")),
             }
         }
@@ -540,6 +604,9 @@ impl<S: Store> Core<S> {
 
     async fn remove_legacy(&self, enodes: Vec<Enode>) -> Result<Snapshot> {
         let drop: BTreeSet<NodeId> = enodes.iter().map(Enode::node_id).collect();
+        if self.protocol == WriteProtocol::KeyPatch {
+            return self.patch_remove_legacy(&drop).await;
+        }
         self.modify_dropping_legacy("remove_legacy", &drop, |snap| {
             snap.legacy
                 .iter()

@@ -22,6 +22,8 @@ pub(crate) struct MemoryState {
     pub(crate) writes: u32,
     /// Of those, JSON Patches.
     pub(crate) patches: u32,
+    /// Whole-object replaces attempted (the CAS path).
+    pub(crate) replaces: u32,
     pub(crate) conflicts: u32,
     /// Errors returned by the next write calls, in order.
     pub(crate) fail_writes: VecDeque<kube::Error>,
@@ -43,6 +45,7 @@ impl Default for MemoryState {
             gets: 0,
             writes: 0,
             patches: 0,
+            replaces: 0,
             conflicts: 0,
             fail_writes: VecDeque::new(),
             fail_gets: VecDeque::new(),
@@ -161,12 +164,22 @@ impl MemoryStore {
         self.state().fail_gets.push_back(err);
     }
 
-    /// The CAS core over this store, with this retry policy.
+    /// The write core over this store, with this retry policy and the default
+    /// write protocol.
     pub(super) fn core(&self, retry: RetryPolicy) -> Core<MemoryStore> {
+        self.core_with(retry, WriteProtocol::default())
+    }
+
+    /// The write core over this store, with this retry policy and protocol.
+    pub(super) fn core_with(
+        &self,
+        retry: RetryPolicy,
+        protocol: WriteProtocol,
+    ) -> Core<MemoryStore> {
         Core {
             store: self.clone(),
             retry,
-            protocol: WriteProtocol::default(),
+            protocol,
             observer: Arc::new(Observer {
                 namespace: "memory".into(),
                 name: DEFAULT_NAME.into(),
@@ -308,6 +321,7 @@ impl Store for MemoryStore {
 
     async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
         tokio::task::yield_now().await;
+        self.state().replaces += 1;
         self.write(cm, false)
     }
 

@@ -64,8 +64,14 @@ async fn twenty_concurrent_registrants_never_lose_an_entry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
+    for protocol in [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas] {
+        registrations_racing_removals(protocol).await;
+    }
+}
+
+async fn registrations_racing_removals(protocol: WriteProtocol) {
     let fake = Fake::default();
-    let core = Arc::new(fake.core(fast()));
+    let core = Arc::new(fake.core_with(fast(), protocol));
     let old: Vec<_> = (0..10).map(|i| member(&format!("old-{i}"), i)).collect();
     for m in &old {
         core.upsert(m.clone()).await.unwrap();
@@ -91,7 +97,11 @@ async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
         .map(|i| format!("old-{i}"))
         .chain((0..10).map(|i| format!("new-{i}")))
         .collect();
-    assert_eq!(pods(&core.snapshot().await.unwrap()), want);
+    let snap = core.snapshot().await.unwrap();
+    assert_eq!(pods(&snap), want, "{protocol:?}");
+    // No removed member's entry left behind to pass for a legacy one.
+    assert!(snap.legacy.is_empty(), "{protocol:?}: {:?}", snap.legacy);
+    assert!(static_nodes_current(&fake.data()), "{protocol:?}");
 }
 
 #[tokio::test]
@@ -271,7 +281,7 @@ async fn key_patches_of_a_burst_never_lose_an_entry_and_leave_static_nodes_deriv
     let snap = schema::decode(&data, None);
     assert_eq!(snap.members.len(), 51);
     assert!(
-        static_nodes_current(&data, &snap.members),
+        static_nodes_current(&data),
         "static-nodes.json must list every member once the burst is over"
     );
     let s = fake.state();
@@ -565,4 +575,125 @@ async fn a_legacy_entry_survives_member_writes_and_goes_only_when_removed() {
     assert!(snap.legacy.is_empty());
     assert_eq!(snap.members.len(), 2);
     assert!(!fake.data()[crate::schema::STATIC_NODES_KEY].contains(&legacy));
+}
+
+/// True when the stored `static-nodes.json` is the one its own members (and
+/// legacy entries) give.
+fn static_nodes_current(data: &BTreeMap<String, String>) -> bool {
+    let members = schema::decode(data, None).members;
+    derived_static_nodes(data, &members, &BTreeSet::new()).is_none()
+}
+
+/// Appends `entry` to the stored `static-nodes.json`, as the original
+/// sidecar does with its own entry.
+fn append_legacy(fake: &Fake, entry: &str) {
+    fake.edit_object(|cm| {
+        let data = cm.data.get_or_insert_with(BTreeMap::new);
+        let mut list: Vec<String> = serde_json::from_str(&data[schema::STATIC_NODES_KEY]).unwrap();
+        list.push(entry.to_owned());
+        data.insert(
+            schema::STATIC_NODES_KEY.to_owned(),
+            serde_json::to_string(&list).unwrap(),
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_patch_bursts_keep_a_legacy_entry_verbatim_and_lose_no_member() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core_with(fast(), WriteProtocol::KeyPatch));
+    for i in 0..5u32 {
+        core.upsert(member(&format!("old-{i}"), 500 + i))
+            .await
+            .unwrap();
+    }
+    let legacy = format!("{}?discport=0", schema::tests::enode(40, "10.9.0.40"));
+    append_legacy(&fake, &legacy);
+    let replaces = fake.state().replaces;
+    let barrier = Arc::new(tokio::sync::Barrier::new(43));
+    let mut tasks = Vec::new();
+    for i in 0..40u32 {
+        let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            core.upsert(member(&format!("geth-{i}"), i))
+                .await
+                .map(|_| ())
+        }));
+    }
+    for i in 0..3u32 {
+        let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            core.remove(vec![member(&format!("old-{i}"), 500 + i)])
+                .await
+                .map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let data = fake.data();
+    let snap = schema::decode(&data, None);
+    assert_eq!(snap.members.len(), 42, "{:?}", pods(&snap));
+    assert_eq!(snap.legacy.len(), 1, "{:?}", snap.legacy);
+    let list: Vec<String> = serde_json::from_str(&data[schema::STATIC_NODES_KEY]).unwrap();
+    assert!(list.contains(&legacy), "kept verbatim: {list:?}");
+    assert_eq!(list.len(), 43);
+    assert!(static_nodes_current(&data));
+    assert!(
+        fake.state()
+            .patch_failures
+            .iter()
+            .any(|f| f.contains("test")),
+        "the burst must exercise failed tests"
+    );
+    // remove_legacy under KeyPatch: a guarded patch, no whole-object replace.
+    let snap = core.remove_legacy(snap.legacy.clone()).await.unwrap();
+    assert!(snap.legacy.is_empty());
+    assert_eq!(snap.members.len(), 42);
+    assert_eq!(
+        fake.state().replaces,
+        replaces,
+        "no CAS replace under KeyPatch"
+    );
+    let list: Vec<String> = serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 42);
+}
+
+#[tokio::test]
+async fn a_stale_settle_cannot_bring_back_a_removed_members_entry_as_legacy() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    // geth-1's record landed; its static-nodes.json entry is not settled yet.
+    let gone = member("geth-1", 1);
+    let value = serde_json::to_string(&gone).unwrap();
+    fake.edit_object(|cm| {
+        cm.data
+            .get_or_insert_with(BTreeMap::new)
+            .insert("member.geth-1".into(), value);
+    });
+    let seen = fake.state().cm.clone().unwrap();
+    core.remove(vec![gone]).await.unwrap();
+    // A writer that read before the removal settles from what it saw.
+    let snap = core.settle_static_nodes(seen).await.unwrap();
+    assert!(snap.members.contains_key("geth-1"), "its own (stale) view");
+    let snap = core.snapshot().await.unwrap();
+    assert_eq!(pods(&snap), BTreeSet::from(["geth-0".to_owned()]));
+    assert!(snap.legacy.is_empty(), "{:?}", snap.legacy);
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn a_new_node_key_under_key_patch_takes_the_old_entry_with_it() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    let snap = core.upsert(member("geth-1", 7)).await.unwrap();
+    assert!(snap.legacy.is_empty(), "{:?}", snap.legacy);
+    let list: Vec<String> = serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(fake.state().replaces, 0, "KeyPatch after the creation");
 }
