@@ -23,7 +23,8 @@
 //! process, from `/proc/<pid>/stat`, in USER_HZ = 100 ticks per second); and
 //! the end check: members present in the ConfigMap, those whose upsert
 //! succeeded but which are absent (lost; must be 0), and `static-nodes.json`
-//! listing exactly the members. `REGISTRY_BENCH_N=10,50` restricts the sizes.
+//! listing exactly the members. `REGISTRY_BENCH_N=10,50` restricts the sizes,
+//! `REGISTRY_BENCH_PROTOCOLS=CAS` or `=patch` the protocols.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -44,11 +45,16 @@ use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, Error, PeerRegistry, WriteP
 const SIZES: [usize; 4] = [10, 50, 200, 1000];
 
 /// The variants each N runs with: (label, protocol).
+/// `REGISTRY_BENCH_PROTOCOLS=cas` or `=patch` runs only one of them.
 fn variants() -> Vec<(&'static str, WriteProtocol)> {
+    let only = std::env::var("REGISTRY_BENCH_PROTOCOLS").unwrap_or_default();
     vec![
         ("whole-object CAS", WriteProtocol::WholeObjectCas),
         ("key patch", WriteProtocol::KeyPatch),
     ]
+    .into_iter()
+    .filter(|(label, _)| only.is_empty() || label.contains(only.as_str()))
+    .collect()
 }
 
 /// The apiserver's CPU time so far (utime + stime), from `/proc/<pid>/stat`.

@@ -308,12 +308,27 @@ impl<S: Store> Core<S> {
         &self,
         op: &'static str,
         drop_legacy: &BTreeSet<NodeId>,
+        change: F,
+    ) -> Result<Snapshot>
+    where
+        F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
+    {
+        let max = self.retry.max_attempts;
+        self.modify_attempts(op, drop_legacy, max, change).await
+    }
+
+    /// [`Self::modify_dropping_legacy`] with at most `max` attempts.
+    async fn modify_attempts<F>(
+        &self,
+        op: &'static str,
+        drop_legacy: &BTreeSet<NodeId>,
+        max: u32,
         mut change: F,
     ) -> Result<Snapshot>
     where
         F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
     {
-        let max = self.retry.max_attempts.max(1);
+        let max = max.max(1);
         for attempt in 1..=max {
             let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
             let snap = self.observer.observe(cm.as_ref());
@@ -399,7 +414,12 @@ impl<S: Store> Core<S> {
     }
 
     async fn cas_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
-        self.modify("upsert", |snap| {
+        self.cas_upsert_attempts(record, self.retry.max_attempts)
+            .await
+    }
+
+    async fn cas_upsert_attempts(&self, record: &MemberRecord, max: u32) -> Result<Snapshot> {
+        self.modify_attempts("upsert", &BTreeSet::new(), max, |snap| {
             let mut members = snap.members.clone();
             if !keeps(snap, record) {
                 members.insert(record.pod.clone(), record.clone());
@@ -443,8 +463,21 @@ impl<S: Store> Core<S> {
                 .filter(|(_, d)| d.contains_key(schema::STATIC_NODES_KEY))
             else {
                 // Nothing to patch into: create it (or add `data`, or the
-                // derived key, whose absence JSON Patch cannot test) by CAS.
-                return self.cas_upsert(record).await;
+                // derived key, whose absence JSON Patch cannot test) by one
+                // CAS attempt. Losing that race (409) is normal: the next
+                // round finds the object and patches it.
+                match self.cas_upsert_attempts(record, 1).await {
+                    Err(Error::Conflict { .. }) => {
+                        let lost = kube::Error::Api(
+                            kube::core::Status::failure("lost the creation race", "AlreadyExists")
+                                .with_code(409)
+                                .boxed(),
+                        );
+                        self.back_off("upsert", attempt, &lost).await;
+                        continue;
+                    }
+                    done => return done,
+                }
             };
             if keeps(&snap, record) {
                 return self.settle_static_nodes(cm).await;

@@ -697,3 +697,28 @@ async fn a_new_node_key_under_key_patch_takes_the_old_entry_with_it() {
     assert_eq!(list.len(), 2, "{list:?}");
     assert_eq!(fake.state().replaces, 0, "KeyPatch after the creation");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_patch_registrants_losing_the_creation_race_go_on_by_key_patch_not_cas() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core_with(fast(), WriteProtocol::KeyPatch));
+    let barrier = Arc::new(tokio::sync::Barrier::new(40));
+    let tasks: Vec<_> = (0..40u32)
+        .map(|i| {
+            let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                core.upsert(member(&format!("geth-{i}"), i)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let data = fake.data();
+    assert_eq!(schema::decode(&data, None).members.len(), 40);
+    assert!(static_nodes_current(&data));
+    let s = fake.state();
+    assert_eq!(s.replaces, 0, "no whole-object replace after the creation");
+    assert!(s.writes <= 1 + 2 * 40, "writes: {}", s.writes);
+}
