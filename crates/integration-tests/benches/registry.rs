@@ -45,7 +45,7 @@ use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, Error, PeerRegistry, WriteP
 const SIZES: [usize; 4] = [10, 50, 200, 1000];
 
 /// The variants each N runs with: (label, protocol).
-/// `REGISTRY_BENCH_PROTOCOLS=cas` or `=patch` runs only one of them.
+/// `REGISTRY_BENCH_PROTOCOLS=CAS` or `=patch` runs only one of them.
 fn variants() -> Vec<(&'static str, WriteProtocol)> {
     let only = std::env::var("REGISTRY_BENCH_PROTOCOLS").unwrap_or_default();
     vec![
