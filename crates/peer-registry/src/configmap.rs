@@ -3,13 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use geth_ipc::{Enode, NodeId};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{GetParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{debug, info, warn};
@@ -88,6 +88,13 @@ pub enum WriteProtocol {
 #[async_trait::async_trait]
 trait Store: Send + Sync {
     async fn get(&self) -> Result<Option<ConfigMap>, kube::Error>;
+    /// A GET answered from the apiserver's watch cache with a version not
+    /// older than `resource_version`: cheaper than [`Store::get`] (a quorum
+    /// read from etcd), possibly not the latest.
+    async fn get_not_older_than(
+        &self,
+        resource_version: &str,
+    ) -> Result<Option<ConfigMap>, kube::Error>;
     async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error>;
     /// A PUT carrying `metadata.resourceVersion`: fails with 409 if it changed.
     async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error>;
@@ -105,6 +112,21 @@ struct KubeStore {
 impl Store for KubeStore {
     async fn get(&self) -> Result<Option<ConfigMap>, kube::Error> {
         self.api.get_opt(&self.name).await
+    }
+
+    async fn get_not_older_than(
+        &self,
+        resource_version: &str,
+    ) -> Result<Option<ConfigMap>, kube::Error> {
+        match self
+            .api
+            .get_with(&self.name, &GetParams::at(resource_version))
+            .await
+        {
+            Ok(cm) => Ok(Some(cm)),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
@@ -195,6 +217,23 @@ fn is_retryable(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists() || s.is_not_found())
 }
 
+/// Transient apiserver trouble: 429, or a 5xx (an etcd timeout, an
+/// overloaded apiserver). The request may or may not have been applied; every
+/// write loop re-reads and recomputes, and every write is guarded (a `test`,
+/// the resourceVersion, a create), so retrying it is safe.
+fn is_transient(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 429 || s.code >= 500)
+}
+
+/// Transient errors ([`is_transient`]) one call retries, with the backoff of
+/// its [`RetryPolicy`], before it returns [`Error::Unavailable`].
+const TRANSIENT_RETRIES: u32 = 8;
+
+/// Waits during which `static-nodes.json` did not change after which a
+/// registrant that does not lead the settle settles its entry itself (see
+/// [`Core::settle_own_entry`]).
+const SETTLE_PATIENCE: u32 = 2;
+
 /// A JSON Patch precondition (`test` op) that did not hold, or the object
 /// deleted meanwhile: re-read and recompute. (Our ops are well-formed, so a
 /// 422 means a failed `test`, or a limit that the re-read then reports.)
@@ -252,11 +291,7 @@ fn static_nodes_ops(
 ) -> Option<Vec<serde_json::Value>> {
     let derived = derived_static_nodes(data, members, drop_legacy)?;
     let old = data.get(schema::STATIC_NODES_KEY);
-    let listed: BTreeSet<String> = old
-        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let listed = listed_entries(data);
     let mut ops = Vec::new();
     for m in members.values() {
         let key = schema::member_key(&m.pod);
@@ -268,6 +303,15 @@ fn static_nodes_ops(
     }
     ops.extend(set_ops(schema::STATIC_NODES_KEY, old, &derived));
     Some(ops)
+}
+
+/// The entries of the stored `static-nodes.json` (none when it does not parse).
+fn listed_entries(data: &BTreeMap<String, String>) -> BTreeSet<String> {
+    data.get(schema::STATIC_NODES_KEY)
+        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
 }
 
 /// The node ids a record answers to (its `nodeId` and its enode's).
@@ -293,6 +337,32 @@ impl<S: Store> Core<S> {
         Ok(self.observer.observe(cm.as_ref()))
     }
 
+    /// True when `e` is transient ([`is_transient`]) and this call, which has
+    /// met `transient` of them so far, may retry it (it is then counted).
+    fn may_retry(e: &kube::Error, transient: &mut u32) -> bool {
+        let retry = is_transient(e) && *transient < TRANSIENT_RETRIES;
+        *transient += u32::from(retry);
+        retry
+    }
+
+    /// The GET of a write loop; `None` after a transient error that the call
+    /// may retry (the backoff has then been slept).
+    async fn read(
+        &self,
+        op: &'static str,
+        attempt: u32,
+        transient: &mut u32,
+    ) -> Result<Option<Option<ConfigMap>>> {
+        match self.store.get().await {
+            Ok(cm) => Ok(Some(cm)),
+            Err(e) if Self::may_retry(&e, transient) => {
+                self.back_off(op, attempt, &e).await;
+                Ok(None)
+            }
+            Err(e) => Err(self.err(e, "get")),
+        }
+    }
+
     /// Read, compute, conditional write; again on conflicts. `change` gives the
     /// new member set, or `None` when there is nothing to do.
     async fn modify<F>(&self, op: &'static str, change: F) -> Result<Snapshot>
@@ -314,23 +384,36 @@ impl<S: Store> Core<S> {
         F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
     {
         let max = self.retry.max_attempts;
-        self.modify_attempts(op, drop_legacy, max, change).await
+        self.modify_attempts(op, drop_legacy, max, None, change)
+            .await
     }
 
-    /// [`Self::modify_dropping_legacy`] with at most `max` attempts.
+    /// [`Self::modify_dropping_legacy`] with at most `max` attempts, the
+    /// first on `first_read` when given (the object as the caller just read
+    /// it) instead of a GET of its own.
     async fn modify_attempts<F>(
         &self,
         op: &'static str,
         drop_legacy: &BTreeSet<NodeId>,
         max: u32,
+        mut first_read: Option<Option<ConfigMap>>,
         mut change: F,
     ) -> Result<Snapshot>
     where
         F: FnMut(&Snapshot) -> Option<BTreeMap<String, MemberRecord>> + Send,
     {
         let max = max.max(1);
+        let mut transient = 0;
         for attempt in 1..=max {
-            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let cm = match first_read.take() {
+                Some(cm) => cm,
+                None => {
+                    let Some(cm) = self.read(op, attempt, &mut transient).await? else {
+                        continue;
+                    };
+                    cm
+                }
+            };
             let snap = self.observer.observe(cm.as_ref());
             let Some(members) = change(&snap) else {
                 return Ok(snap);
@@ -381,6 +464,11 @@ impl<S: Store> Core<S> {
                     return Ok(self.observer.observe(Some(&written)));
                 }
                 Err(e) if is_retryable(&e) => self.back_off(op, attempt, &e).await,
+                // On the last attempt the error itself is returned: a caller
+                // with its own loop (a KeyPatch creation) retries it there.
+                Err(e) if attempt < max && Self::may_retry(&e, &mut transient) => {
+                    self.back_off(op, attempt, &e).await;
+                }
                 Err(e) => {
                     let verb = if snap.exists() { "update" } else { "create" };
                     return Err(self.err(e, verb));
@@ -414,12 +502,17 @@ impl<S: Store> Core<S> {
     }
 
     async fn cas_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
-        self.cas_upsert_attempts(record, self.retry.max_attempts)
+        self.cas_upsert_attempts(record, self.retry.max_attempts, None)
             .await
     }
 
-    async fn cas_upsert_attempts(&self, record: &MemberRecord, max: u32) -> Result<Snapshot> {
-        self.modify_attempts("upsert", &BTreeSet::new(), max, |snap| {
+    async fn cas_upsert_attempts(
+        &self,
+        record: &MemberRecord,
+        max: u32,
+        first_read: Option<Option<ConfigMap>>,
+    ) -> Result<Snapshot> {
+        self.modify_attempts("upsert", &BTreeSet::new(), max, first_read, |snap| {
             let mut members = snap.members.clone();
             if !keeps(snap, record) {
                 members.insert(record.pod.clone(), record.clone());
@@ -450,23 +543,33 @@ impl<S: Store> Core<S> {
 
     /// [`WriteProtocol::KeyPatch`] upsert: one JSON Patch of the member's own
     /// key (guarded by a `test` of the value read), then
-    /// [`Self::settle_static_nodes`]. Only when the record replaced answered
+    /// [`Self::settle_own_entry`]. Only when the record replaced answered
     /// to a node id the new one does not (a new node key) is
     /// `static-nodes.json` set in the same patch (guarded, see
     /// [`static_nodes_ops`]), so the old entry cannot pass for a legacy one.
     async fn patch_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
+        let mut transient = 0;
         for attempt in 1..=self.retry.max_attempts.max(1) {
-            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let started = Instant::now();
+            let Some(cm) = self.read("upsert", attempt, &mut transient).await? else {
+                continue;
+            };
             let snap = self.observer.observe(cm.as_ref());
-            let Some((cm, old)) = cm
-                .and_then(|cm| cm.data.clone().map(|d| (cm, d)))
-                .filter(|(_, d)| d.contains_key(schema::STATIC_NODES_KEY))
-            else {
+            let cm = match cm {
+                Some(cm)
+                    if cm
+                        .data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(schema::STATIC_NODES_KEY)) =>
+                {
+                    cm
+                }
                 // Nothing to patch into: create it (or add `data`, or the
                 // derived key, whose absence JSON Patch cannot test) by one
-                // CAS attempt. Losing that race (409) is normal: the next
-                // round finds the object and patches it.
-                match self.cas_upsert_attempts(record, 1).await {
+                // CAS attempt on what we just read (never a replace of an
+                // object created since: that one is patched). Losing that
+                // race (409) is normal: the next round patches the object.
+                cm => match self.cas_upsert_attempts(record, 1, Some(cm)).await {
                     Err(Error::Conflict { .. }) => {
                         let lost = kube::Error::Api(
                             kube::core::Status::failure("lost the creation race", "AlreadyExists")
@@ -476,11 +579,18 @@ impl<S: Store> Core<S> {
                         self.back_off("upsert", attempt, &lost).await;
                         continue;
                     }
+                    Err(Error::Unavailable { source, .. })
+                        if Self::may_retry(&source, &mut transient) =>
+                    {
+                        self.back_off("upsert", attempt, &source).await;
+                        continue;
+                    }
                     done => return done,
-                }
+                },
             };
+            let old = cm.data.clone().unwrap_or_default();
             if keeps(&snap, record) {
-                return self.settle_static_nodes(cm).await;
+                return self.settle_own_entry(record, cm, started.elapsed()).await;
             }
             let mut members = snap.members.clone();
             members.insert(record.pod.clone(), record.clone());
@@ -509,27 +619,121 @@ impl<S: Store> Core<S> {
                     schema::SCHEMA_VERSION,
                 ));
             }
+            let sent = Instant::now();
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => {
                     debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
                            pod = %record.pod, attempt, "patched the member's key");
-                    return self.settle_static_nodes(written).await;
+                    return self.settle_own_entry(record, written, sent.elapsed()).await;
                 }
-                Err(e) if is_stale_patch(&e) => self.back_off("upsert", attempt, &e).await,
+                Err(e) if is_stale_patch(&e) || Self::may_retry(&e, &mut transient) => {
+                    self.back_off("upsert", attempt, &e).await;
+                }
                 Err(e) => return Err(self.err(e, "patch")),
             }
         }
         Err(self.exhausted())
     }
 
-    /// Brings `static-nodes.json` in line with the members (and legacy
-    /// entries) of `cm`, the latest object this writer saw, by the guarded
-    /// ops of [`static_nodes_ops`], and repeats on the object that write
-    /// returns. A failed `test` means another writer changed it after our
-    /// read: that writer then checks its own result (which includes
-    /// everything we saw) and goes on, so we stop. Hence the last write to the
-    /// object always leaves it consistent, and a burst of N registrations
-    /// costs about N such writes, not N^2.
+    /// The end of a [`WriteProtocol::KeyPatch`] upsert: returns once `me`'s
+    /// entry is listed in `static-nodes.json` of the latest object seen
+    /// (starting with `cm`, the object its own write returned), or once `me`
+    /// is no longer the stored registration (removed or replaced meanwhile:
+    /// nothing of ours to list). `rtt` is how long that write took.
+    ///
+    /// In a burst, many registrants find their entry missing at once, and one
+    /// guarded settle ([`static_nodes_ops`]: every member of the object read)
+    /// lists all of them. So only the *leader* settles at once: of the members
+    /// whose entries are missing, the one whose pod name sorts first. The
+    /// others wait (`rtt` plus the jittered backoff of the [`RetryPolicy`]),
+    /// re-read from the watch cache (not older than what they saw) and
+    /// usually find their entry listed by someone else: no write. A registrant
+    /// settles itself when it leads, or after [`SETTLE_PATIENCE`] waits during
+    /// which `static-nodes.json` did not change (the leader may be gone). A
+    /// settle whose `test` fails (another writer changed the value after our
+    /// read) re-reads from etcd and goes round again.
+    ///
+    /// Nothing is lost: each registrant sees to its own entry before its
+    /// upsert returns, and a settle never drops a current member's entry (its
+    /// `test` of the value read fails if anything changed it since). A stale
+    /// settler cannot resurrect a removed member: it `test`s the record of
+    /// every member whose entry it adds.
+    async fn settle_own_entry(
+        &self,
+        me: &MemberRecord,
+        mut cm: ConfigMap,
+        rtt: Duration,
+    ) -> Result<Snapshot> {
+        let entry = me.enode.to_string();
+        let (mut transient, mut stalled) = (0, 0);
+        let mut seen: Option<Option<String>> = None;
+        for attempt in 1..=self.retry.max_attempts.max(1) {
+            let data = cm.data.clone().unwrap_or_default();
+            let members = schema::decode(&data, None).members;
+            let listed = listed_entries(&data);
+            let still_me = members
+                .get(&me.pod)
+                .is_some_and(|m| m.same_registration(me));
+            if !still_me || listed.contains(&entry) {
+                return Ok(self.observer.observe(Some(&cm)));
+            }
+            let value = data.get(schema::STATIC_NODES_KEY).cloned();
+            stalled = if seen.as_ref() == Some(&value) {
+                stalled + 1
+            } else {
+                0
+            };
+            seen = Some(value);
+            let leader = members
+                .values()
+                .filter(|m| !listed.contains(&m.enode.to_string()))
+                .map(|m| m.pod.as_str())
+                .min();
+            let fresh = if leader == Some(me.pod.as_str()) || stalled >= SETTLE_PATIENCE {
+                let Some(ops) = static_nodes_ops(&data, &members, &BTreeSet::new()) else {
+                    return Ok(self.observer.observe(Some(&cm)));
+                };
+                match self.store.patch(serde_json::Value::Array(ops)).await {
+                    Ok(written) => {
+                        cm = written;
+                        continue;
+                    }
+                    Err(e) if is_stale_patch(&e) || Self::may_retry(&e, &mut transient) => {
+                        debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                               pod = %me.pod, attempt, error = %e,
+                               "static-nodes.json changed meanwhile; re-reading");
+                        self.back_off("upsert", attempt, &e).await;
+                        self.store.get().await
+                    }
+                    Err(e) => return Err(self.err(e, "patch")),
+                }
+            } else {
+                tokio::time::sleep(rtt + self.retry.delay(attempt)).await;
+                let rv = cm.metadata.resource_version.clone().unwrap_or_default();
+                self.store.get_not_older_than(&rv).await
+            };
+            match fresh {
+                Ok(Some(latest)) => cm = latest,
+                // Deleted: our record with it; the next upsert recreates both.
+                Ok(None) => return Ok(Snapshot::default()),
+                Err(e) if Self::may_retry(&e, &mut transient) => {
+                    self.back_off("upsert", attempt, &e).await;
+                }
+                Err(e) => return Err(self.err(e, "get")),
+            }
+        }
+        Err(self.exhausted())
+    }
+
+    /// After a removal: brings `static-nodes.json` in line with the members
+    /// (and legacy entries) of `cm`, the latest object this writer saw, by the
+    /// guarded ops of [`static_nodes_ops`], and repeats on the object that
+    /// write returns. A failed `test` (or a transient error) means another
+    /// writer changed it after our read; we stop there: the removal itself
+    /// already took its entries out, and every registrant sees to its own
+    /// entry ([`Self::settle_own_entry`]). This only repairs what no
+    /// registrant is left to repair (one that died between its two writes, a
+    /// third party's edit).
     async fn settle_static_nodes(&self, mut cm: ConfigMap) -> Result<Snapshot> {
         loop {
             let data = cm.data.clone().unwrap_or_default();
@@ -539,9 +743,10 @@ impl<S: Store> Core<S> {
             };
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => cm = written,
-                Err(e) if is_stale_patch(&e) => {
+                Err(e) if is_stale_patch(&e) || is_transient(&e) => {
                     debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
-                           error = %e, "static-nodes.json changed meanwhile; its writer settles it");
+                           error = %e, "static-nodes.json not settled after the removal; \
+                           registrants settle their own entries");
                     return Ok(self.observer.observe(Some(&cm)));
                 }
                 Err(e) => return Err(self.err(e, "patch")),
@@ -554,8 +759,11 @@ impl<S: Store> Core<S> {
     /// setting `static-nodes.json` without their entries (guarded, see
     /// [`static_nodes_ops`]), then [`Self::settle_static_nodes`].
     async fn patch_remove(&self, expected: &[MemberRecord]) -> Result<Snapshot> {
+        let mut transient = 0;
         for attempt in 1..=self.retry.max_attempts.max(1) {
-            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let Some(cm) = self.read("remove", attempt, &mut transient).await? else {
+                continue;
+            };
             let snap = self.observer.observe(cm.as_ref());
             let Some(data) = cm.and_then(|cm| cm.data) else {
                 return Ok(snap);
@@ -581,7 +789,9 @@ impl<S: Store> Core<S> {
             ops.extend(static_nodes_ops(&data, &members, &BTreeSet::new()).unwrap_or_default());
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => return self.settle_static_nodes(written).await,
-                Err(e) if is_stale_patch(&e) => self.back_off("remove", attempt, &e).await,
+                Err(e) if is_stale_patch(&e) || Self::may_retry(&e, &mut transient) => {
+                    self.back_off("remove", attempt, &e).await;
+                }
                 Err(e) => return Err(self.err(e, "patch")),
             }
         }
@@ -593,8 +803,11 @@ impl<S: Store> Core<S> {
     /// retried until they are gone (no other writer would drop them), then
     /// [`Self::settle_static_nodes`].
     async fn patch_remove_legacy(&self, drop: &BTreeSet<NodeId>) -> Result<Snapshot> {
+        let mut transient = 0;
         for attempt in 1..=self.retry.max_attempts.max(1) {
-            let cm = self.store.get().await.map_err(|e| self.err(e, "get"))?;
+            let Some(cm) = self.read("remove_legacy", attempt, &mut transient).await? else {
+                continue;
+            };
             let snap = self.observer.observe(cm.as_ref());
             if !snap.legacy.iter().any(|e| drop.contains(&e.node_id())) {
                 return Ok(snap);
@@ -607,7 +820,9 @@ impl<S: Store> Core<S> {
             };
             match self.store.patch(serde_json::Value::Array(ops)).await {
                 Ok(written) => return self.settle_static_nodes(written).await,
-                Err(e) if is_stale_patch(&e) => self.back_off("remove_legacy", attempt, &e).await,
+                Err(e) if is_stale_patch(&e) || Self::may_retry(&e, &mut transient) => {
+                    self.back_off("remove_legacy", attempt, &e).await;
+                }
                 Err(e) => return Err(self.err(e, "patch")),
             }
         }

@@ -33,6 +33,8 @@ pub(crate) struct MemoryState {
     pub(crate) patch_failures: Vec<String>,
     /// Run before each write is applied: a third party acting in between.
     pub(crate) meddle: Option<Meddle>,
+    /// Run before each read is answered: a third party acting in between.
+    pub(crate) meddle_get: Option<Meddle>,
     /// Every change of the object, for watchers.
     changes: watch::Sender<Option<ConfigMap>>,
 }
@@ -51,6 +53,7 @@ impl Default for MemoryState {
             fail_gets: VecDeque::new(),
             patch_failures: Vec::new(),
             meddle: None,
+            meddle_get: None,
             changes: watch::Sender::new(None),
         }
     }
@@ -283,9 +286,23 @@ impl MemoryState {
     /// A third party acting just before a write is applied.
     fn run_meddle(&mut self) {
         let mut meddle = self.meddle.take();
-        if let Some(m) = meddle.as_mut()
-            && m(&mut self.cm)
-        {
+        if let Some(m) = meddle.as_mut() {
+            self.meddled(m);
+        }
+        self.meddle = meddle;
+    }
+
+    /// A third party acting just before a read is answered.
+    fn run_meddle_get(&mut self) {
+        let mut meddle = self.meddle_get.take();
+        if let Some(m) = meddle.as_mut() {
+            self.meddled(m);
+        }
+        self.meddle_get = meddle;
+    }
+
+    fn meddled(&mut self, m: &mut Meddle) {
+        if m(&mut self.cm) {
             self.rv += 1;
             let rv = self.rv.to_string();
             if let Some(c) = self.cm.as_mut() {
@@ -293,7 +310,6 @@ impl MemoryState {
             }
             self.notify();
         }
-        self.meddle = meddle;
     }
 }
 
@@ -304,6 +320,7 @@ impl Store for MemoryStore {
         let r = {
             let mut s = self.state();
             s.gets += 1;
+            s.run_meddle_get();
             match s.fail_gets.pop_front() {
                 Some(e) => Err(e),
                 None => Ok(s.cm.clone()),
@@ -312,6 +329,11 @@ impl Store for MemoryStore {
         // Let others interleave between the read and the write.
         tokio::task::yield_now().await;
         r
+    }
+
+    /// The store is its own watch cache: always the latest.
+    async fn get_not_older_than(&self, _rv: &str) -> Result<Option<ConfigMap>, kube::Error> {
+        Store::get(self).await
     }
 
     async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {

@@ -722,3 +722,109 @@ async fn key_patch_registrants_losing_the_creation_race_go_on_by_key_patch_not_c
     assert_eq!(s.replaces, 0, "no whole-object replace after the creation");
     assert!(s.writes <= 1 + 2 * 40, "writes: {}", s.writes);
 }
+
+/// A store where `geth-0` is listed and `geth-1`'s record landed but its
+/// `static-nodes.json` entry is not listed yet (its registrant is between its
+/// two writes): `geth-1` leads the settle of anyone who registers now.
+async fn with_a_pending_leader() -> (Fake, Core<Fake>) {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    let value = serde_json::to_string(&member("geth-1", 1)).unwrap();
+    fake.edit(|data| {
+        data.insert("member.geth-1".into(), value);
+    });
+    (fake, core)
+}
+
+#[tokio::test]
+async fn a_registrant_that_does_not_lead_leaves_the_settle_to_the_leader() {
+    let (fake, core) = with_a_pending_leader().await;
+    // The leader settles (listing every member it sees) while geth-5 waits.
+    fake.state().meddle_get = Some(Box::new(|cm| {
+        let Some(data) = cm.as_mut().and_then(|c| c.data.as_mut()) else {
+            return false;
+        };
+        if !data.contains_key("member.geth-5") {
+            return false;
+        }
+        let members = schema::decode(data, None).members;
+        let Some(derived) = derived_static_nodes(data, &members, &BTreeSet::new()) else {
+            return false;
+        };
+        data.insert(schema::STATIC_NODES_KEY.into(), derived);
+        true
+    }));
+    let patches = fake.state().patches;
+    let snap = core.upsert(member("geth-5", 5)).await.unwrap();
+    assert!(snap.members.contains_key("geth-5"));
+    assert_eq!(
+        fake.state().patches - patches,
+        1,
+        "only its own key: the leader listed its entry"
+    );
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn a_registrant_settles_its_own_entry_when_the_leader_never_does() {
+    let (fake, core) = with_a_pending_leader().await;
+    let patches = fake.state().patches;
+    let snap = core.upsert(member("geth-5", 5)).await.unwrap();
+    assert!(snap.members.contains_key("geth-5"));
+    assert_eq!(
+        fake.state().patches - patches,
+        2,
+        "its key, then the settle after waiting for the leader in vain"
+    );
+    // The leader's entry is listed too: a settle lists every member.
+    let list: Vec<String> = serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn the_leader_settles_at_once() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    // geth-5's record landed, its entry not listed: geth-0 sorts first.
+    let value = serde_json::to_string(&member("geth-5", 5)).unwrap();
+    fake.edit(|data| {
+        data.insert("member.geth-5".into(), value);
+    });
+    let gets = fake.gets();
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    assert_eq!(fake.gets() - gets, 1, "no wait, no re-read");
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn transient_server_errors_are_retried_a_bounded_number_of_times() {
+    for protocol in [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas] {
+        let fake = Fake::default();
+        let core = fake.core_with(fast(), protocol);
+        core.upsert(member("geth-0", 0)).await.unwrap();
+        // An etcd timeout, an overloaded apiserver, a gateway timeout.
+        fake.fail_next_get(api_err(503, "ServiceUnavailable"));
+        fake.fail_next_write(api_err(500, "InternalError"));
+        fake.fail_next_write(api_err(504, "Timeout"));
+        core.upsert(member("geth-1", 1))
+            .await
+            .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        fake.fail_next_write(api_err(429, "TooManyRequests"));
+        core.remove(vec![member("geth-0", 0)])
+            .await
+            .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        let snap = core.snapshot().await.unwrap();
+        assert_eq!(pods(&snap), BTreeSet::from(["geth-1".to_owned()]));
+        assert!(static_nodes_current(&fake.data()), "{protocol:?}");
+        // A server that keeps failing is reported, not retried for ever.
+        for _ in 0..=TRANSIENT_RETRIES {
+            fake.fail_next_write(api_err(503, "ServiceUnavailable"));
+        }
+        let err = core.upsert(member("geth-2", 2)).await.unwrap_err();
+        assert_eq!(err.kind(), "unavailable", "{protocol:?}: {err}");
+        assert!(fake.state().fail_writes.is_empty(), "{protocol:?}");
+    }
+}
