@@ -828,3 +828,35 @@ async fn transient_server_errors_are_retried_a_bounded_number_of_times() {
         assert!(fake.state().fail_writes.is_empty(), "{protocol:?}");
     }
 }
+
+#[tokio::test]
+async fn a_stale_own_entry_settle_cannot_bring_back_a_removed_member() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    // geth-2 (which leads) and geth-3 landed, neither listed yet.
+    let (two, three) = (member("geth-2", 2), member("geth-3", 3));
+    let (v2, v3) = (
+        serde_json::to_string(&two).unwrap(),
+        serde_json::to_string(&three).unwrap(),
+    );
+    fake.edit(|data| {
+        data.insert("member.geth-2".into(), v2);
+        data.insert("member.geth-3".into(), v3);
+    });
+    let seen = fake.state().cm.clone().unwrap();
+    core.remove(vec![three.clone()]).await.unwrap();
+    // geth-2 settles from its read taken before the removal.
+    let snap = core
+        .settle_own_entry(&two, seen, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(snap.members.contains_key("geth-2"));
+    let snap = core.snapshot().await.unwrap();
+    assert_eq!(
+        pods(&snap),
+        BTreeSet::from(["geth-0".to_owned(), "geth-2".to_owned()])
+    );
+    assert!(snap.legacy.is_empty(), "resurrected: {:?}", snap.legacy);
+    assert!(static_nodes_current(&fake.data()));
+}
