@@ -54,8 +54,8 @@ pub trait Harness: Send + Sync {
 pub struct MemoryHarness {
     /// The store every client shares.
     pub store: MemoryStore,
-    /// The write protocol of every client ([`WriteProtocol::KeyPatch`] by
-    /// default, as for the ConfigMap registry).
+    /// The write protocol of every client ([`WriteProtocol::WholeObjectCas`]
+    /// by default, as for the ConfigMap registry).
     pub protocol: WriteProtocol,
 }
 

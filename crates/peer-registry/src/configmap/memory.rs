@@ -167,10 +167,10 @@ impl MemoryStore {
         self.state().fail_gets.push_back(err);
     }
 
-    /// The write core over this store, with this retry policy and the default
-    /// write protocol.
+    /// The write core over this store, with this retry policy and key patches
+    /// (what most of the write tests exercise; CAS ones use `core_with`).
     pub(super) fn core(&self, retry: RetryPolicy) -> Core<MemoryStore> {
-        self.core_with(retry, WriteProtocol::default())
+        self.core_with(retry, WriteProtocol::KeyPatch)
     }
 
     /// The write core over this store, with this retry policy and protocol.
@@ -577,12 +577,21 @@ mod tests {
         }
     }
 
-    /// The default is the ConfigMap registry's: key patches, which the store
-    /// applies as JSON Patch.
+    /// The default is the ConfigMap registry's: whole-object CAS, no JSON Patch.
     #[tokio::test]
-    async fn default_protocol_is_key_patch() {
+    async fn default_protocol_is_the_whole_object_cas() {
         let h = MemoryHarness::new();
-        assert_eq!(h.protocol, WriteProtocol::KeyPatch);
+        assert_eq!(h.protocol, WriteProtocol::WholeObjectCas);
+        conformance::concurrent_registrants_none_lost(&h, 10)
+            .await
+            .unwrap();
+        assert_eq!(h.store.state().patches, 0, "no JSON Patch under CAS");
+    }
+
+    /// Key patches: the store applies them as JSON Patch.
+    #[tokio::test]
+    async fn key_patch_clients_write_json_patches() {
+        let h = MemoryHarness::with_protocol(WriteProtocol::KeyPatch);
         conformance::concurrent_registrants_none_lost(&h, 10)
             .await
             .unwrap();
