@@ -346,6 +346,12 @@ impl Cluster {
             .collect()
     }
 
+    /// The kube-apiserver's process id, while it runs (for CPU figures read
+    /// from `/proc/<pid>/stat` by the benchmarks).
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.apiserver.as_ref().map(Proc::pid)
+    }
+
     /// The control plane's working directory (certificates, keys, tokens, audit log).
     pub fn dir(&self) -> &std::path::Path {
         &self.dir

@@ -27,7 +27,7 @@ use geth_ipc::Enode;
 use crate::record::{MemberRecord, Snapshot};
 use crate::registry::PeerRegistry;
 use crate::schema;
-use crate::{MemoryRegistry, MemoryStore};
+use crate::{MemoryRegistry, MemoryStore, WriteProtocol};
 
 /// What a check failed on.
 pub type Outcome = Result<(), String>;
@@ -54,6 +54,9 @@ pub trait Harness: Send + Sync {
 pub struct MemoryHarness {
     /// The store every client shares.
     pub store: MemoryStore,
+    /// The write protocol of every client ([`WriteProtocol::WholeObjectCas`]
+    /// by default, as for the ConfigMap registry).
+    pub protocol: WriteProtocol,
 }
 
 impl MemoryHarness {
@@ -61,12 +64,20 @@ impl MemoryHarness {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// A harness on a new, empty store whose clients write with `protocol`.
+    pub fn with_protocol(protocol: WriteProtocol) -> Self {
+        Self {
+            protocol,
+            ..Self::default()
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl Harness for MemoryHarness {
     fn client(&self) -> Arc<dyn PeerRegistry> {
-        Arc::new(MemoryRegistry::on(&self.store))
+        Arc::new(MemoryRegistry::on(&self.store).with_write_protocol(self.protocol))
     }
 
     async fn edit(&self, f: DataEdit) -> Result<(), String> {

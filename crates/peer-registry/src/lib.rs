@@ -30,7 +30,7 @@ pub use record::{MemberRecord, Snapshot};
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub use configmap::memory::{MemoryRegistry, MemoryStore};
 #[cfg(feature = "kube")]
-pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy};
+pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy, WriteProtocol};
 #[cfg(feature = "kube")]
 pub use error::{Error, Result, describe_kube_error};
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use peer_registry::{ConfigMapRegistry, PeerRegistry, conformance};
+use peer_registry::{ConfigMapRegistry, PeerRegistry, WriteProtocol, conformance};
 use serde_json::json;
 
 const NAME: &str = "geth-shared-static-nodes";
@@ -310,20 +310,22 @@ async fn without_create_permission_a_missing_configmap_is_a_clear_error() {
 
 /// peer-registry's conformance suite on the real apiserver: a fresh namespace
 /// (and ConfigMap) per check, sidecar clients with deploy/'s Role, third-party
-/// edits as the admin.
+/// edits as the admin; sidecar clients write with `protocol`.
 struct ApiserverHarness {
     client: kube::Client,
     admin: Api<ConfigMap>,
     namespace: String,
+    protocol: WriteProtocol,
 }
 
 impl ApiserverHarness {
-    async fn new(cluster: &Cluster, hint: &str) -> Result<Self, String> {
+    async fn new(cluster: &Cluster, hint: &str, protocol: WriteProtocol) -> Result<Self, String> {
         let ns = cluster.namespace(hint).await.map_err(|e| e.to_string())?;
         Ok(Self {
             client: ns.new_client().await.map_err(|e| e.to_string())?,
             admin: Api::namespaced(cluster.admin(), &ns.name),
             namespace: ns.name.clone(),
+            protocol,
         })
     }
 }
@@ -331,11 +333,10 @@ impl ApiserverHarness {
 #[async_trait::async_trait]
 impl conformance::Harness for ApiserverHarness {
     fn client(&self) -> std::sync::Arc<dyn PeerRegistry> {
-        std::sync::Arc::new(ConfigMapRegistry::new(
-            self.client.clone(),
-            self.namespace.clone(),
-            NAME,
-        ))
+        std::sync::Arc::new(
+            ConfigMapRegistry::new(self.client.clone(), self.namespace.clone(), NAME)
+                .with_write_protocol(self.protocol),
+        )
     }
 
     async fn edit(&self, f: conformance::DataEdit) -> Result<(), String> {
@@ -374,11 +375,130 @@ impl conformance::Harness for ApiserverHarness {
 async fn conformance_suite_passes_on_the_real_apiserver() {
     let (_ctx, cluster, _ns) = start("conformance").await;
     let n = std::sync::atomic::AtomicU32::new(0);
-    conformance::run_all(|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let cluster = &cluster;
-        async move { ApiserverHarness::new(cluster, &format!("conformance-{i}")).await }
-    })
-    .await
-    .unwrap();
+    for protocol in [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas] {
+        conformance::run_all(|| {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let cluster = &cluster;
+            async move {
+                ApiserverHarness::new(cluster, &format!("conformance-{i}"), protocol).await
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+    }
+}
+
+/// The default write protocol (per-member JSON Patch, `WriteProtocol::KeyPatch`)
+/// against the real apiserver: many registrants at once while others are
+/// removed and a third party keeps editing an unrelated key; a legacy entry
+/// (the original Python sidecar's, no member record) sits in
+/// `static-nodes.json` throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_patch_registrants_at_once_lose_nothing_and_keep_a_legacy_entry_and_third_party_keys() {
+    const N: u32 = 60;
+    let (_ctx, cluster, ns) = start("keypatch").await;
+    let admin: Api<ConfigMap> = Api::namespaced(cluster.admin(), &ns.name);
+    let reg = registry(&ns)
+        .await
+        .with_write_protocol(WriteProtocol::KeyPatch);
+    let old: Vec<_> = (0..5)
+        .map(|i| test_member(&format!("old-{i}"), 5000 + i))
+        .collect();
+    for m in &old {
+        reg.upsert(m.clone()).await.unwrap();
+    }
+    // The original sidecar appends its own entry, with `?discport=0`.
+    let legacy = format!("{}?discport=0", test_member("python", 9999).enode);
+    let mut list: Vec<String> =
+        serde_json::from_str(&raw_data(&cluster, &ns.name).await["static-nodes.json"]).unwrap();
+    list.push(legacy.clone());
+    let patch = json!({"data": {
+        "static-nodes.json": serde_json::to_string(&list).unwrap(),
+        "operator-note": "edit-0",
+    }});
+    admin
+        .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(reg.snapshot().await.unwrap().legacy.len(), 1);
+
+    let mut registries = Vec::new();
+    for _ in 0..N + 3 {
+        registries.push(
+            registry(&ns)
+                .await
+                .with_write_protocol(WriteProtocol::KeyPatch),
+        );
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(registries.len() + 1));
+    let mut tasks = Vec::new();
+    for (i, r) in registries.into_iter().enumerate() {
+        let barrier = barrier.clone();
+        let i = i as u32;
+        let removed = old
+            .get(i.checked_sub(N).unwrap_or(u32::MAX) as usize)
+            .cloned();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            match removed {
+                Some(m) => r.remove(vec![m]).await.map(|_| ()),
+                None => r
+                    .upsert(test_member(&format!("geth-{i}"), i))
+                    .await
+                    .map(|_| ()),
+            }
+        }));
+    }
+    // A third party edits an unrelated key during the race.
+    let editor = {
+        let admin = admin.clone();
+        let barrier = barrier.clone();
+        tokio::spawn(async move {
+            barrier.wait().await;
+            for k in 1..=10 {
+                let patch = json!({"data": {"operator-note": format!("edit-{k}")}});
+                admin
+                    .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    editor.await.unwrap();
+
+    let data = raw_data(&cluster, &ns.name).await;
+    let snap = reg.snapshot().await.unwrap();
+    let want: BTreeSet<String> = (0..N)
+        .map(|i| format!("geth-{i}"))
+        .chain((3..5).map(|i| format!("old-{i}")))
+        .collect();
+    assert_eq!(pods(&snap), want, "no registrant lost, removals done");
+    assert_eq!(
+        data["operator-note"], "edit-10",
+        "third-party key preserved"
+    );
+    let stored: BTreeSet<String> = serde_json::from_str::<Vec<String>>(&data["static-nodes.json"])
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut expected: BTreeSet<String> =
+        snap.members.values().map(|m| m.enode.to_string()).collect();
+    expected.insert(legacy.clone());
+    assert_eq!(
+        stored, expected,
+        "static-nodes.json: exactly the members plus the legacy entry, verbatim"
+    );
+    assert_eq!(snap.legacy.len(), 1, "{:?}", snap.legacy);
+
+    // Under KeyPatch too, the legacy entry goes only when asked.
+    let snap = reg.remove_legacy(snap.legacy.clone()).await.unwrap();
+    assert!(snap.legacy.is_empty());
+    assert_eq!(pods(&snap), want);
+    let data = raw_data(&cluster, &ns.name).await;
+    assert!(!data["static-nodes.json"].contains(&legacy));
+    assert_eq!(data["operator-note"], "edit-10");
 }

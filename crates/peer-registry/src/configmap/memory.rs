@@ -1,5 +1,6 @@
-//! [`MemoryRegistry`]: the ConfigMap implementation's compare-and-swap core over
-//! an in-memory object store ([`MemoryStore`]) with apiserver semantics.
+//! [`MemoryRegistry`]: the ConfigMap implementation's write core (both
+//! [`WriteProtocol`]s) over an in-memory object store ([`MemoryStore`]) with
+//! apiserver semantics, JSON Patch included.
 
 use std::collections::VecDeque;
 use std::sync::PoisonError;
@@ -19,13 +20,21 @@ pub(crate) struct MemoryState {
     pub(crate) rv: u64,
     pub(crate) gets: u32,
     pub(crate) writes: u32,
+    /// Of those, JSON Patches.
+    pub(crate) patches: u32,
+    /// Whole-object replaces attempted (the CAS path).
+    pub(crate) replaces: u32,
     pub(crate) conflicts: u32,
     /// Errors returned by the next write calls, in order.
     pub(crate) fail_writes: VecDeque<kube::Error>,
     /// Errors returned by the next get calls, in order.
     pub(crate) fail_gets: VecDeque<kube::Error>,
+    /// Why each refused JSON Patch was refused (the op that failed).
+    pub(crate) patch_failures: Vec<String>,
     /// Run before each write is applied: a third party acting in between.
     pub(crate) meddle: Option<Meddle>,
+    /// Run before each read is answered: a third party acting in between.
+    pub(crate) meddle_get: Option<Meddle>,
     /// Every change of the object, for watchers.
     changes: watch::Sender<Option<ConfigMap>>,
 }
@@ -37,10 +46,14 @@ impl Default for MemoryState {
             rv: 0,
             gets: 0,
             writes: 0,
+            patches: 0,
+            replaces: 0,
             conflicts: 0,
             fail_writes: VecDeque::new(),
             fail_gets: VecDeque::new(),
+            patch_failures: Vec::new(),
             meddle: None,
+            meddle_get: None,
             changes: watch::Sender::new(None),
         }
     }
@@ -49,7 +62,10 @@ impl Default for MemoryState {
 /// An in-memory ConfigMap API for one object, with the apiserver's semantics:
 /// the resourceVersion goes up at every write, a replace is conditional on it
 /// (409 Conflict), a create of an existing object is 409 AlreadyExists, a replace
-/// of a missing one 404. Clones share the object.
+/// or patch of a missing one 404. A JSON Patch (the `test`, `add`, `replace` and
+/// `remove` ops on `/data/<key>`, the only ones the registry sends) is applied
+/// to the latest object, all or nothing; a failed op is 422. Clones share the
+/// object.
 ///
 /// Besides the registry's own writes, a test can act as a third party
 /// ([`MemoryStore::edit`], [`MemoryStore::delete`]) and inject failures
@@ -85,12 +101,13 @@ impl MemoryStore {
         kube::Error::Api(Status::failure("injected", reason).with_code(code).boxed())
     }
 
-    /// Successful writes (creates and replaces) so far.
+    /// Successful writes (creates, replaces and patches) so far.
     pub fn writes(&self) -> u32 {
         self.state().writes
     }
 
-    /// Writes refused with a conflict so far.
+    /// Writes refused with a conflict so far (409, or 422 for a JSON Patch
+    /// whose `test` failed).
     pub fn conflicts(&self) -> u32 {
         self.state().conflicts
     }
@@ -150,11 +167,22 @@ impl MemoryStore {
         self.state().fail_gets.push_back(err);
     }
 
-    /// The CAS core over this store, with this retry policy.
+    /// The write core over this store, with this retry policy and key patches
+    /// (what most of the write tests exercise; CAS ones use `core_with`).
     pub(super) fn core(&self, retry: RetryPolicy) -> Core<MemoryStore> {
+        self.core_with(retry, WriteProtocol::KeyPatch)
+    }
+
+    /// The write core over this store, with this retry policy and protocol.
+    pub(super) fn core_with(
+        &self,
+        retry: RetryPolicy,
+        protocol: WriteProtocol,
+    ) -> Core<MemoryStore> {
         Core {
             store: self.clone(),
             retry,
+            protocol,
             observer: Arc::new(Observer {
                 namespace: "memory".into(),
                 name: DEFAULT_NAME.into(),
@@ -169,18 +197,7 @@ impl MemoryStore {
         if let Some(e) = s.fail_writes.pop_front() {
             return Err(e);
         }
-        let mut meddle = s.meddle.take();
-        if let Some(m) = meddle.as_mut()
-            && m(&mut s.cm)
-        {
-            s.rv += 1;
-            let rv = s.rv.to_string();
-            if let Some(c) = s.cm.as_mut() {
-                c.metadata.resource_version = Some(rv);
-            }
-            s.notify();
-        }
-        s.meddle = meddle;
+        s.run_meddle();
         match (&s.cm, create) {
             (Some(_), true) => {
                 s.conflicts += 1;
@@ -204,11 +221,95 @@ impl MemoryStore {
         s.notify();
         Ok(stored)
     }
+
+    fn patch(&self, ops: &serde_json::Value) -> Result<ConfigMap, kube::Error> {
+        let mut s = self.state();
+        if let Some(e) = s.fail_writes.pop_front() {
+            return Err(e);
+        }
+        s.run_meddle();
+        let Some(mut cm) = s.cm.clone() else {
+            return Err(Self::api_error(404, "NotFound"));
+        };
+        if let Err(e) = apply_json_patch(&mut cm, ops) {
+            s.conflicts += 1;
+            s.patch_failures.push(e);
+            return Err(Self::api_error(422, "Invalid"));
+        }
+        s.rv += 1;
+        s.writes += 1;
+        s.patches += 1;
+        cm.metadata.resource_version = Some(s.rv.to_string());
+        s.cm = Some(cm.clone());
+        s.notify();
+        Ok(cm)
+    }
+}
+
+/// Applies JSON Patch `ops` (RFC 6902) to `cm` as the apiserver does: all or
+/// nothing. Only what the registry sends is modelled: `test`, `add`,
+/// `replace` and `remove` of string values at `/data/<key>` (RFC 6901
+/// escaping); anything else fails. The error names the failed op.
+fn apply_json_patch(cm: &mut ConfigMap, ops: &serde_json::Value) -> Result<(), String> {
+    // The parent of `/data/<key>` must exist, as on the server.
+    let mut data = cm.data.clone().ok_or("no /data")?;
+    for op in ops.as_array().ok_or("not an array")? {
+        let path = op["path"].as_str().ok_or("no path")?;
+        let key = path.strip_prefix("/data/").ok_or("not under /data")?;
+        if key.contains('/') {
+            return Err(format!("{op}: not a data key"));
+        }
+        let key = key.replace("~1", "/").replace("~0", "~");
+        let value = op["value"].as_str().map(str::to_owned);
+        match op["op"].as_str() {
+            Some("test") if value.is_some() && data.get(&key) == value.as_ref() => {}
+            // `add` of an existing member replaces it (RFC 6902, 4.1).
+            Some("add") => {
+                data.insert(key, value.ok_or("no value")?);
+            }
+            Some("replace") if data.contains_key(&key) => {
+                data.insert(key, value.ok_or("no value")?);
+            }
+            Some("remove") if data.remove(&key).is_some() => {}
+            _ => return Err(format!("{op} failed")),
+        }
+    }
+    cm.data = Some(data);
+    Ok(())
 }
 
 impl MemoryState {
     fn notify(&self) {
         self.changes.send_replace(self.cm.clone());
+    }
+
+    /// A third party acting just before a write is applied.
+    fn run_meddle(&mut self) {
+        let mut meddle = self.meddle.take();
+        if let Some(m) = meddle.as_mut() {
+            self.meddled(m);
+        }
+        self.meddle = meddle;
+    }
+
+    /// A third party acting just before a read is answered.
+    fn run_meddle_get(&mut self) {
+        let mut meddle = self.meddle_get.take();
+        if let Some(m) = meddle.as_mut() {
+            self.meddled(m);
+        }
+        self.meddle_get = meddle;
+    }
+
+    fn meddled(&mut self, m: &mut Meddle) {
+        if m(&mut self.cm) {
+            self.rv += 1;
+            let rv = self.rv.to_string();
+            if let Some(c) = self.cm.as_mut() {
+                c.metadata.resource_version = Some(rv);
+            }
+            self.notify();
+        }
     }
 }
 
@@ -219,6 +320,7 @@ impl Store for MemoryStore {
         let r = {
             let mut s = self.state();
             s.gets += 1;
+            s.run_meddle_get();
             match s.fail_gets.pop_front() {
                 Some(e) => Err(e),
                 None => Ok(s.cm.clone()),
@@ -229,6 +331,11 @@ impl Store for MemoryStore {
         r
     }
 
+    /// The store is its own watch cache: always the latest.
+    async fn get_not_older_than(&self, _rv: &str) -> Result<Option<ConfigMap>, kube::Error> {
+        Store::get(self).await
+    }
+
     async fn create(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
         tokio::task::yield_now().await;
         self.write(cm, true)
@@ -236,13 +343,20 @@ impl Store for MemoryStore {
 
     async fn replace(&self, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
         tokio::task::yield_now().await;
+        self.state().replaces += 1;
         self.write(cm, false)
+    }
+
+    async fn patch(&self, ops: serde_json::Value) -> Result<ConfigMap, kube::Error> {
+        tokio::task::yield_now().await;
+        self.patch(&ops)
     }
 }
 
 /// A [`PeerRegistry`] in memory with exactly the [`ConfigMapRegistry`]'s
-/// semantics: the same compare-and-swap code runs over a [`MemoryStore`] instead
-/// of the apiserver, so conflicts, retries, creation races, third-party edits and
+/// semantics: the same write code (JSON Patch per member by default,
+/// [`WriteProtocol::WholeObjectCas`] on request) runs over a [`MemoryStore`]
+/// instead of the apiserver, so conflicts, retries, creation races, third-party edits and
 /// deletion, unknown keys, legacy `static-nodes.json` entries and garbage records
 /// behave as they do on Kubernetes.
 ///
@@ -318,6 +432,14 @@ impl MemoryRegistry {
         self
     }
 
+    /// Replaces the write protocol ([`WriteProtocol::KeyPatch`] by default,
+    /// as for [`ConfigMapRegistry`]).
+    #[must_use]
+    pub fn with_write_protocol(mut self, protocol: WriteProtocol) -> Self {
+        self.core.protocol = protocol;
+        self
+    }
+
     /// The store: for third-party edits, fault injection and counters.
     pub fn store(&self) -> &MemoryStore {
         &self.store
@@ -335,6 +457,7 @@ impl std::fmt::Debug for MemoryRegistry {
         f.debug_struct("MemoryRegistry")
             .field("store", &self.store)
             .field("retry", &self.core.retry)
+            .field("protocol", &self.core.protocol)
             .finish()
     }
 }
@@ -385,49 +508,96 @@ impl PeerRegistry for MemoryRegistry {
 mod tests {
     use std::time::Duration;
 
+    use super::WriteProtocol;
     use crate::conformance::{self, MemoryHarness};
+
+    const PROTOCOLS: [WriteProtocol; 2] = [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas];
 
     #[tokio::test]
     async fn conformance_concurrent_registrants_none_lost() {
-        let h = MemoryHarness::new();
-        conformance::concurrent_registrants_none_lost(&h, 30)
-            .await
-            .unwrap();
-        assert!(h.store.conflicts() > 0, "the check must exercise conflicts");
+        for protocol in PROTOCOLS {
+            let h = MemoryHarness::with_protocol(protocol);
+            conformance::concurrent_registrants_none_lost(&h, 30)
+                .await
+                .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+            assert!(
+                h.store.conflicts() > 0,
+                "{protocol:?}: the check must exercise conflicts"
+            );
+        }
     }
 
     #[tokio::test]
     async fn conformance_conditional_removal_keeps_a_re_registered_member() {
-        conformance::conditional_removal_keeps_a_re_registered_member(&MemoryHarness::new())
+        for protocol in PROTOCOLS {
+            conformance::conditional_removal_keeps_a_re_registered_member(
+                &MemoryHarness::with_protocol(protocol),
+            )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        }
     }
 
     #[tokio::test]
     async fn conformance_unknown_keys_are_preserved() {
-        conformance::unknown_keys_are_preserved(&MemoryHarness::new())
-            .await
-            .unwrap();
+        for protocol in PROTOCOLS {
+            conformance::unknown_keys_are_preserved(&MemoryHarness::with_protocol(protocol))
+                .await
+                .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        }
     }
 
     #[tokio::test]
     async fn conformance_legacy_entries_are_preserved() {
-        conformance::legacy_entries_are_preserved(&MemoryHarness::new())
-            .await
-            .unwrap();
+        for protocol in PROTOCOLS {
+            conformance::legacy_entries_are_preserved(&MemoryHarness::with_protocol(protocol))
+                .await
+                .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        }
     }
 
     #[tokio::test]
     async fn conformance_watch_sees_changes() {
-        conformance::watch_sees_changes(&MemoryHarness::new(), Duration::from_secs(5))
+        for protocol in PROTOCOLS {
+            conformance::watch_sees_changes(
+                &MemoryHarness::with_protocol(protocol),
+                Duration::from_secs(5),
+            )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        }
     }
 
     #[tokio::test]
     async fn conformance_run_all() {
-        conformance::run_all(|| async { Ok(MemoryHarness::new()) })
+        for protocol in PROTOCOLS {
+            conformance::run_all(|| async { Ok(MemoryHarness::with_protocol(protocol)) })
+                .await
+                .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        }
+    }
+
+    /// The default is the ConfigMap registry's: whole-object CAS, no JSON Patch.
+    #[tokio::test]
+    async fn default_protocol_is_the_whole_object_cas() {
+        let h = MemoryHarness::new();
+        assert_eq!(h.protocol, WriteProtocol::WholeObjectCas);
+        conformance::concurrent_registrants_none_lost(&h, 10)
             .await
             .unwrap();
+        assert_eq!(h.store.state().patches, 0, "no JSON Patch under CAS");
+    }
+
+    /// Key patches: the store applies them as JSON Patch.
+    #[tokio::test]
+    async fn key_patch_clients_write_json_patches() {
+        let h = MemoryHarness::with_protocol(WriteProtocol::KeyPatch);
+        conformance::concurrent_registrants_none_lost(&h, 10)
+            .await
+            .unwrap();
+        assert!(
+            h.store.state().patches >= 10,
+            "one JSON Patch per member at least"
+        );
     }
 }

@@ -64,8 +64,14 @@ async fn twenty_concurrent_registrants_never_lose_an_entry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
+    for protocol in [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas] {
+        registrations_racing_removals(protocol).await;
+    }
+}
+
+async fn registrations_racing_removals(protocol: WriteProtocol) {
     let fake = Fake::default();
-    let core = Arc::new(fake.core(fast()));
+    let core = Arc::new(fake.core_with(fast(), protocol));
     let old: Vec<_> = (0..10).map(|i| member(&format!("old-{i}"), i)).collect();
     for m in &old {
         core.upsert(m.clone()).await.unwrap();
@@ -91,7 +97,11 @@ async fn registrations_racing_removals_end_in_exactly_the_expected_set() {
         .map(|i| format!("old-{i}"))
         .chain((0..10).map(|i| format!("new-{i}")))
         .collect();
-    assert_eq!(pods(&core.snapshot().await.unwrap()), want);
+    let snap = core.snapshot().await.unwrap();
+    assert_eq!(pods(&snap), want, "{protocol:?}");
+    // No removed member's entry left behind to pass for a legacy one.
+    assert!(snap.legacy.is_empty(), "{protocol:?}: {:?}", snap.legacy);
+    assert!(static_nodes_current(&fake.data()), "{protocol:?}");
 }
 
 #[tokio::test]
@@ -223,10 +233,92 @@ async fn conflicts_exhaust_into_a_clear_error() {
     core.upsert(member("geth-0", 0)).await.unwrap();
     // A third party writes before each of our writes, forever.
     fake.state().meddle = Some(Box::new(|_| true));
-    let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
+    let mut cas = fake.core(retry);
+    cas.protocol = WriteProtocol::WholeObjectCas;
+    let gets = fake.state().gets;
+    let err = cas.upsert(member("geth-1", 1)).await.unwrap_err();
     assert_eq!(err.kind(), "conflict");
     assert!(err.to_string().contains("3 attempts"), "{err}");
-    assert_eq!(fake.state().gets, 1 + 3);
+    assert_eq!(fake.state().gets, gets + 3);
+    // A key patch only conflicts with writes to its own key: it went through.
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    // ... and is exhausted when that key changes before each of its writes.
+    fake.edit_object(|cm| {
+        let data = cm.data.as_mut().unwrap();
+        data.insert("member.geth-2".into(), "garbage".into());
+    });
+    let mut n = 0;
+    fake.state().meddle = Some(Box::new(move |cm| {
+        n += 1;
+        let data = cm.as_mut().and_then(|c| c.data.as_mut()).unwrap();
+        data.insert("member.geth-2".into(), format!("garbage {n}"));
+        true
+    }));
+    let err = core.upsert(member("geth-2", 2)).await.unwrap_err();
+    assert_eq!(err.kind(), "conflict");
+    assert!(err.to_string().contains("3 attempts"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_patches_of_a_burst_never_lose_an_entry_and_leave_static_nodes_derived() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core(fast()));
+    core.upsert(member("seed", 999)).await.unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50u32)
+        .map(|i| {
+            let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                core.upsert(member(&format!("geth-{i}"), i)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let data = fake.data();
+    let snap = schema::decode(&data, None);
+    assert_eq!(snap.members.len(), 51);
+    assert!(
+        static_nodes_current(&data),
+        "static-nodes.json must list every member once the burst is over"
+    );
+    let s = fake.state();
+    assert!(
+        s.writes <= 1 + 2 * 50,
+        "at most two writes per member: {}",
+        s.writes
+    );
+    assert!(
+        s.patch_failures.iter().any(|f| f.contains("static-nodes")),
+        "the burst must exercise the static-nodes.json repair: {:?}",
+        s.patch_failures
+    );
+}
+
+#[tokio::test]
+async fn a_stale_key_patch_removal_keeps_a_member_re_registered_between_read_and_write() {
+    let fake = Fake::default();
+    let core = fake.core(fast());
+    let before = member("geth-0", 0);
+    core.upsert(before.clone()).await.unwrap();
+    let mut moved = before.clone();
+    moved.enode = moved.enode.with_host("198.19.9.9".parse().unwrap());
+    moved.pod_ip = Some("198.19.9.9".into());
+    let value = serde_json::to_string(&moved).unwrap();
+    let mut once = true;
+    // The pod re-registers after our read, before our patch lands.
+    fake.state().meddle = Some(Box::new(move |cm| {
+        std::mem::take(&mut once) && {
+            let data = cm.as_mut().and_then(|c| c.data.as_mut()).unwrap();
+            data.insert("member.geth-0".into(), value.clone());
+            true
+        }
+    }));
+    let snap = core.remove(vec![before]).await.unwrap();
+    assert!(snap.members["geth-0"].same_registration(&moved));
+    assert!(fake.state().patch_failures[0].contains("test"));
 }
 
 #[tokio::test]
@@ -328,7 +420,7 @@ async fn errors_are_classified() {
         .fail_writes
         .push_back(api_err(403, "Forbidden"));
     let err = core.upsert(member("geth-1", 1)).await.unwrap_err();
-    assert!(err.to_string().contains("configmaps/update"), "{err}");
+    assert!(err.to_string().contains("configmaps/patch"), "{err}");
     fake.state()
         .fail_gets
         .push_back(api_err(503, "ServiceUnavailable"));
@@ -336,7 +428,9 @@ async fn errors_are_classified() {
     fake.state().fail_gets.push_back(api_err(403, "Forbidden"));
     let err = core.snapshot().await.unwrap_err();
     assert!(err.to_string().contains("configmaps/get"), "{err}");
-    fake.state().fail_writes.push_back(api_err(422, "Invalid"));
+    fake.state()
+        .fail_writes
+        .push_back(api_err(400, "BadRequest"));
     assert_eq!(
         core.upsert(member("geth-2", 2)).await.unwrap_err().kind(),
         "kube"
@@ -481,4 +575,288 @@ async fn a_legacy_entry_survives_member_writes_and_goes_only_when_removed() {
     assert!(snap.legacy.is_empty());
     assert_eq!(snap.members.len(), 2);
     assert!(!fake.data()[crate::schema::STATIC_NODES_KEY].contains(&legacy));
+}
+
+/// True when the stored `static-nodes.json` is the one its own members (and
+/// legacy entries) give.
+fn static_nodes_current(data: &BTreeMap<String, String>) -> bool {
+    let members = schema::decode(data, None).members;
+    derived_static_nodes(data, &members, &BTreeSet::new()).is_none()
+}
+
+/// Appends `entry` to the stored `static-nodes.json`, as the original
+/// sidecar does with its own entry.
+fn append_legacy(fake: &Fake, entry: &str) {
+    fake.edit_object(|cm| {
+        let data = cm.data.get_or_insert_with(BTreeMap::new);
+        let mut list: Vec<String> = serde_json::from_str(&data[schema::STATIC_NODES_KEY]).unwrap();
+        list.push(entry.to_owned());
+        data.insert(
+            schema::STATIC_NODES_KEY.to_owned(),
+            serde_json::to_string(&list).unwrap(),
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_patch_bursts_keep_a_legacy_entry_verbatim_and_lose_no_member() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core_with(fast(), WriteProtocol::KeyPatch));
+    for i in 0..5u32 {
+        core.upsert(member(&format!("old-{i}"), 500 + i))
+            .await
+            .unwrap();
+    }
+    let legacy = format!("{}?discport=0", schema::tests::enode(40, "10.9.0.40"));
+    append_legacy(&fake, &legacy);
+    let replaces = fake.state().replaces;
+    let barrier = Arc::new(tokio::sync::Barrier::new(43));
+    let mut tasks = Vec::new();
+    for i in 0..40u32 {
+        let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            core.upsert(member(&format!("geth-{i}"), i))
+                .await
+                .map(|_| ())
+        }));
+    }
+    for i in 0..3u32 {
+        let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            core.remove(vec![member(&format!("old-{i}"), 500 + i)])
+                .await
+                .map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let data = fake.data();
+    let snap = schema::decode(&data, None);
+    assert_eq!(snap.members.len(), 42, "{:?}", pods(&snap));
+    assert_eq!(snap.legacy.len(), 1, "{:?}", snap.legacy);
+    let list: Vec<String> = serde_json::from_str(&data[schema::STATIC_NODES_KEY]).unwrap();
+    assert!(list.contains(&legacy), "kept verbatim: {list:?}");
+    assert_eq!(list.len(), 43);
+    assert!(static_nodes_current(&data));
+    assert!(
+        fake.state()
+            .patch_failures
+            .iter()
+            .any(|f| f.contains("test")),
+        "the burst must exercise failed tests"
+    );
+    // remove_legacy under KeyPatch: a guarded patch, no whole-object replace.
+    let snap = core.remove_legacy(snap.legacy.clone()).await.unwrap();
+    assert!(snap.legacy.is_empty());
+    assert_eq!(snap.members.len(), 42);
+    assert_eq!(
+        fake.state().replaces,
+        replaces,
+        "no CAS replace under KeyPatch"
+    );
+    let list: Vec<String> = serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 42);
+}
+
+#[tokio::test]
+async fn a_stale_settle_cannot_bring_back_a_removed_members_entry_as_legacy() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    // geth-1's record landed; its static-nodes.json entry is not settled yet.
+    let gone = member("geth-1", 1);
+    let value = serde_json::to_string(&gone).unwrap();
+    fake.edit_object(|cm| {
+        cm.data
+            .get_or_insert_with(BTreeMap::new)
+            .insert("member.geth-1".into(), value);
+    });
+    let seen = fake.state().cm.clone().unwrap();
+    core.remove(vec![gone]).await.unwrap();
+    // A writer that read before the removal settles from what it saw.
+    let snap = core.settle_static_nodes(seen).await.unwrap();
+    assert!(snap.members.contains_key("geth-1"), "its own (stale) view");
+    let snap = core.snapshot().await.unwrap();
+    assert_eq!(pods(&snap), BTreeSet::from(["geth-0".to_owned()]));
+    assert!(snap.legacy.is_empty(), "{:?}", snap.legacy);
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn a_new_node_key_under_key_patch_takes_the_old_entry_with_it() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    let snap = core.upsert(member("geth-1", 7)).await.unwrap();
+    assert!(snap.legacy.is_empty(), "{:?}", snap.legacy);
+    let list: Vec<String> = serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(fake.state().replaces, 0, "KeyPatch after the creation");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_patch_registrants_losing_the_creation_race_go_on_by_key_patch_not_cas() {
+    let fake = Fake::default();
+    let core = Arc::new(fake.core_with(fast(), WriteProtocol::KeyPatch));
+    let barrier = Arc::new(tokio::sync::Barrier::new(40));
+    let tasks: Vec<_> = (0..40u32)
+        .map(|i| {
+            let (core, barrier) = (Arc::clone(&core), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                core.upsert(member(&format!("geth-{i}"), i)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let data = fake.data();
+    assert_eq!(schema::decode(&data, None).members.len(), 40);
+    assert!(static_nodes_current(&data));
+    let s = fake.state();
+    assert_eq!(s.replaces, 0, "no whole-object replace after the creation");
+    assert!(s.writes <= 1 + 2 * 40, "writes: {}", s.writes);
+}
+
+/// A store where `geth-0` is listed and `geth-1`'s record landed but its
+/// `static-nodes.json` entry is not listed yet (its registrant is between its
+/// two writes): `geth-1` leads the settle of anyone who registers now.
+async fn with_a_pending_leader() -> (Fake, Core<Fake>) {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    let value = serde_json::to_string(&member("geth-1", 1)).unwrap();
+    fake.edit(|data| {
+        data.insert("member.geth-1".into(), value);
+    });
+    (fake, core)
+}
+
+#[tokio::test]
+async fn a_registrant_that_does_not_lead_leaves_the_settle_to_the_leader() {
+    let (fake, core) = with_a_pending_leader().await;
+    // The leader settles (listing every member it sees) while geth-5 waits.
+    fake.state().meddle_get = Some(Box::new(|cm| {
+        let Some(data) = cm.as_mut().and_then(|c| c.data.as_mut()) else {
+            return false;
+        };
+        if !data.contains_key("member.geth-5") {
+            return false;
+        }
+        let members = schema::decode(data, None).members;
+        let Some(derived) = derived_static_nodes(data, &members, &BTreeSet::new()) else {
+            return false;
+        };
+        data.insert(schema::STATIC_NODES_KEY.into(), derived);
+        true
+    }));
+    let patches = fake.state().patches;
+    let snap = core.upsert(member("geth-5", 5)).await.unwrap();
+    assert!(snap.members.contains_key("geth-5"));
+    assert_eq!(
+        fake.state().patches - patches,
+        1,
+        "only its own key: the leader listed its entry"
+    );
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn a_registrant_settles_its_own_entry_when_the_leader_never_does() {
+    let (fake, core) = with_a_pending_leader().await;
+    let patches = fake.state().patches;
+    let snap = core.upsert(member("geth-5", 5)).await.unwrap();
+    assert!(snap.members.contains_key("geth-5"));
+    assert_eq!(
+        fake.state().patches - patches,
+        2,
+        "its key, then the settle after waiting for the leader in vain"
+    );
+    // The leader's entry is listed too: a settle lists every member.
+    let list: Vec<String> = serde_json::from_str(&fake.data()[schema::STATIC_NODES_KEY]).unwrap();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn the_leader_settles_at_once() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-1", 1)).await.unwrap();
+    // geth-5's record landed, its entry not listed: geth-0 sorts first.
+    let value = serde_json::to_string(&member("geth-5", 5)).unwrap();
+    fake.edit(|data| {
+        data.insert("member.geth-5".into(), value);
+    });
+    let gets = fake.gets();
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    assert_eq!(fake.gets() - gets, 1, "no wait, no re-read");
+    assert!(static_nodes_current(&fake.data()));
+}
+
+#[tokio::test]
+async fn transient_server_errors_are_retried_a_bounded_number_of_times() {
+    for protocol in [WriteProtocol::KeyPatch, WriteProtocol::WholeObjectCas] {
+        let fake = Fake::default();
+        let core = fake.core_with(fast(), protocol);
+        core.upsert(member("geth-0", 0)).await.unwrap();
+        // An etcd timeout, an overloaded apiserver, a gateway timeout.
+        fake.fail_next_get(api_err(503, "ServiceUnavailable"));
+        fake.fail_next_write(api_err(500, "InternalError"));
+        fake.fail_next_write(api_err(504, "Timeout"));
+        core.upsert(member("geth-1", 1))
+            .await
+            .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        fake.fail_next_write(api_err(429, "TooManyRequests"));
+        core.remove(vec![member("geth-0", 0)])
+            .await
+            .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
+        let snap = core.snapshot().await.unwrap();
+        assert_eq!(pods(&snap), BTreeSet::from(["geth-1".to_owned()]));
+        assert!(static_nodes_current(&fake.data()), "{protocol:?}");
+        // A server that keeps failing is reported, not retried for ever.
+        for _ in 0..=TRANSIENT_RETRIES {
+            fake.fail_next_write(api_err(503, "ServiceUnavailable"));
+        }
+        let err = core.upsert(member("geth-2", 2)).await.unwrap_err();
+        assert_eq!(err.kind(), "unavailable", "{protocol:?}: {err}");
+        assert!(fake.state().fail_writes.is_empty(), "{protocol:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stale_own_entry_settle_cannot_bring_back_a_removed_member() {
+    let fake = Fake::default();
+    let core = fake.core_with(fast(), WriteProtocol::KeyPatch);
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    // geth-2 (which leads) and geth-3 landed, neither listed yet.
+    let (two, three) = (member("geth-2", 2), member("geth-3", 3));
+    let (v2, v3) = (
+        serde_json::to_string(&two).unwrap(),
+        serde_json::to_string(&three).unwrap(),
+    );
+    fake.edit(|data| {
+        data.insert("member.geth-2".into(), v2);
+        data.insert("member.geth-3".into(), v3);
+    });
+    let seen = fake.state().cm.clone().unwrap();
+    core.remove(vec![three.clone()]).await.unwrap();
+    // geth-2 settles from its read taken before the removal.
+    let snap = core
+        .settle_own_entry(&two, seen, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(snap.members.contains_key("geth-2"));
+    let snap = core.snapshot().await.unwrap();
+    assert_eq!(
+        pods(&snap),
+        BTreeSet::from(["geth-0".to_owned(), "geth-2".to_owned()])
+    );
+    assert!(snap.legacy.is_empty(), "resurrected: {:?}", snap.legacy);
+    assert!(static_nodes_current(&fake.data()));
 }

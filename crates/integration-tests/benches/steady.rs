@@ -1,0 +1,418 @@
+//! Steady-state cost per sidecar on the real apiserver (issue 12); prints a
+//! table.
+//!
+//! For N = 10, 100, 1000 members: the registry ConfigMap is created with N
+//! member records (one create, as the admin); then N simulated sidecars, each
+//! with its own kube client (own connection, own User-Agent) and the sidecar's
+//! own registry code (`ConfigMapRegistry::watch`, the default `KeyPatch`
+//! protocol), follow it. Only the registry's traffic is simulated: no geth, no
+//! probes, no pod watch (`deploy/overlays/pod-evidence` adds one more watch
+//! per sidecar).
+//!
+//! Figures:
+//! - requests per minute per sidecar with 0 writes: every request of the
+//!   sidecars' User-Agents received by the apiserver during a quiet window
+//!   (`STEADY_BENCH_QUIET_SECS`, default 300: kube's watch requests time out
+//!   after 290 s and are renewed), from the audit log, and the apiserver's CPU
+//!   time during that window;
+//! - one membership change (one more member registering by `upsert`): its
+//!   writes, the watch events each sidecar received for it (until every
+//!   sidecar saw the final resourceVersion), the total fan-out, the object
+//!   size each event carries, the time until every sidecar saw it, and the
+//!   apiserver's CPU time for it;
+//! - CPU per reconcile pass at N members, in this process: decoding the
+//!   ConfigMap (`schema::decode`, done per watch event) plus
+//!   `reconcile_core::plan` with every member applied and connected (median
+//!   of 50).
+//!
+//! `STEADY_BENCH_N=10,100` restricts the sizes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use integration_tests::{Cluster, TestContext, TestNamespace, test_member};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::PostParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, MemberRecord, PeerRegistry, schema};
+
+const SIZES: [usize; 3] = [10, 100, 1000];
+const AGENT: &str = "steady-bench/sidecar-";
+
+/// The apiserver's CPU time so far (utime + stime), from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// A client for the namespace's service account with its own connection and
+/// User-Agent (the part before `/` shared, as the sidecars share theirs).
+async fn client_as(ns: &TestNamespace, agent: &str) -> Client {
+    let yaml = std::fs::read_to_string(&ns.kubeconfig).unwrap();
+    let kc = Kubeconfig::from_yaml(&yaml).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_str(agent).unwrap(),
+    ));
+    Client::try_from(config).unwrap()
+}
+
+/// Requests whose User-Agent starts with `agent` received in `[from, to)`,
+/// from the audit log: one per audit id (a watch counts once, open or ended).
+fn requests_between(
+    cluster: &Cluster,
+    agent: &str,
+    from: jiff::Timestamp,
+    to: jiff::Timestamp,
+) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(cluster.dir().join("audit.log")).unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| {
+            e["userAgent"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(agent))
+        })
+        .filter(|e| {
+            e["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .is_some_and(|t| t >= from && t < to)
+        })
+        .filter(|e| seen.insert(e["auditID"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+/// One simulated sidecar's view: watch events received, last resourceVersion.
+#[derive(Default)]
+struct Follower {
+    events: AtomicU64,
+    last_rv: Mutex<Option<String>>,
+}
+
+struct Row {
+    n: usize,
+    object_kib: f64,
+    quiet: Duration,
+    requests_per_min: f64,
+    quiet_verbs: String,
+    idle_cpu_per_min: Duration,
+    change_writes: usize,
+    events_per_sidecar: f64,
+    events_total: u64,
+    visible_to_all: Duration,
+    change_cpu: Duration,
+    pass_cpu: Duration,
+}
+
+/// Waits until every follower's last resourceVersion is `rv`.
+async fn all_at(followers: &[Arc<Follower>], rv: &str, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let behind = followers
+            .iter()
+            .filter(|f| f.last_rv.lock().unwrap().as_deref() != Some(rv))
+            .count();
+        if behind == 0 {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{behind} followers did not see {rv} in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// CPU of one reconcile pass at `members`: decode + plan, median of 50.
+fn pass_cpu(data: &BTreeMap<String, String>, members: &BTreeMap<String, MemberRecord>) -> Duration {
+    let mine = members.values().next().unwrap().clone();
+    let me = reconcile_core::SelfIdentity {
+        pod: mine.pod.clone(),
+        node_id: mine.node_id,
+        advertised: mine.enode.clone(),
+        pod_uid: mine.pod_uid.clone(),
+        pod_ip: mine.pod_ip.clone(),
+        sidecar_version: mine.sidecar_version.clone(),
+    };
+    let others = members.values().filter(|m| m.pod != mine.pod);
+    let applied: BTreeMap<_, _> = others
+        .clone()
+        .map(|m| (m.node_id, m.enode.clone()))
+        .collect();
+    let connected: BTreeMap<_, _> = others
+        .map(|m| {
+            let peer = reconcile_core::PeerObservation {
+                eth_ready: true,
+                inbound: false,
+            };
+            (m.node_id, peer)
+        })
+        .collect();
+    let config = reconcile_core::Config::default();
+    let mut times: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t0 = Instant::now();
+            let snap = schema::decode(data, Some("1".into()));
+            let obs = reconcile_core::Observation {
+                connected: &connected,
+                ..reconcile_core::Observation::new(
+                    jiff::Timestamp::now(),
+                    &me,
+                    Some(&snap),
+                    &applied,
+                )
+            };
+            let plan = reconcile_core::plan(&config, &obs);
+            assert!(
+                plan.registry.is_empty(),
+                "steady state: {:?}",
+                plan.registry
+            );
+            assert!(plan.geth.is_empty(), "steady state: {:?}", plan.geth);
+            t0.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+async fn run(cluster: &Cluster, n: usize, quiet: Duration) -> Row {
+    let ns = cluster.namespace(&format!("steady{n}")).await.unwrap();
+    let members: BTreeMap<String, MemberRecord> = (0..n)
+        .map(|i| {
+            let m = test_member(&format!("geth-{i}"), i as u32);
+            (m.pod.clone(), m)
+        })
+        .collect();
+    let data = schema::encode(&BTreeMap::new(), &members);
+    let object_kib = schema::encoded_size(&data) as f64 / 1024.0;
+    let admin: Api<ConfigMap> = Api::namespaced(cluster.admin(), &ns.name);
+    let created = admin
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(DEFAULT_NAME.into()),
+                    ..Default::default()
+                },
+                data: Some(data.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let rv0 = created.metadata.resource_version.unwrap();
+
+    let mut followers = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let client = client_as(&ns, &format!("{AGENT}{i}")).await;
+        let reg = ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME);
+        let f = Arc::new(Follower::default());
+        followers.push(f.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut watch = reg.watch();
+            while let Some(item) = watch.next().await {
+                if let Ok(snap) = item {
+                    f.events.fetch_add(1, Ordering::Relaxed);
+                    *f.last_rv.lock().unwrap() = snap.resource_version;
+                }
+            }
+        }));
+    }
+    all_at(&followers, &rv0, Duration::from_secs(300)).await;
+
+    // Quiet: no writes at all.
+    let pid = cluster.apiserver_pid().unwrap();
+    let (from, cpu0) = (jiff::Timestamp::now(), cpu_time(pid));
+    tokio::time::sleep(quiet).await;
+    let (to, idle_cpu) = (jiff::Timestamp::now(), cpu_time(pid) - cpu0);
+    let quiet_reqs = requests_between(cluster, AGENT, from, to);
+    let mut verbs: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &quiet_reqs {
+        *verbs
+            .entry(e["verb"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let minutes = quiet.as_secs_f64() / 60.0;
+
+    // One membership change.
+    let before: Vec<u64> = followers
+        .iter()
+        .map(|f| f.events.load(Ordering::Relaxed))
+        .collect();
+    let changer = ConfigMapRegistry::new(
+        client_as(&ns, "steady-bench/changer").await,
+        ns.name.clone(),
+        DEFAULT_NAME,
+    );
+    let (from, cpu0) = (jiff::Timestamp::now(), cpu_time(pid));
+    let t0 = Instant::now();
+    changer
+        .upsert(test_member("geth-new", n as u32 + 7))
+        .await
+        .unwrap();
+    let rv = admin
+        .get(DEFAULT_NAME)
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    all_at(&followers, &rv, Duration::from_secs(300)).await;
+    let visible_to_all = t0.elapsed();
+    let change_cpu = cpu_time(pid) - cpu0;
+    let to = jiff::Timestamp::now();
+    let change_writes = requests_between(cluster, "steady-bench/changer", from, to)
+        .iter()
+        .filter(|e| matches!(e["verb"].as_str(), Some("create" | "update" | "patch")))
+        .count();
+    let events: Vec<u64> = followers
+        .iter()
+        .zip(&before)
+        .map(|(f, b)| f.events.load(Ordering::Relaxed) - b)
+        .collect();
+    let events_total: u64 = events.iter().sum();
+    for t in &tasks {
+        t.abort();
+    }
+
+    Row {
+        n,
+        object_kib,
+        quiet,
+        requests_per_min: quiet_reqs.len() as f64 / n as f64 / minutes,
+        quiet_verbs: if verbs.is_empty() {
+            "none".into()
+        } else {
+            verbs
+                .iter()
+                .map(|(v, c)| format!("{c} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        idle_cpu_per_min: idle_cpu.div_f64(minutes),
+        change_writes,
+        events_per_sidecar: events_total as f64 / n as f64,
+        events_total,
+        visible_to_all,
+        change_cpu,
+        pass_cpu: pass_cpu(&data, &members),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "N",
+        "object",
+        "quiet window",
+        "requests/min per sidecar (0 writes)",
+        "requests in window (all)",
+        "apiserver CPU/min idle",
+        "writes per change",
+        "watch events per change per sidecar",
+        "watch events per change (all)",
+        "change seen by all",
+        "apiserver CPU per change",
+        "CPU per reconcile pass",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.n.to_string(),
+                format!("{:.0} KiB", r.object_kib),
+                format!("{:.0} s", r.quiet.as_secs_f64()),
+                format!("{:.3}", r.requests_per_min),
+                r.quiet_verbs.clone(),
+                format!("{:.2} s", r.idle_cpu_per_min.as_secs_f64()),
+                r.change_writes.to_string(),
+                format!("{:.2}", r.events_per_sidecar),
+                r.events_total.to_string(),
+                format!("{:.2} s", r.visible_to_all.as_secs_f64()),
+                format!("{:.2} s", r.change_cpu.as_secs_f64()),
+                format!("{:.3} ms", r.pass_cpu.as_secs_f64() * 1000.0),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|row| row[c].len())
+                .chain([header[c].len()])
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let line = |row: Vec<&str>| {
+        let s: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:>w$}"))
+            .collect();
+        println!("| {} |", s.join(" | "));
+    };
+    println!();
+    line(header.to_vec());
+    println!(
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for row in &cells {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("STEADY_BENCH_N").map_or_else(
+        |_| SIZES.to_vec(),
+        |v| v.split(',').map(|s| s.trim().parse().unwrap()).collect(),
+    );
+    let quiet = Duration::from_secs(
+        std::env::var("STEADY_BENCH_QUIET_SECS").map_or(300, |v| v.parse().unwrap()),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        let ctx = TestContext::new("steady-bench");
+        let cluster = Cluster::start(&ctx, "127.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        for &n in &sizes {
+            let row = run(&cluster, n, quiet).await;
+            println!(
+                "N={n}: {:.3} requests/min per sidecar, {} events per change",
+                row.requests_per_min, row.events_total
+            );
+            rows.push(row);
+        }
+    });
+    print_table(&rows);
+}
