@@ -803,6 +803,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     }
 
     fn geth_error(&mut self, e: &geth_ipc::Error) -> &'static str {
+        // While geth does not answer its connections are unknown: members are
+        // probed again, instead of passing for connected on the last answer
+        // (found by the simulation: a member never probed while this geth was
+        // down counted as reachable and made half the registry a "majority").
+        self.connected.clear();
         self.metrics
             .geth_rpc_errors
             .get_or_create(&Metrics::kind(e.kind()))

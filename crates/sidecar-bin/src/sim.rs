@@ -971,7 +971,7 @@ mod tests {
         let n = std::env::var("SIM_RUNS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(1000);
+            .unwrap_or(2000);
         0..n
     }
 

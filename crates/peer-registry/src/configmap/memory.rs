@@ -169,6 +169,7 @@ impl MemoryStore {
 
     /// The write core over this store, with this retry policy and key patches
     /// (what most of the write tests exercise; CAS ones use `core_with`).
+    #[cfg(test)]
     pub(super) fn core(&self, retry: RetryPolicy) -> Core<MemoryStore> {
         self.core_with(retry, WriteProtocol::KeyPatch)
     }
@@ -421,7 +422,7 @@ impl MemoryRegistry {
     pub fn on(store: &MemoryStore) -> Self {
         Self {
             store: store.clone(),
-            core: store.core(Self::FAST_RETRY),
+            core: store.core_with(Self::FAST_RETRY, WriteProtocol::default()),
         }
     }
 
