@@ -212,6 +212,21 @@ async fn an_observer_re_dials_a_moved_node_that_cannot_dial_it() {
     // moved node cannot dial node 0 here, so nothing else can connect them.
     let mut m = Mesh::start("ip-move-redial", 3, &[]).await.unwrap();
     m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    // The mesh can be full before node 0's own addPeer of node 2 (node 2
+    // dialled first; node 0 adds it after the dial grace): the move must find
+    // the old address in node 0's static set, or there is nothing to clear.
+    eventually(
+        "node 0's sidecar to add both others to its geth",
+        Duration::from_secs(30),
+        || async {
+            let adds = m
+                .metric(0, "geth_peer_sidecar_geth_actions_total{kind=\"add_peer\"}")
+                .await?;
+            (adds >= 2.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     let removes_before = remove_peers(&m, 0).await;
     let new_ip = m.net.fresh_ip();
     m.take_sidecar(2).unwrap().kill().await;
