@@ -46,10 +46,14 @@ build() {
     (cd "$here/go/$mod" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$dest/$name.tmp" "$pkg")
     # Refuse a binary that does not report the pinned version (go get once
     # resolved a newer release behind our back).
+    # The output is captured first: piped into `head | grep -q`, a binary
+    # still writing when head exits dies of SIGPIPE, which pipefail turned into
+    # a failed check (seen once, on containerd-shim-runc-v2's 5-line -v).
+    local says
     # shellcheck disable=SC2086 # vargs is a word list
-    if ! "$dest/$name.tmp" $vargs 2>&1 | head -3 | grep -qE "$want"; then
-      # shellcheck disable=SC2086
-      echo "provision: $name reports '$("$dest/$name.tmp" $vargs 2>&1 | head -1)', expected $version" >&2
+    says=$("$dest/$name.tmp" $vargs 2>&1 || true)
+    if ! grep -qE "$want" <<<"$(head -3 <<<"$says")"; then
+      echo "provision: $name reports '$(head -1 <<<"$says")', expected $version" >&2
       exit 1
     fi
     mv -f "$dest/$name.tmp" "$dest/$name"
