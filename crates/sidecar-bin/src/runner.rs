@@ -981,12 +981,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         for (enode, why) in &plan.report.legacy_removals {
             info!(enode = %enode, "legacy member {why}: removing it");
         }
+        // geth first: its calls take microseconds, while a registry write can
+        // take seconds of conflict retries when many pods start at once, and
+        // the peers known now need not wait for our own record to land.
         let mut result = Ok(());
-        for action in plan.registry.clone() {
-            if let Err(kind) = self.apply_registry(action).await {
-                result = Err(kind);
-            }
-        }
         for action in &plan.geth {
             match self.apply_geth(action).await {
                 Ok(()) => self.note_blind_add(action, now),
@@ -996,6 +994,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     break;
                 }
                 Err(ActionError::Refused) => result = Err("geth_action"),
+            }
+        }
+        for action in plan.registry.clone() {
+            if let Err(kind) = self.apply_registry(action).await {
+                result = Err(kind);
             }
         }
         self.me = self
