@@ -618,15 +618,15 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         // A new pair: only the member with the later record dials first.
         if let Some(&peer_updated) = updated_at.get(id) {
             let pair_new = my_updated.max(peer_updated);
-            // The grace runs from when this sidecar first saw the peer's
-            // registration, too: a record is stamped before it is written, and
-            // when many pods register at once its write can land seconds after
-            // its stamp (conflict retries). Counted from the stamp alone, the
+            // The grace runs from when this sidecar saw the peer's record
+            // land, too: a record is stamped before it is written, and when
+            // many pods register at once its write can land seconds after its
+            // stamp (conflict retries). Counted from the stamp alone, the
             // grace had run out by the time the record was seen, both sides
             // dialled at once, geth dropped both links and redialled ~35 s
             // later (measured: a full mesh of 30 in 39.6 s).
             let since = obs
-                .registrations_seen
+                .registrations_landed
                 .get(id)
                 .map_or(pair_new, |&seen| seen.max(pair_new));
             let waited = elapsed(obs.now, since);

@@ -963,7 +963,7 @@ fn a_new_pairs_first_dial_is_left_to_the_member_with_the_newer_record() {
 }
 
 #[test]
-fn the_dial_grace_runs_from_when_the_newer_record_was_first_seen() {
+fn the_dial_grace_runs_from_when_the_newer_record_was_seen_landing() {
     let (a, b) = (node(0), node(1));
     let me = identity("geth-0", &a);
     // geth-1 stamped its record at 1 s, but its write landed (after conflict
@@ -972,10 +972,10 @@ fn the_dial_grace_runs_from_when_the_newer_record_was_first_seen() {
     // once make geth drop both links and redial only ~35 s later).
     let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(1))]);
     let applied = BTreeMap::new();
-    let seen = BTreeMap::from([(b.node_id(), at(7))]);
+    let landed = BTreeMap::from([(b.node_id(), at(7))]);
     let config = Config::default();
     let obs = |now| Observation {
-        registrations_seen: &seen,
+        registrations_landed: &landed,
         ..Observation::new(now, &me, Some(&snap), &applied)
     };
     let p = plan(&config, &obs(at(7)));
