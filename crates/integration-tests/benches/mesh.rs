@@ -1,11 +1,21 @@
 //! Mesh benchmark on the real test bed; prints a table.
 //!
 //! `scripts/bench.sh` runs it with the release sidecar binary. Figures:
-//! time to full mesh for N = 3, 5, 10 (from the moment the last geth's IPC
-//! answers and the sidecars are started), time to re-mesh after an IP move
-//! (from the moved geth's IPC answering), time to drop a deleted member from the
-//! registry and every other sidecar's desired set, and at steady state the
-//! sidecars' RSS, CPU and apiserver requests per minute (from the audit log).
+//! time to full mesh for N = 3, 5, 10, 20, 30 (`MESH_SIZES`, e.g.
+//! `MESH_SIZES="30 50"`), from the moment the last geth's IPC answers and the
+//! sidecars are started, split into where the time goes: every member in the
+//! registry, every sidecar's desired set full, geth's own view full
+//! (`admin_peers` on every node). Then a rolling replacement of every pod
+//! (`MESH_ROLLING`, default N = 10 and 30): one at a time, the sidecar gets
+//! SIGTERM (it deregisters), geth restarts on a new IP with its key, a new
+//! sidecar starts; re-mesh time per pod and for the whole rollout. At N=10 also
+//! the time to re-mesh after an IP move (from the moved geth's IPC answering),
+//! time to drop a deleted member from the registry and every other sidecar's
+//! desired set, and at steady state the sidecars' RSS, CPU and apiserver
+//! requests per minute (from the audit log).
+//!
+//! geth dials at most `maxpeers/3` peers; the newest member of a pair dials it,
+//! so the last one up dials N-1: every node runs with `--maxpeers` max(50, 3N).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,11 +23,14 @@
     missing_docs
 )]
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Mesh, eventually};
+use integration_tests::{Mesh, MeshOptions, NodeSpec, eventually};
 
 const POLL_LIMIT: Duration = Duration::from_secs(120);
+/// A stage slower than this prints the links still missing (once).
+const SLOW: Duration = Duration::from_secs(5);
 
 fn proc_stat(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -40,17 +53,170 @@ struct Row {
     value: String,
 }
 
-async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool) {
-    let mut m = Mesh::start(&format!("bench{n}"), n, &[]).await.unwrap();
+/// When each stage of a mesh forming was first seen, from `t0`.
+struct Stages {
+    registered: Duration,
+    desired: Duration,
+    mesh: Duration,
+}
+
+/// Polls (every 10 ms, only what is not done yet) until every member of `all`
+/// is registered, every sidecar's desired set holds the N-1 others, and every
+/// geth lists the N-1 others in `admin_peers`.
+async fn stages(m: &Mesh, all: &[usize], t0: Instant) -> Stages {
+    let n = all.len();
+    let want_pods: BTreeSet<String> = all
+        .iter()
+        .map(|&i| m.net.node(i).name().to_owned())
+        .collect();
+    let ids = m.ids(all);
+    let want = (n - 1) as f64;
+    let (mut registered, mut desired, mut mesh) = (None, None, None);
+    let mut desired_left: BTreeSet<usize> = all.iter().copied().collect();
+    let mut mesh_left: BTreeSet<usize> = all.iter().copied().collect();
+    let mut slow_reported = false;
+    let deadline = t0 + POLL_LIMIT;
+    while registered.is_none() || desired.is_none() || mesh.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no full mesh of {n} within {POLL_LIMIT:?}"
+        );
+        if registered.is_none() && m.registered_pods().await.is_superset(&want_pods) {
+            registered = Some(t0.elapsed());
+        }
+        if desired.is_none() {
+            let mut done = Vec::new();
+            for &i in &desired_left {
+                if m.metric(i, "geth_peer_sidecar_desired_peers").await == Some(want) {
+                    done.push(i);
+                }
+            }
+            for i in done {
+                desired_left.remove(&i);
+            }
+            if desired_left.is_empty() {
+                desired = Some(t0.elapsed());
+            }
+        }
+        if mesh.is_none() {
+            let mut done = Vec::new();
+            for &i in &mesh_left {
+                let peers: BTreeSet<String> = m
+                    .net
+                    .node(i)
+                    .peer_ids()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                let missing: Vec<usize> = ids
+                    .iter()
+                    .filter(|&(&j, id)| j != i && !peers.contains(id))
+                    .map(|(&j, _)| j)
+                    .collect();
+                if missing.is_empty() {
+                    done.push(i);
+                } else if !slow_reported && t0.elapsed() > SLOW {
+                    // Where the time goes when it is long: which links are missing.
+                    println!("  (after {SLOW:?}, N={n}: node {i} lacks peers {missing:?})");
+                }
+            }
+            for i in done {
+                mesh_left.remove(&i);
+            }
+            slow_reported |= t0.elapsed() > SLOW;
+            if mesh_left.is_empty() {
+                mesh = Some(t0.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Stages {
+        registered: registered.unwrap_or_default(),
+        desired: desired.unwrap_or_default(),
+        mesh: mesh.unwrap_or_default(),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Replaces every pod in turn, as `kubectl rollout restart` of a StatefulSet
+/// would: SIGTERM to the sidecar (it deregisters), geth stopped and started on
+/// a new IP with its key, a new sidecar; waits for the full mesh before the
+/// next pod. Re-mesh is timed from the new sidecar's start.
+async fn rolling(m: &mut Mesh, rows: &mut Vec<Row>) {
+    let n = m.net.nodes().len();
+    let all: Vec<usize> = (0..n).collect();
+    let started = Instant::now();
+    let mut each = Vec::new();
+    let mut registered = Vec::new();
+    for i in (0..n).rev() {
+        m.take_sidecar(i).unwrap().terminate().await;
+        let ip = m.net.fresh_ip();
+        m.net.node_mut(i).restart_on_new_ip(ip).await.unwrap();
+        let t0 = Instant::now();
+        m.start_sidecar(i).unwrap();
+        let s = stages(m, &all, t0).await;
+        registered.push(s.registered);
+        each.push(s.mesh);
+    }
+    let total = started.elapsed();
+    each.sort();
+    registered.sort();
+    let median = each[each.len() / 2];
+    let max = each[each.len() - 1];
+    rows.push(Row {
+        what: format!(
+            "rolling replacement of all N={n} pods (new IPs): re-mesh per pod, median / max"
+        ),
+        value: format!("{} / {}", secs(median), secs(max)),
+    });
+    rows.push(Row {
+        what: format!("  ... the replaced pod registered, median / max (N={n})"),
+        value: format!(
+            "{} / {}",
+            secs(registered[registered.len() / 2]),
+            secs(registered[registered.len() - 1])
+        ),
+    });
+    rows.push(Row {
+        what: format!("  ... whole rollout, N={n} (includes geth stop/start)"),
+        value: secs(total),
+    });
+}
+
+async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool, roll: bool) {
+    let options = MeshOptions {
+        spec: NodeSpec {
+            maxpeers: u32::try_from(3 * n).unwrap_or(u32::MAX).max(50),
+            // MESH_GETH_VERBOSITY=5 logs geth's dial errors (traces).
+            verbosity: std::env::var("MESH_GETH_VERBOSITY").map_or(3, |v| v.parse().unwrap()),
+            ..NodeSpec::default()
+        },
+        ..MeshOptions::default()
+    };
+    let mut m = Mesh::start_with(&format!("bench{n}"), n, &[], options)
+        .await
+        .unwrap();
     // Mesh::start returns once the sidecars are spawned; the geth nodes' IPC
     // answered before that. Measure from here.
     let t0 = Instant::now();
     let all: Vec<usize> = (0..n).collect();
-    m.wait_full_mesh(&all, POLL_LIMIT).await.unwrap();
+    let s = stages(&m, &all, t0).await;
     rows.push(Row {
-        what: format!("full mesh, N={n}"),
-        value: format!("{:.2} s", t0.elapsed().as_secs_f64()),
+        what: format!("full mesh, N={n}: all registered / all desired sets full / geth full mesh"),
+        value: format!(
+            "{} / {} / {}",
+            secs(s.registered),
+            secs(s.desired),
+            secs(s.mesh)
+        ),
     });
+    if roll {
+        rolling(&mut m, rows).await;
+    }
     if !steady {
         return;
     }
@@ -140,10 +306,19 @@ fn main() {
         .build()
         .unwrap();
     let mut rows = Vec::new();
+    let list = |var: &str, default: &str| -> Vec<usize> {
+        std::env::var(var)
+            .unwrap_or_else(|_| default.to_owned())
+            .split_whitespace()
+            .map(|v| v.parse().expect("a list of node counts"))
+            .collect()
+    };
+    let sizes = list("MESH_SIZES", "3 5 10 20 30");
+    let roll = list("MESH_ROLLING", "10 30");
     rt.block_on(async {
-        bench_n(3, &mut rows, false).await;
-        bench_n(5, &mut rows, false).await;
-        bench_n(10, &mut rows, true).await;
+        for &n in &sizes {
+            bench_n(n, &mut rows, n == 10, roll.contains(&n)).await;
+        }
     });
     let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10);
     println!("\n{:<w$}  value", "measure");

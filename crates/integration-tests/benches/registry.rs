@@ -30,6 +30,18 @@
 //! done by then are cancelled and counted as unfinished ("all registered"
 //! then says "cut at ..."), so a slow protocol at a large N cannot hold up the
 //! table.
+//!
+//! A third variant (`REGISTRY_BENCH_PROTOCOLS=Lease`) is a **prototype of
+//! another layout, not what the sidecar does**: one Lease object per member
+//! (`coordination.k8s.io`, created once, never updated; the record in an
+//! annotation), so registrants never write the same object, and one leader
+//! (a watcher of those Leases, debounced 100 ms) keeping the shared
+//! ConfigMap's `static-nodes.json` in step by whole-object CAS. The namespace's
+//! service account gets an extra Role for it: create, get, list and watch on
+//! leases (no update, no delete: in a real deployment each Lease would carry
+//! an ownerReference to its Pod and the garbage collector would delete it with
+//! the pod). "all registered" is then the time until `static-nodes.json`
+//! lists all N; p50/p99/max are the registrants' own creates.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -41,21 +53,40 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use integration_tests::{Cluster, TestContext, TestNamespace, test_member};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, Error, PeerRegistry, WriteProtocol, schema};
 
 const SIZES: [usize; 4] = [10, 50, 200, 1000];
 
-/// The variants each N runs with: (label, protocol).
-/// `REGISTRY_BENCH_PROTOCOLS=CAS` or `=patch` runs only one of them.
-fn variants() -> Vec<(&'static str, WriteProtocol)> {
+/// The layouts each N runs with.
+#[derive(Clone, Copy)]
+enum Variant {
+    /// The sidecar's registry with this write protocol.
+    Registry(WriteProtocol),
+    /// The prototype: one Lease per member, a leader keeps `static-nodes.json`.
+    LeasePerMember,
+}
+
+/// The variants each N runs with: (label, variant).
+/// `REGISTRY_BENCH_PROTOCOLS=CAS`, `=patch` or `=Lease` runs only one of them.
+fn variants() -> Vec<(&'static str, Variant)> {
     let only = std::env::var("REGISTRY_BENCH_PROTOCOLS").unwrap_or_default();
     vec![
-        ("whole-object CAS", WriteProtocol::WholeObjectCas),
-        ("key patch", WriteProtocol::KeyPatch),
+        (
+            "whole-object CAS",
+            Variant::Registry(WriteProtocol::WholeObjectCas),
+        ),
+        ("key patch", Variant::Registry(WriteProtocol::KeyPatch)),
+        ("Lease per member (prototype)", Variant::LeasePerMember),
     ]
     .into_iter()
     .filter(|(label, _)| only.is_empty() || label.contains(only.as_str()))
@@ -241,43 +272,7 @@ async fn run(
     let all_registered = (unfinished == 0 && gave_up == 0 && other_errors.is_empty() && lost == 0)
         .then(|| ends.max().unwrap() - start);
 
-    // Requests, from the audit log (blocking mode: complete once the response is).
-    let user = ns.service_account_user();
-    let events: Vec<serde_json::Value> = cluster
-        .audit_events(&user)
-        .into_iter()
-        .filter(|e| e["objectRef"]["resource"] == "configmaps")
-        .filter(|e| {
-            e["userAgent"]
-                .as_str()
-                .is_some_and(|a| a.starts_with("registry-bench/registrant-"))
-        })
-        .collect();
-    let is_write =
-        |e: &serde_json::Value| matches!(e["verb"].as_str(), Some("create" | "update" | "patch"));
-    let writes = events.iter().filter(|e| is_write(e)).count();
-    let conflicts = events
-        .iter()
-        .filter(|e| is_write(e) && matches!(e["responseStatus"]["code"].as_u64(), Some(409 | 422)))
-        .count();
-    let overloaded = events
-        .iter()
-        .filter(|e| is_write(e))
-        .filter(|e| {
-            e["responseStatus"]["code"]
-                .as_u64()
-                .is_some_and(|c| c == 429 || c >= 500)
-        })
-        .count();
-    // The warm-up GETs are not part of the race.
-    let gets = events.iter().filter(|e| e["verb"] == "get").count() - n;
-    let mut per_agent: BTreeMap<&str, usize> = BTreeMap::new();
-    for e in events.iter().filter(|e| is_write(e)) {
-        *per_agent
-            .entry(e["userAgent"].as_str().unwrap_or_default())
-            .or_default() += 1;
-    }
-
+    let c = count_requests(cluster, &ns, &["configmaps"]);
     let mut times: Vec<Duration> = outcomes.iter().map(|o| o.elapsed).collect();
     times.sort();
     Row {
@@ -285,11 +280,12 @@ async fn run(
         unfinished,
         cap,
         protocol: label,
-        writes,
-        conflicts,
-        overloaded,
-        gets,
-        max_writes_one: per_agent.values().copied().max().unwrap_or(0),
+        writes: c.writes,
+        conflicts: c.conflicts,
+        overloaded: c.overloaded,
+        // The warm-up GETs are not part of the race.
+        gets: c.gets - n,
+        max_writes_one: c.max_writes_one,
         gave_up,
         other_errors: other_errors.len(),
         p50: percentile(&times, 50.0),
@@ -298,6 +294,329 @@ async fn run(
         all_registered,
         apiserver_cpu,
         present: present_pods.len(),
+        lost,
+    }
+}
+
+/// Requests of the registrants (User-Agent `registry-bench/registrant-*`) on
+/// `resources`, from the audit log (blocking mode: complete once the response is).
+struct Counts {
+    writes: usize,
+    conflicts: usize,
+    overloaded: usize,
+    gets: usize,
+    max_writes_one: usize,
+}
+
+fn count_requests(cluster: &Cluster, ns: &TestNamespace, resources: &[&str]) -> Counts {
+    let user = ns.service_account_user();
+    let events: Vec<serde_json::Value> = cluster
+        .audit_events(&user)
+        .into_iter()
+        .filter(|e| {
+            e["objectRef"]["resource"]
+                .as_str()
+                .is_some_and(|r| resources.contains(&r))
+        })
+        .filter(|e| {
+            e["userAgent"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("registry-bench/registrant-"))
+        })
+        .collect();
+    let is_write =
+        |e: &serde_json::Value| matches!(e["verb"].as_str(), Some("create" | "update" | "patch"));
+    let code = |e: &serde_json::Value| e["responseStatus"]["code"].as_u64();
+    let mut per_agent: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| is_write(e)) {
+        *per_agent
+            .entry(e["userAgent"].as_str().unwrap_or_default())
+            .or_default() += 1;
+    }
+    Counts {
+        writes: events.iter().filter(|e| is_write(e)).count(),
+        conflicts: events
+            .iter()
+            .filter(|e| is_write(e) && matches!(code(e), Some(409 | 422)))
+            .count(),
+        overloaded: events
+            .iter()
+            .filter(|e| is_write(e) && code(e).is_some_and(|c| c == 429 || c >= 500))
+            .count(),
+        gets: events.iter().filter(|e| e["verb"] == "get").count(),
+        max_writes_one: per_agent.values().copied().max().unwrap_or(0),
+    }
+}
+
+const LEASE_LABEL: &str = "geth-peer-sidecar/registry";
+const MEMBER_ANNOTATION: &str = "geth-peer-sidecar/member";
+
+/// Grants the namespace's service account what the Lease prototype needs.
+async fn grant_leases(cluster: &Cluster, ns: &TestNamespace) {
+    let name = "geth-peer-sidecar-leases";
+    let meta = ObjectMeta {
+        name: Some(name.to_owned()),
+        ..ObjectMeta::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["coordination.k8s.io".to_owned()]),
+            resources: Some(vec!["leases".to_owned()]),
+            verbs: ["create", "get", "list", "watch"]
+                .map(String::from)
+                .to_vec(),
+            ..PolicyRule::default()
+        }]),
+    };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "Role".to_owned(),
+            name: name.to_owned(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: integration_tests::SERVICE_ACCOUNT.to_owned(),
+            namespace: Some(ns.name.clone()),
+            ..Subject::default()
+        }]),
+    };
+    let pp = PostParams::default();
+    Api::<Role>::namespaced(cluster.admin(), &ns.name)
+        .create(&pp, &role)
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(cluster.admin(), &ns.name)
+        .create(&pp, &binding)
+        .await
+        .unwrap();
+}
+
+/// `static-nodes.json` for the member records in `leases` (sorted, as the
+/// registry writes it).
+fn static_nodes_of(leases: &BTreeMap<String, String>) -> String {
+    let members: BTreeMap<String, peer_registry::MemberRecord> = leases
+        .values()
+        .filter_map(|json| serde_json::from_str::<peer_registry::MemberRecord>(json).ok())
+        .map(|r| (r.pod.clone(), r))
+        .collect();
+    schema::static_nodes(&members)
+}
+
+/// The leader of the Lease prototype: follows the Leases with a watch and,
+/// 100 ms after the last change seen, writes `static-nodes.json` by CAS when it
+/// differs. Returns once it has written all `n`: (time from `t0`, its writes).
+async fn lease_leader(
+    client: Client,
+    ns: String,
+    n: usize,
+    t0_rx: tokio::sync::oneshot::Receiver<Instant>,
+) -> (Duration, usize) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let config = watcher::Config::default().labels(&format!("{LEASE_LABEL}={DEFAULT_NAME}"));
+    let mut stream = std::pin::pin!(watcher(leases, config).default_backoff().applied_objects());
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut written = String::new();
+    let mut writes = 0;
+    let t0 = t0_rx.await.unwrap();
+    loop {
+        // Debounce: wait for a change, then take every change within 100 ms.
+        let mut next = stream.next().await;
+        loop {
+            match next {
+                Some(Ok(lease)) => {
+                    let name = lease.metadata.name.clone().unwrap_or_default();
+                    if let Some(json) = lease
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(MEMBER_ANNOTATION))
+                    {
+                        seen.insert(name, json.clone());
+                    }
+                }
+                Some(Err(e)) => println!("lease watch: {e}"),
+                None => panic!("the lease watch ended"),
+            }
+            match tokio::time::timeout(Duration::from_millis(100), stream.next()).await {
+                Ok(more) => next = more,
+                Err(_) => break,
+            }
+        }
+        let want = static_nodes_of(&seen);
+        while want != written {
+            let mut cm = cms.get_opt(DEFAULT_NAME).await.unwrap().unwrap_or_default();
+            let exists = cm.metadata.resource_version.is_some();
+            cm.metadata.name = Some(DEFAULT_NAME.to_owned());
+            cm.data
+                .get_or_insert_with(BTreeMap::new)
+                .insert("static-nodes.json".to_owned(), want.clone());
+            writes += 1;
+            let result = if exists {
+                cms.replace(DEFAULT_NAME, &PostParams::default(), &cm).await
+            } else {
+                cms.create(&PostParams::default(), &cm).await
+            };
+            match result {
+                Ok(_) => written.clone_from(&want),
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => panic!("static-nodes.json write: {e}"),
+            }
+        }
+        if seen.len() == n {
+            return (t0.elapsed(), writes);
+        }
+    }
+}
+
+/// The Lease prototype (see the module docs).
+async fn run_leases(cluster: &Cluster, n: usize, label: &'static str, run_no: usize) -> Row {
+    let ns = cluster
+        .namespace(&format!("reg{n}-{run_no}"))
+        .await
+        .unwrap();
+    grant_leases(cluster, &ns).await;
+    let selector = ListParams::default()
+        .labels(&format!("{LEASE_LABEL}={DEFAULT_NAME}"))
+        .limit(1);
+    let mut apis = Vec::with_capacity(n);
+    for i in 0..n {
+        let client = client_as(&ns, &format!("registry-bench/registrant-{i}")).await;
+        let api: Api<Lease> = Api::namespaced(client, &ns.name);
+        // Warm the connection (TLS handshake) so the race measures the writes.
+        assert!(api.list(&selector).await.unwrap().items.is_empty());
+        apis.push(api);
+    }
+    let leader_client = client_as(&ns, "registry-bench/registrant-leader").await;
+    let (t0_tx, t0_rx) = tokio::sync::oneshot::channel();
+    let leader = tokio::spawn(lease_leader(leader_client, ns.name.clone(), n, t0_rx));
+
+    let pid = cluster.apiserver_pid().unwrap();
+    let cpu_before = cpu_time(pid);
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut tasks = Vec::with_capacity(n);
+    for (i, api) in apis.into_iter().enumerate() {
+        let barrier = barrier.clone();
+        let rec = test_member(&format!("geth-{i}"), i as u32);
+        tasks.push(tokio::spawn(async move {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(format!("{DEFAULT_NAME}.{}", rec.pod)),
+                    labels: Some(BTreeMap::from([(
+                        LEASE_LABEL.to_owned(),
+                        DEFAULT_NAME.to_owned(),
+                    )])),
+                    annotations: Some(BTreeMap::from([(
+                        MEMBER_ANNOTATION.to_owned(),
+                        serde_json::to_string(&rec).unwrap(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(rec.pod.clone()),
+                    ..LeaseSpec::default()
+                }),
+            };
+            barrier.wait().await;
+            let t0 = Instant::now();
+            let result = api
+                .create(&PostParams::default(), &lease)
+                .await
+                .map(|_| ())
+                .map_err(|e| Fail::Other(e.to_string()));
+            (t0.elapsed(), result)
+        }));
+    }
+    barrier.wait().await;
+    let start = Instant::now();
+    t0_tx.send(start).unwrap();
+    let mut outcomes = Vec::with_capacity(n);
+    for t in tasks {
+        let (elapsed, result) = t.await.unwrap();
+        outcomes.push(Outcome { elapsed, result });
+    }
+    let cap = Duration::from_secs(
+        std::env::var("REGISTRY_BENCH_CAP_SECS").map_or(120, |v| v.parse().unwrap()),
+    );
+    let led = tokio::time::timeout(cap, leader).await;
+    let apiserver_cpu = cpu_time(pid) - cpu_before;
+    let (all_registered, _leader_writes) = match led {
+        Ok(done) => {
+            let (d, w) = done.unwrap();
+            (Some(d), w)
+        }
+        Err(_) => (None, 0),
+    };
+
+    // End state, read as admin.
+    let present: BTreeMap<String, String> = Api::<Lease>::namespaced(cluster.admin(), &ns.name)
+        .list(&ListParams::default().labels(&format!("{LEASE_LABEL}={DEFAULT_NAME}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|l| {
+            let json = l.metadata.annotations?.get(MEMBER_ANNOTATION)?.clone();
+            Some((l.metadata.name?, json))
+        })
+        .collect();
+    let cm = Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
+        .get(DEFAULT_NAME)
+        .await
+        .unwrap();
+    let listed = cm
+        .data
+        .unwrap_or_default()
+        .remove("static-nodes.json")
+        .unwrap_or_default();
+    if all_registered.is_some() {
+        assert_eq!(
+            listed,
+            static_nodes_of(&present),
+            "static-nodes.json out of step"
+        );
+    }
+    let lost = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| {
+            o.result.is_ok() && !present.contains_key(&format!("{DEFAULT_NAME}.geth-{i}"))
+        })
+        .count();
+    let errors: Vec<&String> = outcomes
+        .iter()
+        .filter_map(|o| match &o.result {
+            Err(Fail::Other(e)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = errors.first() {
+        println!("N={n} {label}: {} errors, first: {first}", errors.len());
+    }
+    let c = count_requests(cluster, &ns, &["configmaps", "leases"]);
+    let mut times: Vec<Duration> = outcomes.iter().map(|o| o.elapsed).collect();
+    times.sort();
+    Row {
+        n,
+        unfinished: usize::from(all_registered.is_none()),
+        cap,
+        protocol: label,
+        writes: c.writes,
+        conflicts: c.conflicts,
+        overloaded: c.overloaded,
+        gets: c.gets,
+        max_writes_one: c.max_writes_one,
+        gave_up: 0,
+        other_errors: errors.len(),
+        p50: percentile(&times, 50.0),
+        p99: percentile(&times, 99.0),
+        max: *times.last().unwrap(),
+        all_registered,
+        apiserver_cpu,
+        present: present.len(),
         lost,
     }
 }
@@ -422,7 +741,10 @@ fn main() {
             for variant in variants() {
                 let label = variant.0;
                 run_no += 1;
-                let row = run(&cluster, n, variant, run_no).await;
+                let row = match variant.1 {
+                    Variant::Registry(p) => run(&cluster, n, (label, p), run_no).await,
+                    Variant::LeasePerMember => run_leases(&cluster, n, label, run_no).await,
+                };
                 println!(
                     "N={n} {label}: {} writes, {} conflicts, max {}",
                     row.writes,

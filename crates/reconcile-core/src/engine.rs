@@ -618,7 +618,18 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
         // A new pair: only the member with the later record dials first.
         if let Some(&peer_updated) = updated_at.get(id) {
             let pair_new = my_updated.max(peer_updated);
-            let waited = elapsed(obs.now, pair_new);
+            // The grace runs from when this sidecar saw the peer's record
+            // land, too: a record is stamped before it is written, and when
+            // many pods register at once its write can land seconds after its
+            // stamp (conflict retries). Counted from the stamp alone, the
+            // grace had run out by the time the record was seen, both sides
+            // dialled at once, geth dropped both links and redialled ~35 s
+            // later (measured: a full mesh of 30 in 39.6 s).
+            let since = obs
+                .registrations_landed
+                .get(id)
+                .map_or(pair_new, |&seen| seen.max(pair_new));
+            let waited = elapsed(obs.now, since);
             let i_dial = (my_updated, me.node_id) > (peer_updated, *id);
             // A record stamped further in the future than the grace is clock
             // skew, not a new pair: never wait on it.
@@ -628,7 +639,7 @@ pub fn plan(config: &Config, obs: &Observation<'_>) -> Plan {
                 .is_ok_and(|limit| pair_new > limit);
             if !connected && !i_dial && !skewed && waited < config.dial_grace {
                 report.awaiting_dial.push(peer.clone());
-                let at = pair_new.checked_add(config.dial_grace).unwrap_or(obs.now);
+                let at = since.checked_add(config.dial_grace).unwrap_or(obs.now);
                 report.recheck_at = Some(report.recheck_at.map_or(at, |r| r.min(at)));
                 continue;
             }

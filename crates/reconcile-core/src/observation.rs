@@ -94,6 +94,12 @@ pub struct Observation<'a> {
     /// longer than it was (and a member removed while partitioned away, which
     /// re-registers at once, be removed again at once).
     pub registrations_seen: &'a BTreeMap<NodeId, Timestamp>,
+    /// When this observer saw each registration land while it was following
+    /// the registry (those already there at its first read are not in it), on
+    /// its own clock. The dial grace of a new pair counts from here as well as
+    /// from the records' stamps: a record is stamped before it is written,
+    /// and when many pods register at once its write can land seconds later.
+    pub registrations_landed: &'a BTreeMap<NodeId, Timestamp>,
     /// When this observer's last round of probes started. A member it is not
     /// connected to and whose registration it first saw after that (see
     /// `registrations_seen`) has not been checked at all: the partition guard
@@ -121,6 +127,7 @@ impl<'a> Observation<'a> {
             unusable: &NO_REASONS,
             blind_adds: &NO_TIMES,
             registrations_seen: &NO_TIMES,
+            registrations_landed: &NO_TIMES,
             probed_at: None,
         }
     }

@@ -963,6 +963,30 @@ fn a_new_pairs_first_dial_is_left_to_the_member_with_the_newer_record() {
 }
 
 #[test]
+fn the_dial_grace_runs_from_when_the_newer_record_was_seen_landing() {
+    let (a, b) = (node(0), node(1));
+    let me = identity("geth-0", &a);
+    // geth-1 stamped its record at 1 s, but its write landed (after conflict
+    // retries) and was first seen here at 7 s: it is dialling us now, so we
+    // still wait the grace from 7 s instead of dialling at once (two dials at
+    // once make geth drop both links and redial only ~35 s later).
+    let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(1))]);
+    let applied = BTreeMap::new();
+    let landed = BTreeMap::from([(b.node_id(), at(7))]);
+    let config = Config::default();
+    let obs = |now| Observation {
+        registrations_landed: &landed,
+        ..Observation::new(now, &me, Some(&snap), &applied)
+    };
+    let p = plan(&config, &obs(at(7)));
+    assert!(p.geth.is_empty(), "{:?}", p.geth);
+    assert_eq!(p.report.awaiting_dial.len(), 1);
+    assert_eq!(p.report.recheck_at, Some(at(9)));
+    let p = plan(&config, &obs(at(9)));
+    assert_eq!(p.geth, vec![AddPeer(b)]);
+}
+
+#[test]
 fn the_member_with_the_newer_record_dials_at_once() {
     let (a, b) = (node(0), node(1));
     let me = identity("geth-1", &b);

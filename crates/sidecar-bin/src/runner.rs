@@ -292,6 +292,9 @@ struct Runner<G, R> {
     rng: rand::rngs::StdRng,
     /// When each member's current registration was first seen here.
     registrations_seen: BTreeMap<NodeId, jiff::Timestamp>,
+    /// When each registration was seen landing while this sidecar followed the
+    /// registry (see `note_new_registrations`).
+    registrations_landed: BTreeMap<NodeId, jiff::Timestamp>,
     /// When the last round of probes started.
     probed_at: Option<jiff::Timestamp>,
 }
@@ -402,6 +405,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             static_set_known: false,
             rng: rand::rngs::StdRng::seed_from_u64(s_seed),
             registrations_seen: BTreeMap::new(),
+            registrations_landed: BTreeMap::new(),
             probed_at: None,
         }
     }
@@ -586,6 +590,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// runs behind by more than the grace. The simulation (`sim.rs`) found this
     /// remove / re-register loop, which wrote without pause while the partition
     /// lasted.
+    ///
+    /// Those that land while it follows the registry (not those of its first
+    /// read) are also noted in `registrations_landed`, from which a new pair's
+    /// dial grace counts ([`core::Observation::registrations_landed`]).
     fn note_new_registrations(&mut self, snap: &Snapshot) {
         let now = self.s.clock.now();
         let held = self.snapshot.as_ref();
@@ -596,8 +604,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             if !known || !self.registrations_seen.contains_key(&record.node_id) {
                 self.registrations_seen.insert(record.node_id, now);
             }
+            if !known && held.is_some() {
+                self.registrations_landed.insert(record.node_id, now);
+            }
         }
         self.registrations_seen
+            .retain(|id, _| snap.member_by_node_id(id).is_some());
+        self.registrations_landed
             .retain(|id, _| snap.member_by_node_id(id).is_some());
     }
 
@@ -948,6 +961,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             unusable: &self.unusable,
             blind_adds: &self.blind_adds,
             registrations_seen: &self.registrations_seen,
+            registrations_landed: &self.registrations_landed,
             probed_at: self.probed_at,
             ..core::Observation::new(now, &me, self.snapshot.as_ref(), &self.applied)
         };
@@ -981,12 +995,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         for (enode, why) in &plan.report.legacy_removals {
             info!(enode = %enode, "legacy member {why}: removing it");
         }
+        // geth first: its calls take microseconds, while a registry write can
+        // take seconds of conflict retries when many pods start at once, and
+        // the peers known now need not wait for our own record to land.
         let mut result = Ok(());
-        for action in plan.registry.clone() {
-            if let Err(kind) = self.apply_registry(action).await {
-                result = Err(kind);
-            }
-        }
         for action in &plan.geth {
             match self.apply_geth(action).await {
                 Ok(()) => self.note_blind_add(action, now),
@@ -996,6 +1008,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     break;
                 }
                 Err(ActionError::Refused) => result = Err("geth_action"),
+            }
+        }
+        for action in plan.registry.clone() {
+            if let Err(kind) = self.apply_registry(action).await {
+                result = Err(kind);
             }
         }
         self.me = self
