@@ -101,19 +101,9 @@ async fn stages(m: &Mesh, all: &[usize], t0: Instant) -> Stages {
         if mesh.is_none() {
             let mut done = Vec::new();
             for &i in &mesh_left {
-                let peers: BTreeSet<String> = m
-                    .net
-                    .node(i)
-                    .peer_ids()
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                let missing: Vec<usize> = ids
-                    .iter()
-                    .filter(|&(&j, id)| j != i && !peers.contains(id))
-                    .map(|(&j, _)| j)
-                    .collect();
+                let Some(missing) = m.missing_peers(i, &ids).await else {
+                    continue;
+                };
                 if missing.is_empty() {
                     done.push(i);
                 } else if !slow_reported && t0.elapsed() > SLOW {

@@ -191,6 +191,29 @@ impl Mesh {
             .collect()
     }
 
+    /// The nodes of `ids` (index -> node id, see [`Mesh::ids`]) that node `i`'s
+    /// geth does not list in `admin_peers`; `None` when geth does not answer.
+    pub async fn missing_peers(
+        &self,
+        i: usize,
+        ids: &BTreeMap<usize, String>,
+    ) -> Option<Vec<usize>> {
+        let peers: BTreeSet<String> = self
+            .net
+            .node(i)
+            .peer_ids()
+            .await
+            .ok()?
+            .into_iter()
+            .collect();
+        Some(
+            ids.iter()
+                .filter(|&(&j, id)| j != i && !peers.contains(id))
+                .map(|(&j, _)| j)
+                .collect(),
+        )
+    }
+
     /// Waits until every node in `members` is connected to every other one.
     pub async fn wait_full_mesh(&self, members: &[usize], timeout: Duration) -> Result<()> {
         let ids = self.ids(members);
@@ -198,18 +221,8 @@ impl Mesh {
             let ids = ids.clone();
             async move {
                 for &i in ids.keys() {
-                    let peers: BTreeSet<String> = self
-                        .net
-                        .node(i)
-                        .peer_ids()
-                        .await
-                        .ok()?
-                        .into_iter()
-                        .collect();
-                    for (&j, id) in &ids {
-                        if i != j && !peers.contains(id) {
-                            return None;
-                        }
+                    if !self.missing_peers(i, &ids).await?.is_empty() {
+                        return None;
                     }
                 }
                 Some(())
