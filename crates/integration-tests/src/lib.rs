@@ -41,7 +41,7 @@ pub use release::{
 };
 pub use rpc::ipc_call;
 pub use sidecar::{SIDECAR_HTTP_PORT, Sidecar, http_get, sidecar_bin};
-pub use testbed::{Testbed, testbed, workspace_root};
+pub use testbed::{Testbed, target_dir, testbed, workspace_root};
 
 /// The harness's error type.
 #[derive(Debug, thiserror::Error)]

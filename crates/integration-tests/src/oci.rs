@@ -197,10 +197,7 @@ pub fn sidecar_release_bin() -> Result<PathBuf> {
     let path = std::env::var_os("GPS_SIDECAR_RELEASE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target"));
-            target.join("static/x86_64-unknown-linux-gnu/release/geth-peer-sidecar")
+            crate::target_dir().join("static/x86_64-unknown-linux-gnu/release/geth-peer-sidecar")
         });
     if path.is_file() {
         Ok(path)

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Error, GethNode, Proc, Result, TestContext, TestNamespace, workspace_root};
+use crate::{Error, GethNode, Proc, Result, TestContext, TestNamespace};
 
 /// The port of the sidecar's HTTP server (probes and metrics) in each namespace.
 pub const SIDECAR_HTTP_PORT: u16 = 9090;
@@ -18,12 +18,7 @@ pub const SIDECAR_HTTP_PORT: u16 = 9090;
 pub fn sidecar_bin() -> PathBuf {
     let path = std::env::var_os("GPS_SIDECAR_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target"));
-            target.join("debug/geth-peer-sidecar")
-        });
+        .unwrap_or_else(|| crate::target_dir().join("debug/geth-peer-sidecar"));
     assert!(
         path.is_file(),
         "{} is missing: run `cargo build -p sidecar-bin` first (scripts/test.sh does)",

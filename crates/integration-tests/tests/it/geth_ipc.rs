@@ -209,7 +209,7 @@ async fn a_socket_we_may_not_open_is_an_error_naming_the_path_and_the_fix() {
         m.permissions().mode() & 0o777
     });
     assert_eq!(mode.unwrap(), 0o600, "geth creates the socket 0600");
-    let example = integration_tests::workspace_root().join("target/debug/examples/node_info");
+    let example = integration_tests::target_dir().join("debug/examples/node_info");
     assert!(
         example.is_file(),
         "{} is missing: `cargo build -p geth-ipc --examples` (scripts/test.sh does)",

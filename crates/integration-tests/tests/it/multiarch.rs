@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::{Mesh, workspace_root};
+use integration_tests::Mesh;
 use serde_json::Value;
 
 /// `GPS_SIDECAR_ARM64_BIN`, else where scripts/lint-image.sh builds it.
@@ -14,9 +14,7 @@ fn arm64_bin() -> PathBuf {
     let path = std::env::var_os("GPS_SIDECAR_ARM64_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target"))
+            integration_tests::target_dir()
                 .join("static/aarch64-unknown-linux-gnu/release/geth-peer-sidecar")
         });
     assert!(
