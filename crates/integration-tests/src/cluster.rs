@@ -478,6 +478,33 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Adds the rule deploy/overlays/leases adds (get, list, watch, create,
+    /// update, delete on leases: the lease layout) to the sidecar's Role in
+    /// `ns`, and waits until the service account may list leases.
+    pub async fn grant_leases(&self, ns: &TestNamespace) -> Result<()> {
+        let roles: Api<Role> = Api::namespaced(self.admin(), &ns.name);
+        let mut role = roles.get(SERVICE_ACCOUNT).await?;
+        let rule = serde_json::from_value(serde_json::json!({
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch", "create", "update", "delete"],
+        }))
+        .map_err(|e| Error::Setup(format!("leases rule: {e}")))?;
+        role.rules.get_or_insert_with(Vec::new).push(rule);
+        roles
+            .replace(SERVICE_ACCOUNT, &PostParams::default(), &role)
+            .await?;
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(ns.client.clone(), &ns.name);
+        eventually("the leases rule in force", Duration::from_secs(15), || {
+            let leases = leases.clone();
+            async move { leases.list(&Default::default()).await.ok().map(|_| ()) }
+        })
+        .await
+    }
+}
+
 /// A client (with its own connection pool) from kubeconfig YAML.
 async fn client_from_kubeconfig(yaml: &str) -> Result<Client> {
     let kc = Kubeconfig::from_yaml(yaml).map_err(|e| Error::Setup(format!("kubeconfig: {e}")))?;

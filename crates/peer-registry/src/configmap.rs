@@ -449,18 +449,7 @@ impl<S: Store> Core<S> {
                     if size > schema::MAX_BYTES {
                         return Err(Error::TooLarge { bytes: size });
                     }
-                    let cm = ConfigMap {
-                        metadata: ObjectMeta {
-                            name: Some(self.observer.name.clone()),
-                            labels: Some(BTreeMap::from([(
-                                "app.kubernetes.io/managed-by".to_owned(),
-                                "geth-peer-sidecar".to_owned(),
-                            )])),
-                            ..ObjectMeta::default()
-                        },
-                        data: Some(new),
-                        ..ConfigMap::default()
-                    };
+                    let cm = self.new_object(new);
                     self.store.create(&cm).await.map(|w| (w, "create"))
                 }
             };
@@ -490,23 +479,77 @@ impl<S: Store> Core<S> {
         Err(self.exhausted())
     }
 
+    /// A new registry object holding `data`.
+    fn new_object(&self, data: BTreeMap<String, String>) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(self.observer.name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "geth-peer-sidecar".to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            ..ConfigMap::default()
+        }
+    }
+
+    /// Read, compute, conditional write of the object's `data` as a whole
+    /// (`change` gets the data read and whether the object exists, and gives
+    /// the new data, or `None` when there is nothing to do); again on
+    /// conflicts. Creates the object when missing. Returns the object as
+    /// written, or as read when nothing was written.
+    async fn rewrite_data<F>(&self, op: &'static str, mut change: F) -> Result<Option<ConfigMap>>
+    where
+        F: FnMut(&BTreeMap<String, String>, bool) -> Option<BTreeMap<String, String>> + Send,
+    {
+        let max = self.retry.max_attempts.max(1);
+        let mut transient = 0;
+        for attempt in 1..=max {
+            let Some(cm) = self.read(op, attempt, &mut transient).await? else {
+                continue;
+            };
+            let old = cm.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
+            let Some(new) = change(&old, cm.is_some()) else {
+                return Ok(cm);
+            };
+            let (result, verb) = match cm {
+                Some(cm) if new == old => return Ok(Some(cm)),
+                Some(mut cm) => {
+                    let (old_size, new_size) = (object_size(&old, &cm), object_size(&new, &cm));
+                    if new_size > schema::MAX_BYTES && new_size > old_size {
+                        return Err(Error::TooLarge { bytes: new_size });
+                    }
+                    cm.data = Some(new);
+                    cm.metadata.managed_fields = None;
+                    (self.store.replace(&cm).await, "update")
+                }
+                None => {
+                    let size = schema::encoded_size(&new);
+                    if size > schema::MAX_BYTES {
+                        return Err(Error::TooLarge { bytes: size });
+                    }
+                    (self.store.create(&self.new_object(new)).await, "create")
+                }
+            };
+            match result {
+                Ok(written) => {
+                    debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,
+                           op, attempt, verb, "wrote the registry configmap");
+                    return Ok(Some(written));
+                }
+                Err(e) if is_retryable(&e) || Self::may_retry(&e, &mut transient) => {
+                    self.back_off(op, attempt, &e).await;
+                }
+                Err(e) => return Err(self.err(e, verb)),
+            }
+        }
+        Err(self.exhausted())
+    }
+
     async fn upsert(&self, record: MemberRecord) -> Result<Snapshot> {
-        if let Some(reason) = schema::invalid_pod_name(&record.pod) {
-            return Err(Error::InvalidRecord {
-                pod: record.pod,
-                reason: reason.to_owned(),
-            });
-        }
-        if record.node_id != record.enode.node_id() {
-            return Err(Error::InvalidRecord {
-                reason: format!(
-                    "nodeId {} is not the enode's node id {}",
-                    record.node_id,
-                    record.enode.node_id()
-                ),
-                pod: record.pod,
-            });
-        }
+        validate(&record)?;
         if self.protocol == WriteProtocol::KeyPatch {
             return self.patch_upsert(&record).await;
         }
@@ -882,9 +925,31 @@ impl<S: Store> Core<S> {
 /// True when the stored record of `record.pod` is the same registration with
 /// the same sidecar version: an upsert keeps it as stored (no write).
 fn keeps(snap: &Snapshot, record: &MemberRecord) -> bool {
-    snap.members.get(&record.pod).is_some_and(|stored| {
-        stored.same_registration(record) && stored.sidecar_version == record.sidecar_version
-    })
+    snap.members
+        .get(&record.pod)
+        .is_some_and(|stored| stored.keeps(record))
+}
+
+/// Why `record` cannot be stored (its pod name is not a valid key, or its
+/// node id is not its enode's), as [`Error::InvalidRecord`].
+pub(crate) fn validate(record: &MemberRecord) -> Result<()> {
+    if let Some(reason) = schema::invalid_pod_name(&record.pod) {
+        return Err(Error::InvalidRecord {
+            pod: record.pod.clone(),
+            reason: reason.to_owned(),
+        });
+    }
+    if record.node_id != record.enode.node_id() {
+        return Err(Error::InvalidRecord {
+            reason: format!(
+                "nodeId {} is not the enode's node id {}",
+                record.node_id,
+                record.enode.node_id()
+            ),
+            pod: record.pod.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// The [`PeerRegistry`] kept in one ConfigMap (schema: [`crate::schema`]).
@@ -968,6 +1033,45 @@ impl ConfigMapRegistry {
     /// The ConfigMap's name.
     pub fn name(&self) -> &str {
         &self.core.observer.name
+    }
+}
+
+/// What the lease layout ([`crate::LeaseRegistry`]) uses of the ConfigMap.
+impl ConfigMapRegistry {
+    /// The object as stored (a GET), `None` when missing.
+    pub(crate) async fn object(&self) -> Result<Option<ConfigMap>> {
+        self.core
+            .store
+            .get()
+            .await
+            .map_err(|e| self.core.err(e, "get"))
+    }
+
+    /// Decodes an object (or its absence), logging what is new.
+    pub(crate) fn observe(&self, cm: Option<&ConfigMap>) -> Snapshot {
+        self.core.observer.observe(cm)
+    }
+
+    /// See [`Core::rewrite_data`].
+    pub(crate) async fn rewrite_data<F>(
+        &self,
+        op: &'static str,
+        change: F,
+    ) -> Result<Option<ConfigMap>>
+    where
+        F: FnMut(&BTreeMap<String, String>, bool) -> Option<BTreeMap<String, String>> + Send,
+    {
+        self.core.rewrite_data(op, change).await
+    }
+
+    /// Replaces the retry policy in place.
+    pub(crate) fn set_retry_policy(&mut self, retry: RetryPolicy) {
+        self.core.retry = retry;
+    }
+
+    /// The API of the namespace's ConfigMaps.
+    pub(crate) fn api(&self) -> &Api<ConfigMap> {
+        &self.api
     }
 }
 

@@ -8,15 +8,17 @@ use kube::runtime::watcher;
 pub enum Error {
     /// The apiserver refused the request (HTTP 403): an RBAC rule is missing.
     #[error(
-        "forbidden: the sidecar's service account may not {verb} configmaps {name:?} in \
-         namespace {namespace:?}: the Role must grant configmaps/{verb}{scope} (see the Role in \
+        "forbidden: the sidecar's service account may not {verb} {resource}s {name:?} in \
+         namespace {namespace:?}: the Role must grant {resource}s/{verb}{scope} (see the Role in \
          deploy/base/rbac.yaml and the RoleBinding to the pod's service account): {message}",
-        scope = verb_scope(verb)
+        scope = verb_scope(resource, verb)
     )]
     Forbidden {
-        /// The verb refused: get, list, watch, create or update.
+        /// The kind of object: `configmap`, or `lease` (the lease layout).
+        resource: &'static str,
+        /// The verb refused: get, list, watch, create, update or delete.
         verb: &'static str,
-        /// The ConfigMap's name.
+        /// The object's name.
         name: String,
         /// The namespace.
         namespace: String,
@@ -39,14 +41,16 @@ pub enum Error {
     },
     /// The apiserver is down, unreachable, overloaded (429) or failing (5xx).
     #[error(
-        "unavailable: cannot {verb} configmap {name:?} in namespace {namespace:?}: {why}; check \
+        "unavailable: cannot {verb} {resource} {name:?} in namespace {namespace:?}: {why}; check \
          the apiserver and the pod's network; the sidecar retries with backoff",
         why = describe_kube_error(source)
     )]
     Unavailable {
+        /// The kind of object: `configmap`, or `lease` (the lease layout).
+        resource: &'static str,
         /// The verb that failed.
         verb: &'static str,
-        /// The ConfigMap's name.
+        /// The object's name.
         name: String,
         /// The namespace.
         namespace: String,
@@ -119,11 +123,14 @@ pub fn describe_kube_error(err: &kube::Error) -> String {
     }
 }
 
-fn verb_scope(verb: &str) -> &'static str {
-    if verb == "create" {
-        " (create cannot be restricted by resourceNames)"
-    } else {
-        " on the registry's name"
+fn verb_scope(resource: &str, verb: &str) -> &'static str {
+    match (resource, verb) {
+        (_, "create") => " (create cannot be restricted by resourceNames)",
+        ("lease", _) => {
+            " in the namespace (the lease layout: get, list, watch, create, update and delete \
+             on leases; see the chart's registry.layout)"
+        }
+        _ => " on the registry's name",
     }
 }
 
@@ -148,9 +155,22 @@ impl Error {
         namespace: &str,
         name: &str,
     ) -> Self {
+        Self::from_kube_on("configmap", err, verb, namespace, name)
+    }
+
+    /// Classifies a kube error from `verb` on the `resource` (`configmap`,
+    /// `lease`) `namespace/name`.
+    pub(crate) fn from_kube_on(
+        resource: &'static str,
+        err: kube::Error,
+        verb: &'static str,
+        namespace: &str,
+        name: &str,
+    ) -> Self {
         let unavailable = match &err {
             kube::Error::Api(status) if status.is_forbidden() => {
                 return Error::Forbidden {
+                    resource,
                     verb,
                     name: name.to_owned(),
                     namespace: namespace.to_owned(),
@@ -165,6 +185,7 @@ impl Error {
         };
         if unavailable {
             Error::Unavailable {
+                resource,
                 verb,
                 name: name.to_owned(),
                 namespace: namespace.to_owned(),
@@ -177,14 +198,24 @@ impl Error {
 
     /// Classifies a watcher error on the ConfigMap `namespace/name`.
     pub(crate) fn from_watcher(err: watcher::Error, namespace: &str, name: &str) -> Self {
+        Self::from_watcher_on("configmap", err, namespace, name)
+    }
+
+    /// Classifies a watcher error on `resource` objects (`name`: the object,
+    /// or a description of the set watched) in `namespace`.
+    pub(crate) fn from_watcher_on(
+        resource: &'static str,
+        err: watcher::Error,
+        namespace: &str,
+        name: &str,
+    ) -> Self {
+        let kube = |e, verb| Self::from_kube_on(resource, e, verb, namespace, name);
         match err {
-            watcher::Error::InitialListFailed(e) => Self::from_kube(e, "list", namespace, name),
+            watcher::Error::InitialListFailed(e) => kube(e, "list"),
             watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
-                Self::from_kube(e, "watch", namespace, name)
+                kube(e, "watch")
             }
-            watcher::Error::WatchError(status) => {
-                Self::from_kube(kube::Error::Api(status), "watch", namespace, name)
-            }
+            watcher::Error::WatchError(status) => kube(kube::Error::Api(status), "watch"),
             watcher::Error::NoResourceVersion => Error::Kube(kube::Error::Api(
                 kube::core::Status::failure(
                     "no metadata.resourceVersion in a watch result",

@@ -4,7 +4,8 @@
 //! ([`MemberRecord`], [`Snapshot`]) and the [`schema`] codec: no kube, no tokio,
 //! no I/O. With it: the `PeerRegistry` trait, its `ConfigMapRegistry`
 //! implementation (compare-and-swap writes that never lose an entry under
-//! concurrent writers) and the crate `Error`. With `test-utils`: the mockall
+//! concurrent writers), and `LeaseRegistry`, the opt-in lease layout (one
+//! Lease per member, for fleets of hundreds) and the crate `Error`. With `test-utils`: the mockall
 //! mock `MockPeerRegistry`, `MemoryRegistry` (the ConfigMap implementation's
 //! compare-and-swap code over an in-memory `MemoryStore`, for test harnesses) and
 //! the `conformance` suite that any `PeerRegistry` must pass. The schema, the size ceiling, the retry policy and
@@ -20,6 +21,8 @@ mod configmap;
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub mod conformance;
 #[cfg(feature = "kube")]
+mod lease;
+#[cfg(feature = "kube")]
 mod error;
 #[cfg(feature = "kube")]
 mod registry;
@@ -33,6 +36,8 @@ pub use configmap::memory::{MemoryRegistry, MemoryStore};
 pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy, WriteProtocol};
 #[cfg(feature = "kube")]
 pub use error::{Error, Result, describe_kube_error};
+#[cfg(feature = "kube")]
+pub use lease::{LeaseRegistry, MEMBER_ANNOTATION, REGISTRY_LABEL, lease_name};
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub use registry::MockPeerRegistry;
 #[cfg(feature = "kube")]

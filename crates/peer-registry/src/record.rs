@@ -42,6 +42,13 @@ impl MemberRecord {
             && self.pod_uid == other.pod_uid
             && self.pod_ip == other.pod_ip
     }
+
+    /// True when an upsert of `new` keeps this stored record as it is: the
+    /// [same registration](Self::same_registration) written by the same
+    /// sidecar version (timestamps alone never cause a write).
+    pub fn keeps(&self, new: &MemberRecord) -> bool {
+        self.same_registration(new) && self.sidecar_version == new.sidecar_version
+    }
 }
 
 /// A decoded view of the registry at one resourceVersion.

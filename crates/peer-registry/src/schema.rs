@@ -7,6 +7,7 @@
 //! | `member.<pod>` | one [`MemberRecord`] as JSON (camelCase fields) | the member's sidecar |
 //! | `static-nodes.json` | JSON array of all members' enode URLs, sorted, plus legacy entries | derived on every write; legacy entries (no member record: the original Python sidecar's) are kept verbatim |
 //! | `external-peers.json` | JSON array of enode URLs outside the cluster | the operator only |
+//! | `lease-members.json` | JSON array of the entries of `static-nodes.json` derived from Leases | the lease layout only ([`encode_lease_members`]) |
 //! | `schema-version` | `"1"` | set when absent |
 //! | anything else | preserved byte-for-byte | third parties |
 //!
@@ -28,6 +29,10 @@ pub const STATIC_NODES_KEY: &str = "static-nodes.json";
 /// The operator-maintained key: a JSON array of enode URLs outside the cluster.
 /// Read by every sidecar, never written by one.
 pub const EXTERNAL_PEERS_KEY: &str = "external-peers.json";
+/// The lease layout's key: which entries of `static-nodes.json` it derived
+/// from member Leases (a JSON array of enode URLs), so that an entry whose
+/// Lease is gone is dropped, not taken for a legacy one.
+pub const LEASE_MEMBERS_KEY: &str = "lease-members.json";
 /// The key holding the schema version.
 pub const SCHEMA_VERSION_KEY: &str = "schema-version";
 /// The schema version this crate writes.
@@ -351,6 +356,58 @@ pub fn encode_dropping_legacy(
     data.entry(SCHEMA_VERSION_KEY.to_owned())
         .or_insert_with(|| SCHEMA_VERSION.to_owned());
     data
+}
+
+/// The node ids of the entries of [`LEASE_MEMBERS_KEY`] (none when it is
+/// missing or does not parse).
+pub fn lease_members_listed(data: &BTreeMap<String, String>) -> BTreeSet<NodeId> {
+    data.get(LEASE_MEMBERS_KEY)
+        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e.parse::<Enode>().ok())
+        .map(|e| e.node_id())
+        .collect()
+}
+
+/// The lease layout's `data` of the shared ConfigMap, computed from the
+/// `existing` one and the members registered as Leases (`leases`, by pod):
+///
+/// - `static-nodes.json` lists every member, the Leases' and the ConfigMap's
+///   own `member.*` records (a fleet switching layouts; a Lease wins over a
+///   record of the same pod), plus the legacy entries (those of no member,
+///   past or present), kept verbatim;
+/// - [`LEASE_MEMBERS_KEY`] lists the entries taken from Leases, so that the
+///   entry of a Lease deleted since goes too;
+/// - everything else is kept byte for byte.
+///
+/// `None` when `existing` already holds exactly that.
+pub fn encode_lease_members(
+    existing: &BTreeMap<String, String>,
+    leases: &BTreeMap<String, MemberRecord>,
+) -> Option<BTreeMap<String, String>> {
+    let stored = decode(existing, None).members;
+    let mut known: BTreeSet<NodeId> = lease_members_listed(existing);
+    let ids = |m: &MemberRecord| [m.node_id, m.enode.node_id()];
+    known.extend(stored.values().chain(leases.values()).flat_map(ids));
+    let legacy: Vec<String> = existing
+        .get(STATIC_NODES_KEY)
+        .map(|value| legacy_entries(value, &known, &mut Vec::new()))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(text, _)| text)
+        .collect();
+    let mut members = stored;
+    members.extend(leases.iter().map(|(pod, m)| (pod.clone(), m.clone())));
+    let mut data = existing.clone();
+    data.insert(
+        STATIC_NODES_KEY.to_owned(),
+        with_legacy(&static_nodes(&members), &legacy),
+    );
+    data.insert(LEASE_MEMBERS_KEY.to_owned(), static_nodes(leases));
+    data.entry(SCHEMA_VERSION_KEY.to_owned())
+        .or_insert_with(|| SCHEMA_VERSION.to_owned());
+    (&data != existing).then_some(data)
 }
 
 #[cfg(test)]
@@ -706,5 +763,38 @@ pub(crate) mod tests {
             MAX_BYTES as f64 / per
         );
         assert!(per < 1000.0, "{per}");
+    }
+
+    #[test]
+    fn the_lease_layout_lists_lease_members_and_drops_the_entry_of_a_deleted_lease() {
+        let (a, b) = (member("geth-0", 1), member("geth-1", 2));
+        let legacy = format!("{}?discport=0", enode(9, "10.0.0.9"));
+        let existing = BTreeMap::from([(
+            STATIC_NODES_KEY.to_owned(),
+            serde_json::to_string(&[&legacy]).unwrap(),
+        )]);
+        let data = encode_lease_members(&existing, &set(&[a.clone(), b.clone()])).unwrap();
+        let listed: Vec<String> = serde_json::from_str(&data[STATIC_NODES_KEY]).unwrap();
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        assert!(listed.contains(&legacy) && listed.contains(&a.enode.to_string()));
+        assert_eq!(lease_members_listed(&data).len(), 2);
+        assert_eq!(encode_lease_members(&data, &set(&[a.clone(), b.clone()])), None);
+        // b's Lease is deleted: its entry goes, the legacy entry stays.
+        let after = encode_lease_members(&data, &set(std::slice::from_ref(&a))).unwrap();
+        let listed: Vec<String> = serde_json::from_str(&after[STATIC_NODES_KEY]).unwrap();
+        assert_eq!(listed, {
+            let mut v = vec![a.enode.to_string(), legacy.clone()];
+            v.sort();
+            v
+        });
+        // And a decode of it sees no legacy entry but the real one.
+        let snap = decode(&after, None);
+        let lease_ids = lease_members_listed(&after);
+        let legacy_seen: Vec<_> = snap
+            .legacy
+            .iter()
+            .filter(|e| !lease_ids.contains(&e.node_id()))
+            .collect();
+        assert_eq!(legacy_seen.len(), 1);
     }
 }

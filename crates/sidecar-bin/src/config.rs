@@ -59,6 +59,21 @@ pub(crate) struct Common {
     )]
     pub(crate) configmap_name: String,
 
+    /// Where members are registered. `configmap`: one record per member in
+    /// the shared ConfigMap (needs RBAC on configmaps only). `leases`: one
+    /// Lease per member, `static-nodes.json` still derived into the ConfigMap
+    /// (also needs get, list, watch, create, update, delete on leases):
+    /// registration without conflicts, for fleets of hundreds (README,
+    /// "Scaling past a few hundred members").
+    #[arg(
+        long,
+        env = "REGISTRY_LAYOUT",
+        value_enum,
+        default_value_t = RegistryLayout::Configmap,
+        global = true
+    )]
+    pub(crate) registry_layout: RegistryLayout,
+
     /// Namespace of the ConfigMap. Default: the pod's service-account namespace,
     /// else the kubeconfig's namespace.
     #[arg(long, env = "NAMESPACE", global = true)]
@@ -233,6 +248,15 @@ pub(crate) enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// How the registry is stored (see `REGISTRY_LAYOUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RegistryLayout {
+    /// One record per member in the shared ConfigMap.
+    Configmap,
+    /// One Lease per member; `static-nodes.json` derived into the ConfigMap.
+    Leases,
 }
 
 /// What address the published enode carries.

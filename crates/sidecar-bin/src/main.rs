@@ -19,9 +19,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use config::{Cli, Command, Common, LogFormat};
+use config::{Cli, Command, Common, LogFormat, RegistryLayout};
 use geth_ipc::{ClientOptions, Endpoint, GethClient};
-use peer_registry::ConfigMapRegistry;
+use peer_registry::{ConfigMapRegistry, LeaseRegistry, PeerRegistry};
 
 fn init_tracing(common: &Common) -> anyhow::Result<()> {
     let level = config::level_filter(&common.logging).map_err(anyhow::Error::msg)?;
@@ -115,11 +115,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let geth = Arc::new(GethClient::new(endpoint, options));
     let client = kube_client(&cli.common).await?;
     let ns = namespace(&cli.common, &client);
-    let registry = Arc::new(ConfigMapRegistry::new(
-        client.clone(),
-        ns.clone(),
-        cli.common.configmap_name.clone(),
-    ));
+    let name = cli.common.configmap_name.clone();
+    match cli.common.registry_layout {
+        RegistryLayout::Configmap => {
+            let registry = ConfigMapRegistry::new(client.clone(), ns.clone(), name);
+            serve(cli, geth, client, ns, Arc::new(registry)).await
+        }
+        RegistryLayout::Leases => {
+            let mut registry = LeaseRegistry::new(client.clone(), ns.clone(), name);
+            if let Some(pod) = &cli.run.pod_name {
+                registry = registry.publishing_as(pod.clone());
+            }
+            serve(cli, geth, client, ns, Arc::new(registry)).await
+        }
+    }
+}
+
+/// Runs the command on `registry`.
+async fn serve<R: PeerRegistry + 'static>(
+    cli: Cli,
+    geth: Arc<GethClient>,
+    client: kube::Client,
+    ns: String,
+    registry: Arc<R>,
+) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Status { output }) => {
             status::print(&*registry, &*geth, &ns, &cli.common.configmap_name, output).await

@@ -265,6 +265,7 @@ impl SimRegistry {
     fn outage(&self, verb: &'static str) -> peer_registry::Result<()> {
         if lock(&self.truth).outage {
             return Err(peer_registry::Error::Unavailable {
+                resource: "configmap",
                 verb,
                 name: peer_registry::DEFAULT_NAME.into(),
                 namespace: "sim".into(),

@@ -256,7 +256,11 @@ const EXPECTED_KINDS: [&str; 5] = [
 #[tokio::test]
 async fn kustomize_builds_pass_server_side_dry_run() {
     let mut dr = DryRun::start("manifests_kustomize").await;
-    for dir in ["deploy/base", "deploy/overlays/pod-evidence"] {
+    for dir in [
+        "deploy/base",
+        "deploy/overlays/pod-evidence",
+        "deploy/overlays/leases",
+    ] {
         let yaml = run(&dr.ctx, "kustomize", &["build", dir], None);
         assert_eq!(kinds(&yaml), EXPECTED_KINDS, "{dir}");
         let ns = dr.fresh_namespace().await;
@@ -394,6 +398,29 @@ fn chart_grants_the_same_rbac_as_deploy() {
     );
     // The pods rule is the only difference, and it is read-only.
     assert_eq!(role_rules(&overlay).len(), role_rules(&base).len() + 1);
+    // The lease layout: the overlay and the chart value grant the same, one
+    // more rule, on leases only, and set REGISTRY_LAYOUT alike.
+    let leases = run(&ctx, "kustomize", &["build", "deploy/overlays/leases"], None);
+    let chart_leases = helm_template(&ctx, "default", &[&deploy_name, "registryLayout=leases"]);
+    assert_eq!(
+        role_rules(&chart_leases),
+        role_rules(&leases),
+        "chart (registryLayout=leases) vs deploy/overlays/leases"
+    );
+    let added: Vec<_> = role_rules(&leases)
+        .into_iter()
+        .filter(|r| !role_rules(&base).contains(r))
+        .collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(added[0]["resources"], json!(["leases"]));
+    assert_eq!(added[0]["apiGroups"], json!(["coordination.k8s.io"]));
+    for (yaml, what) in [(&leases, "overlay"), (&chart_leases, "chart")] {
+        assert_eq!(
+            env_of(yaml, "geth-peer-sidecar", "REGISTRY_LAYOUT").as_deref(),
+            Some("leases"),
+            "{what}"
+        );
+    }
 
     // configmapName drives both the Role's resourceNames and the sidecar's env.
     let renamed = helm_template(&ctx, "default", &["configmapName=other-registry"]);

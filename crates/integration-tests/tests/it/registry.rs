@@ -11,7 +11,10 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use peer_registry::{ConfigMapRegistry, PeerRegistry, WriteProtocol, conformance};
+use k8s_openapi::api::coordination::v1::Lease;
+use peer_registry::{
+    ConfigMapRegistry, LeaseRegistry, MemberRecord, PeerRegistry, WriteProtocol, conformance,
+};
 use serde_json::json;
 
 const NAME: &str = "geth-shared-static-nodes";
@@ -386,6 +389,138 @@ async fn conformance_suite_passes_on_the_real_apiserver() {
         .await
         .unwrap_or_else(|e| panic!("{protocol:?}: {e}"));
     }
+}
+
+/// The conformance suite on the lease layout: sidecar clients are
+/// `LeaseRegistry`s (deploy/overlays/leases' Role); one more, publishing as a
+/// sidecar would, keeps `static-nodes.json` derived while the harness lives.
+/// `data()` is the ConfigMap's once that derivation has settled (a poll with a
+/// deadline); `delete()` deletes the ConfigMap and every member Lease.
+struct LeaseHarness {
+    client: kube::Client,
+    admin: Api<ConfigMap>,
+    leases: Api<Lease>,
+    namespace: String,
+    publisher: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseHarness {
+    async fn new(cluster: &Cluster, hint: &str) -> Result<Self, String> {
+        let ns = cluster.namespace(hint).await.map_err(|e| e.to_string())?;
+        cluster.grant_leases(&ns).await.map_err(|e| e.to_string())?;
+        let client = ns.new_client().await.map_err(|e| e.to_string())?;
+        let publisher = LeaseRegistry::new(client.clone(), ns.name.clone(), NAME)
+            .publishing_as("a-publisher"); // sorts first: publishes at once
+        let publisher = tokio::spawn(async move {
+            let mut watch = publisher.watch();
+            while watch.next().await.is_some() {}
+        });
+        Ok(Self {
+            client,
+            admin: Api::namespaced(cluster.admin(), &ns.name),
+            leases: Api::namespaced(cluster.admin(), &ns.name),
+            namespace: ns.name.clone(),
+            publisher,
+        })
+    }
+
+    /// The member records the Leases hold, by pod.
+    async fn lease_members(&self) -> Result<std::collections::BTreeMap<String, MemberRecord>, String> {
+        let lp = kube::api::ListParams::default()
+            .labels(&format!("{}={NAME}", peer_registry::REGISTRY_LABEL));
+        let list = self.leases.list(&lp).await.map_err(|e| e.to_string())?;
+        let mut members = std::collections::BTreeMap::new();
+        for lease in list.items {
+            let raw = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(peer_registry::MEMBER_ANNOTATION))
+                .ok_or("a member lease without its record")?;
+            let rec: MemberRecord = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+            members.insert(rec.pod.clone(), rec);
+        }
+        Ok(members)
+    }
+}
+
+impl Drop for LeaseHarness {
+    fn drop(&mut self) {
+        self.publisher.abort();
+    }
+}
+
+#[async_trait::async_trait]
+impl conformance::Harness for LeaseHarness {
+    fn client(&self) -> std::sync::Arc<dyn PeerRegistry> {
+        std::sync::Arc::new(LeaseRegistry::new(
+            self.client.clone(),
+            self.namespace.clone(),
+            NAME,
+        ))
+    }
+
+    async fn edit(&self, f: conformance::DataEdit) -> Result<(), String> {
+        let current = self.admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
+        let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(NAME.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        f(cm.data.get_or_insert_with(Default::default));
+        let pp = PostParams::default();
+        let done = match current {
+            Some(_) => self.admin.replace(NAME, &pp, &cm).await,
+            None => self.admin.create(&pp, &cm).await,
+        };
+        done.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn data(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let settled = eventually(
+            "static-nodes.json derived from the member leases",
+            Duration::from_secs(15),
+            || async {
+                let members = self.lease_members().await.ok()?;
+                let cm = self.admin.get_opt(NAME).await.ok()?;
+                let data = cm.and_then(|c| c.data).unwrap_or_default();
+                peer_registry::schema::encode_lease_members(&data, &members)
+                    .is_none()
+                    .then_some(data)
+            },
+        )
+        .await;
+        settled.map_err(|e| e.to_string())
+    }
+
+    async fn delete(&self) -> Result<(), String> {
+        let lp = kube::api::ListParams::default()
+            .labels(&format!("{}={NAME}", peer_registry::REGISTRY_LABEL));
+        self.leases
+            .delete_collection(&DeleteParams::default(), &lp)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.admin
+            .delete(NAME, &DeleteParams::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_passes_on_the_lease_layout_on_the_real_apiserver() {
+    let (_ctx, cluster, _ns) = start("conformance-leases").await;
+    let n = std::sync::atomic::AtomicU32::new(0);
+    conformance::run_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let cluster = &cluster;
+        async move { LeaseHarness::new(cluster, &format!("conf-leases-{i}")).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("lease layout: {e}"));
 }
 
 /// The default write protocol (per-member JSON Patch, `WriteProtocol::KeyPatch`)

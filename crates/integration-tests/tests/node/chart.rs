@@ -592,6 +592,14 @@ const VALUE_TABLE: &[ValueRow] = &[
         },
     },
     ValueRow {
+        path: "registryLayout",
+        set: "leases",
+        check: |r| {
+            r.env("REGISTRY_LAYOUT").as_deref() == Some("leases")
+                && r.role.to_string().contains("\"leases\"")
+        },
+    },
+    ValueRow {
         path: "memberCidrs",
         // Helm's --set splits on commas unless escaped.
         set: "10.244.0.0/16\\,fd00::/8",
