@@ -242,12 +242,32 @@ impl Mesh {
             .unwrap_or_default()
     }
 
-    /// Pod names registered (keys `member.<pod>`).
+    /// Pod names registered: keys `member.<pod>` of the ConfigMap, and the
+    /// member Leases of the lease layout (`REGISTRY_LAYOUT=leases`).
     pub async fn registered_pods(&self) -> BTreeSet<String> {
-        self.registry_data()
+        let mut pods: BTreeSet<String> = self
+            .registry_data()
             .await
             .keys()
             .filter_map(|k| k.strip_prefix("member.").map(str::to_owned))
+            .collect();
+        pods.extend(self.lease_pods().await);
+        pods
+    }
+
+    /// Pod names of the member Leases (the lease layout), as their holders.
+    pub async fn lease_pods(&self) -> BTreeSet<String> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.cluster.admin(), &self.ns.name);
+        let lp = kube::api::ListParams::default()
+            .labels(&format!("{}={CONFIGMAP}", peer_registry::REGISTRY_LABEL));
+        leases
+            .list(&lp)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|l| l.spec?.holder_identity)
             .collect()
     }
 

@@ -97,7 +97,8 @@ struct View {
 }
 
 fn lock(view: &Mutex<View>) -> MutexGuard<'_, View> {
-    view.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    view.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn revision(meta: &ObjectMeta) -> u64 {
@@ -234,8 +235,8 @@ fn snapshot_of(configmap: &ConfigMapRegistry, registry: &str, view: &View) -> Sn
         .retain(|e| !listed.contains(&e.node_id()) && !ids.contains(&e.node_id()));
     snap.members.extend(leases);
     snap.problems.extend(problems);
-    snap.resource_version = (view.configmap.is_some() || !view.leases.is_empty())
-        .then(|| view.revision.to_string());
+    snap.resource_version =
+        (view.configmap.is_some() || !view.leases.is_empty()).then(|| view.revision.to_string());
     snap
 }
 
@@ -361,7 +362,10 @@ impl WatchState {
             self.publish.set(None);
             return;
         }
-        let rank = leases.keys().filter(|pod| pod.as_str() < me.as_str()).count();
+        let rank = leases
+            .keys()
+            .filter(|pod| pod.as_str() < me.as_str())
+            .count();
         let delay = PUBLISH_DEBOUNCE + PUBLISH_STEP * u32::try_from(rank.min(60)).unwrap_or(60);
         let shared = self.shared.clone();
         self.publish.set(Some(tokio::spawn(async move {
@@ -679,7 +683,9 @@ impl PeerRegistry for LeaseRegistry {
         self.registered.store(true, Ordering::Relaxed);
         // A fleet switching from the ConfigMap layout: the Lease supersedes
         // this pod's record there.
-        let in_configmap = self.configmap.observe(self.configmap.object().await?.as_ref());
+        let in_configmap = self
+            .configmap
+            .observe(self.configmap.object().await?.as_ref());
         if let Some(old) = in_configmap.members.get(&record.pod) {
             info!(pod = %record.pod, "the pod's record moves from the registry configmap to its lease");
             PeerRegistry::remove(&*self.configmap, vec![old.clone()]).await?;
@@ -702,7 +708,9 @@ impl PeerRegistry for LeaseRegistry {
                 deleted.push(lease_name(self.name(), &exp.pod));
             }
         }
-        let in_configmap = self.configmap.observe(self.configmap.object().await?.as_ref());
+        let in_configmap = self
+            .configmap
+            .observe(self.configmap.object().await?.as_ref());
         let stored: Vec<MemberRecord> = expected
             .into_iter()
             .filter(|e| {
@@ -785,10 +793,15 @@ mod tests {
         let mut elsewhere = lease_of("reg", &rec);
         elsewhere.metadata.name = Some("reg.geth-9".into());
         let why = decode_lease("reg", &elsewhere).unwrap_err();
-        assert!(why.contains("reg.geth-9") && why.contains("geth-0"), "{why}");
+        assert!(
+            why.contains("reg.geth-9") && why.contains("geth-0"),
+            "{why}"
+        );
         let mut garbage = lease_of("reg", &rec);
-        garbage.metadata.annotations =
-            Some(BTreeMap::from([(MEMBER_ANNOTATION.to_owned(), "{".to_owned())]));
+        garbage.metadata.annotations = Some(BTreeMap::from([(
+            MEMBER_ANNOTATION.to_owned(),
+            "{".to_owned(),
+        )]));
         let why = decode_lease("reg", &garbage).unwrap_err();
         assert!(why.contains("not a member record"), "{why}");
         let (members, problems) = decode_leases("reg", [lease_of("reg", &rec), garbage].iter());

@@ -21,9 +21,9 @@ mod configmap;
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub mod conformance;
 #[cfg(feature = "kube")]
-mod lease;
-#[cfg(feature = "kube")]
 mod error;
+#[cfg(feature = "kube")]
+mod lease;
 #[cfg(feature = "kube")]
 mod registry;
 

@@ -778,7 +778,10 @@ pub(crate) mod tests {
         assert_eq!(listed.len(), 3, "{listed:?}");
         assert!(listed.contains(&legacy) && listed.contains(&a.enode.to_string()));
         assert_eq!(lease_members_listed(&data).len(), 2);
-        assert_eq!(encode_lease_members(&data, &set(&[a.clone(), b.clone()])), None);
+        assert_eq!(
+            encode_lease_members(&data, &set(&[a.clone(), b.clone()])),
+            None
+        );
         // b's Lease is deleted: its entry goes, the legacy entry stays.
         let after = encode_lease_members(&data, &set(std::slice::from_ref(&a))).unwrap();
         let listed: Vec<String> = serde_json::from_str(&after[STATIC_NODES_KEY]).unwrap();

@@ -400,7 +400,12 @@ fn chart_grants_the_same_rbac_as_deploy() {
     assert_eq!(role_rules(&overlay).len(), role_rules(&base).len() + 1);
     // The lease layout: the overlay and the chart value grant the same, one
     // more rule, on leases only, and set REGISTRY_LAYOUT alike.
-    let leases = run(&ctx, "kustomize", &["build", "deploy/overlays/leases"], None);
+    let leases = run(
+        &ctx,
+        "kustomize",
+        &["build", "deploy/overlays/leases"],
+        None,
+    );
     let chart_leases = helm_template(&ctx, "default", &[&deploy_name, "registryLayout=leases"]);
     assert_eq!(
         role_rules(&chart_leases),

@@ -1,6 +1,7 @@
 //! The sidecar end to end: real geth nodes, a real apiserver, each sidecar run as
 //! a pod would run it (its node's network namespace, the service account's token).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use integration_tests::{Mesh, NodeSpec, eventually};
@@ -722,6 +723,89 @@ async fn status_prints_every_member_marks_its_own_as_self_and_whether_this_geth_
         let connected = if i == 0 { "self" } else { "yes" };
         assert!(row.trim_end().ends_with(connected), "{row}");
     }
+}
+
+/// The public key of an enode URL (`enode://<key>@...`).
+fn enode_key(enode: &str) -> Option<String> {
+    Some(
+        enode
+            .strip_prefix("enode://")?
+            .split('@')
+            .next()?
+            .to_owned(),
+    )
+}
+
+/// The keys of the registry's `static-nodes.json` entries (none when missing).
+async fn static_nodes(m: &Mesh) -> BTreeSet<String> {
+    m.registry_data()
+        .await
+        .get("static-nodes.json")
+        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| enode_key(e))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_lease_layout_each_member_is_one_lease_written_once_and_static_nodes_json_follows()
+{
+    let mut m = Mesh::without_sidecars("leases", 3, &[("REGISTRY_LAYOUT", "leases")])
+        .await
+        .unwrap();
+    m.cluster.grant_leases(&m.ns).await.unwrap();
+    for i in 0..3 {
+        m.start_sidecar(i).unwrap();
+    }
+    // geth's own view: every node peered with every other.
+    m.wait_full_mesh(&all(3), MESH).await.unwrap();
+    m.wait_registered(&all(3), MESH).await.unwrap();
+    assert_eq!(m.lease_pods().await.len(), 3, "one Lease per member");
+    let data = m.registry_data().await;
+    assert!(
+        !data.keys().any(|k| k.starts_with("member.")),
+        "no member keys in the ConfigMap with the lease layout: {:?}",
+        data.keys().collect::<Vec<_>>()
+    );
+    let ids: Vec<String> = (0..3)
+        .filter_map(|i| enode_key(&m.net.node(i).enode()))
+        .collect();
+    let want: BTreeSet<String> = ids.iter().cloned().collect();
+    integration_tests::eventually("static-nodes.json to list the three", MESH, || async {
+        (static_nodes(&m).await == want).then_some(())
+    })
+    .await
+    .unwrap();
+    // Registering was one create per member: no conflicts, no rewrites.
+    let user = m.ns.service_account_user();
+    let lease_writes: Vec<(String, String)> = m
+        .cluster
+        .audited_requests(&user)
+        .into_iter()
+        .filter(|(verb, resource, _)| {
+            resource == "leases" && matches!(verb.as_str(), "create" | "update" | "delete")
+        })
+        .map(|(verb, _, name)| (verb, name))
+        .collect();
+    assert_eq!(
+        lease_writes.iter().filter(|(v, _)| v == "create").count(),
+        3,
+        "{lease_writes:?}"
+    );
+    assert_eq!(lease_writes.len(), 3, "{lease_writes:?}");
+
+    // A sidecar stopped gracefully (SIGTERM) deletes its Lease;
+    // static-nodes.json follows without it.
+    let sc = m.take_sidecar(2).unwrap();
+    assert_eq!(sc.terminate().await, Some(0));
+    m.wait_registered(&[0, 1], MESH).await.unwrap();
+    let want: BTreeSet<String> = ids[..2].iter().cloned().collect();
+    integration_tests::eventually("static-nodes.json without the departed", MESH, || async {
+        (static_nodes(&m).await == want).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 /// A mesh of `n` with pod evidence on, as deploy/overlays/pod-evidence sets it

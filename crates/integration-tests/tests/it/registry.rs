@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use integration_tests::{Cluster, TestContext, TestNamespace, eventually, test_member};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use k8s_openapi::api::coordination::v1::Lease;
 use peer_registry::{
     ConfigMapRegistry, LeaseRegistry, MemberRecord, PeerRegistry, WriteProtocol, conformance,
 };
@@ -409,8 +409,8 @@ impl LeaseHarness {
         let ns = cluster.namespace(hint).await.map_err(|e| e.to_string())?;
         cluster.grant_leases(&ns).await.map_err(|e| e.to_string())?;
         let client = ns.new_client().await.map_err(|e| e.to_string())?;
-        let publisher = LeaseRegistry::new(client.clone(), ns.name.clone(), NAME)
-            .publishing_as("a-publisher"); // sorts first: publishes at once
+        let publisher =
+            LeaseRegistry::new(client.clone(), ns.name.clone(), NAME).publishing_as("a-publisher"); // sorts first: publishes at once
         let publisher = tokio::spawn(async move {
             let mut watch = publisher.watch();
             while watch.next().await.is_some() {}
@@ -425,7 +425,9 @@ impl LeaseHarness {
     }
 
     /// The member records the Leases hold, by pod.
-    async fn lease_members(&self) -> Result<std::collections::BTreeMap<String, MemberRecord>, String> {
+    async fn lease_members(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, MemberRecord>, String> {
         let lp = kube::api::ListParams::default()
             .labels(&format!("{}={NAME}", peer_registry::REGISTRY_LABEL));
         let list = self.leases.list(&lp).await.map_err(|e| e.to_string())?;
