@@ -14,6 +14,8 @@
 //! desired set, and at steady state the sidecars' RSS, CPU and apiserver
 //! requests per minute (from the audit log).
 //!
+//! Each for both registry layouts (`MESH_LAYOUTS`, default "configmap leases").
+//!
 //! geth dials at most `maxpeers/3` peers; the newest member of a pair dials it,
 //! so the last one up dials N-1: every node runs with `--maxpeers` max(50, 3N).
 #![allow(
@@ -136,7 +138,7 @@ fn secs(d: Duration) -> String {
 /// would: SIGTERM to the sidecar (it deregisters), geth stopped and started on
 /// a new IP with its key, a new sidecar; waits for the full mesh before the
 /// next pod. Re-mesh is timed from the new sidecar's start.
-async fn rolling(m: &mut Mesh, rows: &mut Vec<Row>) {
+async fn rolling(m: &mut Mesh, layout: &str, rows: &mut Vec<Row>) {
     let n = m.net.nodes().len();
     let all: Vec<usize> = (0..n).collect();
     let started = Instant::now();
@@ -159,7 +161,7 @@ async fn rolling(m: &mut Mesh, rows: &mut Vec<Row>) {
     let max = each[each.len() - 1];
     rows.push(Row {
         what: format!(
-            "rolling replacement of all N={n} pods (new IPs): re-mesh per pod, median / max"
+            "rolling replacement of all N={n} pods ({layout}, new IPs): re-mesh per pod, median / max"
         ),
         value: format!("{} / {}", secs(median), secs(max)),
     });
@@ -177,7 +179,7 @@ async fn rolling(m: &mut Mesh, rows: &mut Vec<Row>) {
     });
 }
 
-async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool, roll: bool) {
+async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll: bool) {
     let options = MeshOptions {
         spec: NodeSpec {
             maxpeers: u32::try_from(3 * n).unwrap_or(u32::MAX).max(50),
@@ -187,16 +189,24 @@ async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool, roll: bool) {
         },
         ..MeshOptions::default()
     };
-    let mut m = Mesh::start_with(&format!("bench{n}"), n, &[], options)
+    let env = [("REGISTRY_LAYOUT", layout)];
+    let mut m = Mesh::without_sidecars_with(&format!("bench{n}{layout}"), n, &env, options)
         .await
         .unwrap();
-    // Mesh::start returns once the sidecars are spawned; the geth nodes' IPC
-    // answered before that. Measure from here.
+    if layout == "leases" {
+        m.cluster.grant_leases(&m.ns).await.unwrap();
+    }
+    // Every geth's IPC answers; measure from the sidecars' start.
     let t0 = Instant::now();
+    for i in 0..n {
+        m.start_sidecar(i).unwrap();
+    }
     let all: Vec<usize> = (0..n).collect();
     let s = stages(&m, &all, t0).await;
     rows.push(Row {
-        what: format!("full mesh, N={n}: all registered / all desired sets full / geth full mesh"),
+        what: format!(
+            "full mesh, N={n} ({layout}): all registered / all desired sets full / geth full mesh"
+        ),
         value: format!(
             "{} / {} / {}",
             secs(s.registered),
@@ -205,7 +215,7 @@ async fn bench_n(n: usize, rows: &mut Vec<Row>, steady: bool, roll: bool) {
         ),
     });
     if roll {
-        rolling(&mut m, rows).await;
+        rolling(&mut m, layout, rows).await;
     }
     if !steady {
         return;
@@ -305,9 +315,13 @@ fn main() {
     };
     let sizes = list("MESH_SIZES", "3 5 10 20 30");
     let roll = list("MESH_ROLLING", "10 30");
+    let layouts = std::env::var("MESH_LAYOUTS").unwrap_or_else(|_| "configmap leases".into());
     rt.block_on(async {
-        for &n in &sizes {
-            bench_n(n, &mut rows, n == 10, roll.contains(&n)).await;
+        for layout in layouts.split_whitespace() {
+            for &n in &sizes {
+                let steady = n == 10 && layout == "configmap";
+                bench_n(n, layout, &mut rows, steady, roll.contains(&n)).await;
+            }
         }
     });
     let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10);
