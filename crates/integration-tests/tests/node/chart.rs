@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::{KubeNode, PodView, Release, eventually, test_member, workspace_root};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -83,6 +84,102 @@ pub async fn helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_
         described.is_ok(),
         "`kubectl describe pod` shows no Registered event from geth-peer-sidecar"
     );
+}
+
+/// Waits until every pod in `pods` has its Lease (the lease layout), owned by
+/// that very pod (its UID as the Downward API gives it, which is what the
+/// garbage collector follows) and holding its current IP.
+async fn wait_leases_owned_by(release: &Release<'_>, leases: &Api<Lease>, pods: &[PodView]) {
+    let what = format!(
+        "every pod's Lease owned by it, with its IP, in {}",
+        release.ns
+    );
+    let owned = eventually(&what, MESH_TIMEOUT, || async {
+        for p in pods {
+            let name = peer_registry::lease_name(&release.configmap, &p.name);
+            let lease = leases.get_opt(&name).await.ok()??;
+            let owner = lease.metadata.owner_references.as_ref()?.first()?.clone();
+            let raw = lease
+                .metadata
+                .annotations?
+                .get(peer_registry::MEMBER_ANNOTATION)?
+                .clone();
+            let rec: peer_registry::MemberRecord = serde_json::from_str(&raw).ok()?;
+            let ip = p.ip?.to_string();
+            let ok = owner.kind == "Pod"
+                && owner.api_version == "v1"
+                && owner.name == p.name
+                && owner.uid == p.uid
+                && rec.pod_ip.as_deref() == Some(ip.as_str());
+            if !ok {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(owned.is_ok(), "{what}");
+}
+
+pub async fn with_registry_layout_leases_each_pod_registers_a_lease_it_owns_and_a_replaced_pod_takes_over(
+    shared: Arc<Shared>,
+) {
+    let node = shared.node().await;
+    let release = install(
+        &node,
+        "chart-leases",
+        3,
+        &["--set", "replicas=3", "--set", "registryLayout=leases"],
+    )
+    .await;
+    let (pods, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(node.admin(), &release.ns);
+    wait_leases_owned_by(&release, &leases, &pods).await;
+    // No member keys in the ConfigMap: the members are the Leases.
+    assert!(release.members().await.unwrap().is_empty());
+    // static-nodes.json, derived from the Leases, lists the three pod IPs.
+    let cms: Api<ConfigMap> = Api::namespaced(node.admin(), &release.ns);
+    let listed = |pods: Vec<PodView>| {
+        let cms = cms.clone();
+        let configmap = release.configmap.clone();
+        async move {
+            let data = cms.get_opt(&configmap).await.ok()??.data?;
+            let list: Vec<String> = serde_json::from_str(data.get("static-nodes.json")?).ok()?;
+            let ips: BTreeSet<String> = pods
+                .iter()
+                .filter_map(|p| p.ip.map(|ip| ip.to_string()))
+                .collect();
+            let hosts: BTreeSet<String> = list
+                .iter()
+                .filter_map(|e| Some(e.split_once('@')?.1.split(':').next()?.to_owned()))
+                .collect();
+            (hosts == ips).then_some(())
+        }
+    };
+    eventually(
+        "static-nodes.json to list the three pod IPs",
+        MESH_TIMEOUT,
+        || listed(pods.clone()),
+    )
+    .await
+    .unwrap();
+
+    // A deleted pod comes back (new UID, new IP): its Lease is the new pod's.
+    let victim = pods[1].clone();
+    release
+        .kubectl(&["delete", "pod", &victim.name, "--wait=true"])
+        .unwrap();
+    let (after, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let back = after.iter().find(|p| p.name == victim.name).unwrap();
+    assert_ne!(back.uid, victim.uid, "a new pod replaced {}", victim.name);
+    wait_leases_owned_by(&release, &leases, &after).await;
+    eventually(
+        "static-nodes.json to follow the new IP",
+        MESH_TIMEOUT,
+        || listed(after.clone()),
+    )
+    .await
+    .unwrap();
 }
 
 pub async fn deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_drops_the_old_one(
