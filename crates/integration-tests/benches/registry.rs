@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use integration_tests::{Cluster, TestContext, TestNamespace, test_member};
+use integration_tests::{Cluster, TestContext, TestNamespace, eventually, test_member};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -63,7 +63,9 @@ use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
-use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, Error, PeerRegistry, WriteProtocol, schema};
+use peer_registry::{
+    ConfigMapRegistry, DEFAULT_NAME, Error, LeaseRegistry, PeerRegistry, WriteProtocol, schema,
+};
 
 const SIZES: [usize; 4] = [10, 50, 200, 1000];
 
@@ -74,6 +76,9 @@ enum Variant {
     Registry(WriteProtocol),
     /// The prototype: one Lease per member, a leader keeps `static-nodes.json`.
     LeasePerMember,
+    /// The sidecar's lease layout (`LeaseRegistry`), one of its registries
+    /// publishing `static-nodes.json` as the first-ranked member's does.
+    Leases,
 }
 
 /// The variants each N runs with: (label, variant).
@@ -87,6 +92,7 @@ fn variants() -> Vec<(&'static str, Variant)> {
         ),
         ("key patch", Variant::Registry(WriteProtocol::KeyPatch)),
         ("Lease per member (prototype)", Variant::LeasePerMember),
+        ("LeaseRegistry (lease layout)", Variant::Leases),
     ]
     .into_iter()
     .filter(|(label, _)| only.is_empty() || label.contains(only.as_str()))
@@ -173,22 +179,38 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn run(
     cluster: &Cluster,
     n: usize,
-    (label, protocol): (&'static str, WriteProtocol),
+    (label, protocol): (&'static str, Option<WriteProtocol>),
     run_no: usize,
 ) -> Row {
     let ns = cluster
         .namespace(&format!("reg{n}-{run_no}"))
         .await
         .unwrap();
-    let mut registries = Vec::with_capacity(n);
+    // protocol None: the lease layout.
+    let mut publisher = None;
+    if protocol.is_none() {
+        cluster.grant_leases(&ns).await.unwrap();
+        let client = client_as(&ns, "registry-bench/publisher").await;
+        let reg = LeaseRegistry::new(client, ns.name.clone(), DEFAULT_NAME).publishing_as("geth-0");
+        publisher = Some(AbortOnDrop(tokio::spawn(async move {
+            let mut watch = reg.watch();
+            while watch.next().await.is_some() {}
+        })));
+    }
+    let mut registries: Vec<Arc<dyn PeerRegistry>> = Vec::with_capacity(n);
     for i in 0..n {
         let client = client_as(&ns, &format!("registry-bench/registrant-{i}")).await;
-        let reg = ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME)
-            .with_write_protocol(protocol);
+        let reg: Arc<dyn PeerRegistry> = match protocol {
+            Some(p) => Arc::new(
+                ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME)
+                    .with_write_protocol(p),
+            ),
+            None => Arc::new(LeaseRegistry::new(client, ns.name.clone(), DEFAULT_NAME)),
+        };
         // Warm the connection (TLS handshake) so the race measures the CAS loop.
         let snap = reg.snapshot().await.unwrap();
         assert!(!snap.exists(), "the registry starts absent");
-        registries.push(Arc::new(reg));
+        registries.push(reg);
     }
 
     let pid = cluster.apiserver_pid().unwrap();
@@ -234,15 +256,24 @@ async fn run(
     let start = starts.iter().min().copied().unwrap();
     let ends = starts.iter().zip(&outcomes).map(|(s, o)| *s + o.elapsed);
 
-    // End state, read as admin.
-    let cm = Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name)
-        .get(DEFAULT_NAME)
-        .await
-        .unwrap();
-    let snap = schema::decode(&cm.data.clone().unwrap_or_default(), None);
+    // End state, read as admin (the lease layout: once static-nodes.json is
+    // published from the Leases).
+    let admin_view = LeaseRegistry::new(cluster.admin(), ns.name.clone(), DEFAULT_NAME);
+    let cms = Api::<ConfigMap>::namespaced(cluster.admin(), &ns.name);
+    let (snap, static_nodes) = eventually("static-nodes.json listing the members", cap, || async {
+        let cm = cms.get_opt(DEFAULT_NAME).await.ok()??;
+        let snap = match protocol {
+            Some(_) => schema::decode(&cm.data.clone().unwrap_or_default(), None),
+            None => admin_view.snapshot().await.ok()?,
+        };
+        let list: Vec<String> = serde_json::from_str(cm.data?.get("static-nodes.json")?).ok()?;
+        (protocol.is_some() || unfinished > 0 || list.len() == snap.members.len())
+            .then_some((snap, list))
+    })
+    .await
+    .unwrap();
+    drop(publisher);
     let present_pods: BTreeSet<&String> = snap.members.keys().collect();
-    let static_nodes: Vec<String> =
-        serde_json::from_str(&cm.data.unwrap_or_default()["static-nodes.json"]).unwrap();
     if unfinished == 0 {
         assert_eq!(
             static_nodes.len(),
@@ -277,7 +308,7 @@ async fn run(
     let all_registered = (unfinished == 0 && gave_up == 0 && other_errors.is_empty() && lost == 0)
         .then(|| ends.max().unwrap() - start);
 
-    let c = count_requests(cluster, &ns, &["configmaps"]);
+    let c = count_requests(cluster, &ns, &["configmaps", "leases"]);
     let mut times: Vec<Duration> = outcomes.iter().map(|o| o.elapsed).collect();
     times.sort();
     Row {
@@ -300,6 +331,15 @@ async fn run(
         apiserver_cpu,
         present: present_pods.len(),
         lost,
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -738,7 +778,8 @@ fn main() {
                 let label = variant.0;
                 run_no += 1;
                 let row = match variant.1 {
-                    Variant::Registry(p) => run(&cluster, n, (label, p), run_no).await,
+                    Variant::Registry(p) => run(&cluster, n, (label, Some(p)), run_no).await,
+                    Variant::Leases => run(&cluster, n, (label, None), run_no).await,
                     Variant::LeasePerMember => run_leases(&cluster, n, label, run_no).await,
                 };
                 println!(
