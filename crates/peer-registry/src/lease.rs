@@ -90,6 +90,8 @@ pub struct LeaseRegistry {
 struct View {
     /// Both watches have listed.
     synced: bool,
+    /// Filled by a [`PeerRegistry::snapshot`] read, not (yet) by a watch.
+    read: bool,
     leases: BTreeMap<String, Lease>,
     configmap: Option<ConfigMap>,
     /// The largest resourceVersion seen (etcd's revision: one counter).
@@ -529,16 +531,21 @@ impl LeaseRegistry {
         }
     }
 
-    /// The snapshot to return after a write: the watch's view with `apply`
-    /// done to its Leases when the watch has listed, else a fresh read.
-    async fn after_write(&self, apply: impl FnOnce(&mut View)) -> Result<Snapshot> {
+    /// The snapshot to return after a write: the latest view (the watch's
+    /// once it has listed, else, when `read_ok`, the last
+    /// [`PeerRegistry::snapshot`]'s) with `apply` done to it, else a fresh
+    /// read. A sidecar's pass reads a snapshot, then registers: re-listing
+    /// every Lease after each registration would make a burst of N cost N
+    /// lists of N Leases. A removal, which acts on others' records, reads
+    /// afresh unless the watch follows.
+    async fn after_write(&self, apply: impl FnOnce(&mut View), read_ok: bool) -> Result<Snapshot> {
         let view = {
             let mut view = lock(&self.view);
-            if !view.synced {
-                None
-            } else {
+            if view.synced || (read_ok && view.read) {
                 apply(&mut view);
                 Some(view.clone())
+            } else {
+                None
             }
         };
         match view {
@@ -660,10 +667,7 @@ impl PeerRegistry for LeaseRegistry {
         let configmap = configmap?;
         // The objects' own versions, not the list's (etcd's revision at the
         // read, moved by any write anywhere): the same figure the watch gives.
-        let mut view = View {
-            synced: true,
-            ..View::default()
-        };
+        let mut view = View::default();
         for lease in leases.items {
             view.revision = view.revision.max(revision(&lease.metadata));
             if let Some(name) = lease.metadata.name.clone() {
@@ -674,7 +678,14 @@ impl PeerRegistry for LeaseRegistry {
             view.revision = view.revision.max(revision(&cm.metadata));
         }
         view.configmap = configmap;
-        Ok(snapshot_of(&self.configmap, self.name(), &view))
+        let snap = snapshot_of(&self.configmap, self.name(), &view);
+        let mut latest = lock(&self.view);
+        if !latest.synced {
+            view.synced = false;
+            view.read = true;
+            *latest = view;
+        }
+        Ok(snap)
     }
 
     async fn upsert(&self, record: MemberRecord) -> Result<Snapshot> {
@@ -683,21 +694,29 @@ impl PeerRegistry for LeaseRegistry {
         self.registered.store(true, Ordering::Relaxed);
         // A fleet switching from the ConfigMap layout: the Lease supersedes
         // this pod's record there.
-        let in_configmap = self
-            .configmap
-            .observe(self.configmap.object().await?.as_ref());
+        let mut configmap = self.configmap.object().await?;
+        let in_configmap = self.configmap.observe(configmap.as_ref());
         if let Some(old) = in_configmap.members.get(&record.pod) {
             info!(pod = %record.pod, "the pod's record moves from the registry configmap to its lease");
             PeerRegistry::remove(&*self.configmap, vec![old.clone()]).await?;
+            configmap = self.configmap.object().await?;
         }
-        self.after_write(|view| {
-            if let Some(lease) = written {
-                view.revision = view.revision.max(revision(&lease.metadata));
-                if let Some(name) = lease.metadata.name.clone() {
-                    view.leases.insert(name, lease);
+        self.after_write(
+            |view| {
+                // The ConfigMap as just read: external peers, legacy entries.
+                if let Some(cm) = &configmap {
+                    view.revision = view.revision.max(revision(&cm.metadata));
                 }
-            }
-        })
+                view.configmap = configmap;
+                if let Some(lease) = written {
+                    view.revision = view.revision.max(revision(&lease.metadata));
+                    if let Some(name) = lease.metadata.name.clone() {
+                        view.leases.insert(name, lease);
+                    }
+                }
+            },
+            true,
+        )
         .await
     }
 
@@ -723,11 +742,14 @@ impl PeerRegistry for LeaseRegistry {
         if !stored.is_empty() {
             PeerRegistry::remove(&*self.configmap, stored).await?;
         }
-        self.after_write(|view| {
-            for name in &deleted {
-                view.leases.remove(name);
-            }
-        })
+        self.after_write(
+            |view| {
+                for name in &deleted {
+                    view.leases.remove(name);
+                }
+            },
+            false,
+        )
         .await
     }
 
