@@ -264,10 +264,11 @@ pub async fn legacy_entries_are_preserved(h: &dyn Harness) -> Outcome {
         }
     }))
     .await?;
-    let snap = client
+    client
         .upsert(record("conf-1", 1)?)
         .await
         .map_err(|e| e.to_string())?;
+    let snap = client.snapshot().await.map_err(|e| e.to_string())?;
     ensure!(snap.legacy.len() == 1, "legacy: {:?}", snap.legacy);
     ensure!(
         static_nodes(&h.data().await?)?.contains(&legacy),

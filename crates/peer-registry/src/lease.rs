@@ -694,7 +694,16 @@ impl PeerRegistry for LeaseRegistry {
         self.registered.store(true, Ordering::Relaxed);
         // A fleet switching from the ConfigMap layout: the Lease supersedes
         // this pod's record there.
-        let mut configmap = self.configmap.object().await?;
+        // The ConfigMap as this pass read it (the latest view), else a GET:
+        // in a burst of N registrations, N extra GETs would double the load.
+        let cached = {
+            let view = lock(&self.view);
+            (view.synced || view.read).then(|| view.configmap.clone())
+        };
+        let mut configmap = match cached {
+            Some(cm) => cm,
+            None => self.configmap.object().await?,
+        };
         let in_configmap = self.configmap.observe(configmap.as_ref());
         if let Some(old) = in_configmap.members.get(&record.pod) {
             info!(pod = %record.pod, "the pod's record moves from the registry configmap to its lease");
@@ -703,7 +712,7 @@ impl PeerRegistry for LeaseRegistry {
         }
         self.after_write(
             |view| {
-                // The ConfigMap as just read: external peers, legacy entries.
+                // The ConfigMap as read: external peers, legacy entries.
                 if let Some(cm) = &configmap {
                     view.revision = view.revision.max(revision(&cm.metadata));
                 }

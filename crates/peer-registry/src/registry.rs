@@ -17,7 +17,10 @@ pub trait PeerRegistry: Send + Sync {
     async fn snapshot(&self) -> Result<Snapshot>;
 
     /// Registers or updates one member (keyed by `record.pod`). Compare-and-swap
-    /// loop; creates the registry if missing. Returns the snapshot as written.
+    /// loop; creates the registry if missing. Returns a snapshot that holds
+    /// this write: the ConfigMap registry's is the object as written; the
+    /// lease layout's is its latest view (its watch's, or its last
+    /// [`snapshot`](Self::snapshot)) with the write applied.
     ///
     /// A stored record that is the [same registration](MemberRecord::same_registration)
     /// with the same `sidecar_version` is kept as stored (timestamps alone never

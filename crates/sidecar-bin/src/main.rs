@@ -122,6 +122,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(cli, geth, client, ns, Arc::new(registry)).await
         }
         RegistryLayout::Leases => {
+            // The name is the Leases' label value: at most 63 characters.
+            if name.len() > 63 {
+                anyhow::bail!(
+                    "CONFIGMAP_NAME={name:?} is {} characters; with REGISTRY_LAYOUT=leases it \
+                     labels every member Lease, and a label value has at most 63: choose a \
+                     shorter name",
+                    name.len()
+                );
+            }
             let mut registry = LeaseRegistry::new(client.clone(), ns.clone(), name);
             if let Some(pod) = &cli.run.pod_name {
                 registry = registry.publishing_as(pod.clone());

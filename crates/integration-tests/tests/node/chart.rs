@@ -182,6 +182,49 @@ pub async fn with_registry_layout_leases_each_pod_registers_a_lease_it_owns_and_
     .unwrap();
 }
 
+/// The lease layout's clean-up of a pod killed before its sidecar could
+/// deregister: the Lease the registry writes carries an ownerReference the
+/// real garbage collector (kube-controller-manager) follows. The pod is bound
+/// to a node that does not exist, so nothing runs it and no sidecar deletes
+/// the Lease: only the garbage collector can.
+pub async fn the_lease_of_a_deleted_pod_is_removed_by_the_garbage_collector(shared: Arc<Shared>) {
+    use peer_registry::{LeaseRegistry, PeerRegistry};
+
+    let node = shared.node().await;
+    let ns = node.namespace("lease-gc", STATEFULSET, 0).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(node.admin(), &ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "geth-0"},
+        "spec": {
+            "nodeName": "no-such-node",
+            "containers": [{"name": "geth", "image": "ethereum/client-go:v1.17.5"}]
+        }
+    }))
+    .unwrap();
+    let pod = pods.create(&Default::default(), &pod).await.unwrap();
+    let mut record = test_member("geth-0", 7);
+    record.pod_uid = pod.metadata.uid.clone();
+    let registry = LeaseRegistry::new(node.admin(), ns.clone(), CONFIGMAP);
+    registry.upsert(record).await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(node.admin(), &ns);
+    let name = peer_registry::lease_name(CONFIGMAP, "geth-0");
+    assert!(leases.get_opt(&name).await.unwrap().is_some());
+    pods.delete(
+        "geth-0",
+        &kube::api::DeleteParams::default().grace_period(0),
+    )
+    .await
+    .unwrap();
+    let gone = eventually(
+        "the garbage collector to delete the Lease",
+        MESH_TIMEOUT,
+        || async { leases.get_opt(&name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    assert!(gone.is_ok(), "the Lease {name} outlived its pod");
+    assert!(registry.snapshot().await.unwrap().members.is_empty());
+}
+
 pub async fn deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_drops_the_old_one(
     shared: Arc<Shared>,
 ) {

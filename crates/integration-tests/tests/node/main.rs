@@ -86,6 +86,7 @@ fn main() -> std::process::ExitCode {
         trial!(chart::deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_drops_the_old_one),
         trial!(chart::rolling_update_never_loses_more_than_the_pod_being_replaced),
         trial!(chart::with_registry_layout_leases_each_pod_registers_a_lease_it_owns_and_a_replaced_pod_takes_over),
+        trial!(chart::the_lease_of_a_deleted_pod_is_removed_by_the_garbage_collector),
         trial!(chart::scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departed_ones),
         trial!(chart::pod_deletion_deregisters_the_member_within_the_grace_period),
         trial!(chart::sidecar_runs_non_root_read_only_without_capabilities_and_opens_the_0600_socket),
