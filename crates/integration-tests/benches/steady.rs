@@ -25,6 +25,13 @@
 //!   `reconcile_core::plan` with every member applied and connected (median
 //!   of 50).
 //!
+//! Each N runs for both registry layouts (`STEADY_BENCH_LAYOUTS`, default
+//! "configmap leases"): with `leases` the N members are Leases, the followers
+//! are `LeaseRegistry`s publishing as their pods (so the first-ranked one
+//! rewrites `static-nodes.json` after the change, as in a fleet), and the
+//! object size is the ConfigMap's (`static-nodes.json` and
+//! `lease-members.json`; each Lease is about 1 KiB).
+//!
 //! `STEADY_BENCH_N=10,100` restricts the sizes.
 #![allow(
     clippy::unwrap_used,
@@ -44,7 +51,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use peer_registry::{ConfigMapRegistry, DEFAULT_NAME, MemberRecord, PeerRegistry, schema};
+use peer_registry::{
+    ConfigMapRegistry, DEFAULT_NAME, LeaseRegistry, MemberRecord, PeerRegistry, schema,
+};
 
 const SIZES: [usize; 3] = [10, 100, 1000];
 const AGENT: &str = "steady-bench/sidecar-";
@@ -109,6 +118,7 @@ struct Follower {
 
 struct Row {
     n: usize,
+    layout: &'static str,
     object_kib: f64,
     quiet: Duration,
     requests_per_min: f64,
@@ -194,15 +204,60 @@ fn pass_cpu(data: &BTreeMap<String, String>, members: &BTreeMap<String, MemberRe
     times[times.len() / 2]
 }
 
-async fn run(cluster: &Cluster, n: usize, quiet: Duration) -> Row {
-    let ns = cluster.namespace(&format!("steady{n}")).await.unwrap();
+/// The largest resourceVersion of the member Leases and the ConfigMap: the
+/// revision a follower's snapshot reports once it has seen them all.
+async fn revision(cluster: &Cluster, ns: &str) -> String {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(cluster.admin(), ns);
+    let cm = Api::<ConfigMap>::namespaced(cluster.admin(), ns)
+        .get(DEFAULT_NAME)
+        .await
+        .unwrap();
+    let rv = |m: &kube::api::ObjectMeta| {
+        m.resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let list = leases.list(&Default::default()).await.unwrap();
+    list.items
+        .iter()
+        .map(|l| rv(&l.metadata))
+        .chain([rv(&cm.metadata)])
+        .max()
+        .unwrap()
+        .to_string()
+}
+
+async fn run(cluster: &Cluster, n: usize, layout: &'static str, quiet: Duration) -> Row {
+    let leases = layout == "leases";
+    let ns = cluster
+        .namespace(&format!("steady{n}{layout}"))
+        .await
+        .unwrap();
+    if leases {
+        cluster.grant_leases(&ns).await.unwrap();
+    }
     let members: BTreeMap<String, MemberRecord> = (0..n)
         .map(|i| {
             let m = test_member(&format!("geth-{i}"), i as u32);
             (m.pod.clone(), m)
         })
         .collect();
-    let data = schema::encode(&BTreeMap::new(), &members);
+    let data = if leases {
+        let admin = LeaseRegistry::new(cluster.admin(), ns.name.clone(), DEFAULT_NAME);
+        futures::stream::iter(members.values().cloned())
+            .map(|m| admin.upsert(m))
+            .buffer_unordered(16)
+            .for_each(|r| {
+                r.unwrap();
+                futures::future::ready(())
+            })
+            .await;
+        schema::encode_lease_members(&BTreeMap::new(), &members).unwrap()
+    } else {
+        schema::encode(&BTreeMap::new(), &members)
+    };
     let object_kib = schema::encoded_size(&data) as f64 / 1024.0;
     let admin: Api<ConfigMap> = Api::namespaced(cluster.admin(), &ns.name);
     let created = admin
@@ -219,13 +274,28 @@ async fn run(cluster: &Cluster, n: usize, quiet: Duration) -> Row {
         )
         .await
         .unwrap();
-    let rv0 = created.metadata.resource_version.unwrap();
+    let rv0 = if leases {
+        revision(cluster, &ns.name).await
+    } else {
+        created.metadata.resource_version.unwrap()
+    };
 
     let mut followers = Vec::with_capacity(n);
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let client = client_as(&ns, &format!("{AGENT}{i}")).await;
-        let reg = ConfigMapRegistry::new(client, ns.name.clone(), DEFAULT_NAME);
+        let reg: Box<dyn PeerRegistry> = if leases {
+            Box::new(
+                LeaseRegistry::new(client, ns.name.clone(), DEFAULT_NAME)
+                    .publishing_as(format!("geth-{i}")),
+            )
+        } else {
+            Box::new(ConfigMapRegistry::new(
+                client,
+                ns.name.clone(),
+                DEFAULT_NAME,
+            ))
+        };
         let f = Arc::new(Follower::default());
         followers.push(f.clone());
         tasks.push(tokio::spawn(async move {
@@ -259,29 +329,56 @@ async fn run(cluster: &Cluster, n: usize, quiet: Duration) -> Row {
         .iter()
         .map(|f| f.events.load(Ordering::Relaxed))
         .collect();
-    let changer = ConfigMapRegistry::new(
-        client_as(&ns, "steady-bench/changer").await,
-        ns.name.clone(),
-        DEFAULT_NAME,
-    );
+    let changer_client = client_as(&ns, "steady-bench/changer").await;
+    let changer: Box<dyn PeerRegistry> = if leases {
+        Box::new(LeaseRegistry::new(
+            changer_client,
+            ns.name.clone(),
+            DEFAULT_NAME,
+        ))
+    } else {
+        Box::new(ConfigMapRegistry::new(
+            changer_client,
+            ns.name.clone(),
+            DEFAULT_NAME,
+        ))
+    };
     let (from, cpu0) = (jiff::Timestamp::now(), cpu_time(pid));
     let t0 = Instant::now();
-    changer
-        .upsert(test_member("geth-new", n as u32 + 7))
-        .await
-        .unwrap();
-    let rv = admin
-        .get(DEFAULT_NAME)
-        .await
-        .unwrap()
-        .metadata
-        .resource_version
-        .unwrap();
+    let new_member = test_member("geth-new", n as u32 + 7);
+    changer.upsert(new_member.clone()).await.unwrap();
+    // With leases, the change is complete once static-nodes.json lists it.
+    let entry = new_member.enode.to_string();
+    loop {
+        let cm = admin.get(DEFAULT_NAME).await.unwrap();
+        let listed = cm
+            .data
+            .unwrap_or_default()
+            .get(schema::STATIC_NODES_KEY)
+            .is_some_and(|v| v.contains(&entry));
+        if listed {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "never listed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rv = if leases {
+        revision(cluster, &ns.name).await
+    } else {
+        admin
+            .get(DEFAULT_NAME)
+            .await
+            .unwrap()
+            .metadata
+            .resource_version
+            .unwrap()
+    };
     all_at(&followers, &rv, Duration::from_secs(300)).await;
     let visible_to_all = t0.elapsed();
     let change_cpu = cpu_time(pid) - cpu0;
     let to = jiff::Timestamp::now();
-    let change_writes = requests_between(cluster, "steady-bench/changer", from, to)
+    // The changer's writes, and the followers' (the lease layout's publisher).
+    let change_writes = requests_between(cluster, "steady-bench/", from, to)
         .iter()
         .filter(|e| matches!(e["verb"].as_str(), Some("create" | "update" | "patch")))
         .count();
@@ -297,6 +394,7 @@ async fn run(cluster: &Cluster, n: usize, quiet: Duration) -> Row {
 
     Row {
         n,
+        layout,
         object_kib,
         quiet,
         requests_per_min: quiet_reqs.len() as f64 / n as f64 / minutes,
@@ -322,6 +420,7 @@ async fn run(cluster: &Cluster, n: usize, quiet: Duration) -> Row {
 fn print_table(rows: &[Row]) {
     let header = [
         "N",
+        "layout",
         "object",
         "quiet window",
         "requests/min per sidecar (0 writes)",
@@ -339,6 +438,7 @@ fn print_table(rows: &[Row]) {
         .map(|r| {
             vec![
                 r.n.to_string(),
+                r.layout.to_owned(),
                 format!("{:.0} KiB", r.object_kib),
                 format!("{:.0} s", r.quiet.as_secs_f64()),
                 format!("{:.3}", r.requests_per_min),
@@ -405,13 +505,22 @@ fn main() {
         let cluster = Cluster::start(&ctx, "127.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        for &n in &sizes {
-            let row = run(&cluster, n, quiet).await;
-            println!(
-                "N={n}: {:.3} requests/min per sidecar, {} events per change",
-                row.requests_per_min, row.events_total
-            );
-            rows.push(row);
+        let layouts =
+            std::env::var("STEADY_BENCH_LAYOUTS").unwrap_or_else(|_| "configmap leases".into());
+        for layout in layouts.split_whitespace() {
+            let layout: &'static str = if layout == "leases" {
+                "leases"
+            } else {
+                "configmap"
+            };
+            for &n in &sizes {
+                let row = run(&cluster, n, layout, quiet).await;
+                println!(
+                    "N={n} {layout}: {:.3} requests/min per sidecar, {} events per change",
+                    row.requests_per_min, row.events_total
+                );
+                rows.push(row);
+            }
         }
     });
     print_table(&rows);
