@@ -152,7 +152,21 @@ async fn all_at(followers: &[Arc<Follower>], rv: &str, limit: Duration) -> Durat
 }
 
 /// CPU of one reconcile pass at `members`: decode + plan, median of 50.
-fn pass_cpu(data: &BTreeMap<String, String>, members: &BTreeMap<String, MemberRecord>) -> Duration {
+/// With `leases`, the decode is the ConfigMap's plus each member's record
+/// from its Lease annotation (JSON), as `LeaseRegistry` builds a snapshot.
+fn pass_cpu(
+    data: &BTreeMap<String, String>,
+    members: &BTreeMap<String, MemberRecord>,
+    leases: bool,
+) -> Duration {
+    let annotations: Vec<String> = if leases {
+        members
+            .values()
+            .map(|m| serde_json::to_string(m).unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mine = members.values().next().unwrap().clone();
     let me = reconcile_core::SelfIdentity {
         pod: mine.pod.clone(),
@@ -180,7 +194,11 @@ fn pass_cpu(data: &BTreeMap<String, String>, members: &BTreeMap<String, MemberRe
     let mut times: Vec<Duration> = (0..50)
         .map(|_| {
             let t0 = Instant::now();
-            let snap = schema::decode(data, Some("1".into()));
+            let mut snap = schema::decode(data, Some("1".into()));
+            for a in &annotations {
+                let m: MemberRecord = serde_json::from_str(a).unwrap();
+                snap.members.insert(m.pod.clone(), m);
+            }
             let obs = reconcile_core::Observation {
                 connected: &connected,
                 ..reconcile_core::Observation::new(
@@ -413,7 +431,7 @@ async fn run(cluster: &Cluster, n: usize, layout: &'static str, quiet: Duration)
         events_total,
         visible_to_all,
         change_cpu,
-        pass_cpu: pass_cpu(&data, &members),
+        pass_cpu: pass_cpu(&data, &members, leases),
     }
 }
 
