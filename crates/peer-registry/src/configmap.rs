@@ -432,27 +432,11 @@ impl<S: Store> Core<S> {
             };
             let old = cm.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
             let new = schema::encode_dropping_legacy(&old, &members, drop_legacy);
-            let result = match cm {
-                Some(_) if new == old => return Ok(snap),
-                Some(mut cm) => {
-                    let (old_size, new_size) = (object_size(&old, &cm), object_size(&new, &cm));
-                    if new_size > schema::MAX_BYTES && new_size > old_size {
-                        return Err(Error::TooLarge { bytes: new_size });
-                    }
-                    cm.data = Some(new);
-                    // Unset: the server keeps them. resourceVersion stays: the CAS.
-                    cm.metadata.managed_fields = None;
-                    self.store.replace(&cm).await.map(|w| (w, "update"))
-                }
-                None => {
-                    let size = schema::encoded_size(&new);
-                    if size > schema::MAX_BYTES {
-                        return Err(Error::TooLarge { bytes: size });
-                    }
-                    let cm = self.new_object(new);
-                    self.store.create(&cm).await.map(|w| (w, "create"))
-                }
-            };
+            if cm.is_some() && new == old {
+                return Ok(snap);
+            }
+            let (result, verb) = self.write_data(cm, &old, new).await?;
+            let result = result.map(|w| (w, verb));
             match result {
                 Ok((written, verb)) => {
                     if verb == "create" {
@@ -495,6 +479,37 @@ impl<S: Store> Core<S> {
         }
     }
 
+    /// Writes `new` as the data of `cm` (read holding `old`) by a replace
+    /// carrying its resourceVersion (the CAS), or creates the object when
+    /// missing. Refuses a write that would grow it past [`schema::MAX_BYTES`].
+    /// The apiserver's answer, and the verb used.
+    async fn write_data(
+        &self,
+        cm: Option<ConfigMap>,
+        old: &BTreeMap<String, String>,
+        new: BTreeMap<String, String>,
+    ) -> Result<(Result<ConfigMap, kube::Error>, &'static str)> {
+        match cm {
+            Some(mut cm) => {
+                let (old_size, new_size) = (object_size(old, &cm), object_size(&new, &cm));
+                if new_size > schema::MAX_BYTES && new_size > old_size {
+                    return Err(Error::TooLarge { bytes: new_size });
+                }
+                cm.data = Some(new);
+                // Unset: the server keeps them. resourceVersion stays: the CAS.
+                cm.metadata.managed_fields = None;
+                Ok((self.store.replace(&cm).await, "update"))
+            }
+            None => {
+                let size = schema::encoded_size(&new);
+                if size > schema::MAX_BYTES {
+                    return Err(Error::TooLarge { bytes: size });
+                }
+                Ok((self.store.create(&self.new_object(new)).await, "create"))
+            }
+        }
+    }
+
     /// Read, compute, conditional write of the object's `data` as a whole
     /// (`change` gets the data read and whether the object exists, and gives
     /// the new data, or `None` when there is nothing to do); again on
@@ -514,25 +529,10 @@ impl<S: Store> Core<S> {
             let Some(new) = change(&old, cm.is_some()) else {
                 return Ok(cm);
             };
-            let (result, verb) = match cm {
-                Some(cm) if new == old => return Ok(Some(cm)),
-                Some(mut cm) => {
-                    let (old_size, new_size) = (object_size(&old, &cm), object_size(&new, &cm));
-                    if new_size > schema::MAX_BYTES && new_size > old_size {
-                        return Err(Error::TooLarge { bytes: new_size });
-                    }
-                    cm.data = Some(new);
-                    cm.metadata.managed_fields = None;
-                    (self.store.replace(&cm).await, "update")
-                }
-                None => {
-                    let size = schema::encoded_size(&new);
-                    if size > schema::MAX_BYTES {
-                        return Err(Error::TooLarge { bytes: size });
-                    }
-                    (self.store.create(&self.new_object(new)).await, "create")
-                }
-            };
+            if cm.is_some() && new == old {
+                return Ok(cm);
+            }
+            let (result, verb) = self.write_data(cm, &old, new).await?;
             match result {
                 Ok(written) => {
                     debug!(namespace = %self.observer.namespace, configmap = %self.observer.name,

@@ -516,6 +516,33 @@ impl LeaseRegistry {
         true
     }
 
+    /// After failed attempt `attempt` of a write of Lease `name`: sleeps the
+    /// backoff and returns `Ok` when the write may be retried (a race with
+    /// another writer of the Lease, or a transient error within the
+    /// call's budget, `transient` counting them); else the error to return.
+    async fn retry_after(
+        &self,
+        e: kube::Error,
+        verb: &'static str,
+        name: &str,
+        attempt: u32,
+        transient: &mut u32,
+    ) -> Result<()> {
+        if !(is_race(&e) || (is_transient(&e) && *transient < TRANSIENT_RETRIES)) {
+            return Err(self.err(e, verb, name));
+        }
+        *transient += u32::from(is_transient(&e));
+        if self.back_off(attempt, &e).await {
+            Ok(())
+        } else {
+            Err(Error::Conflict {
+                attempts: attempt,
+                name: name.to_owned(),
+                namespace: self.namespace().to_owned(),
+            })
+        }
+    }
+
     /// Reads Lease `name`, retrying transient errors.
     async fn get(&self, name: &str) -> Result<Option<Lease>> {
         let mut attempt = 0;
@@ -583,17 +610,7 @@ impl LeaseRegistry {
                 Ok(written) => return Ok(Some(written)),
                 // The first create of a process that finds its Lease: read it at once.
                 Err(kube::Error::Api(s)) if s.is_already_exists() && attempt == 1 => {}
-                Err(e) if is_race(&e) || (is_transient(&e) && transient < TRANSIENT_RETRIES) => {
-                    transient += u32::from(is_transient(&e));
-                    if !self.back_off(attempt, &e).await {
-                        return Err(Error::Conflict {
-                            attempts: attempt,
-                            name,
-                            namespace: self.namespace().to_owned(),
-                        });
-                    }
-                }
-                Err(e) => return Err(self.err(e, verb, &name)),
+                Err(e) => self.retry_after(e, verb, &name, attempt, &mut transient).await?,
             }
         }
     }
@@ -621,17 +638,7 @@ impl LeaseRegistry {
             match self.api.delete(&name, &dp).await {
                 Ok(_) => return Ok(true),
                 Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(false),
-                Err(e) if is_race(&e) || (is_transient(&e) && transient < TRANSIENT_RETRIES) => {
-                    transient += u32::from(is_transient(&e));
-                    if !self.back_off(attempt, &e).await {
-                        return Err(Error::Conflict {
-                            attempts: attempt,
-                            name,
-                            namespace: self.namespace().to_owned(),
-                        });
-                    }
-                }
-                Err(e) => return Err(self.err(e, "delete", &name)),
+                Err(e) => self.retry_after(e, "delete", &name, attempt, &mut transient).await?,
             }
         }
     }

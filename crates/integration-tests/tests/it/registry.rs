@@ -311,6 +311,26 @@ async fn without_create_permission_a_missing_configmap_is_a_clear_error() {
     reg.upsert(test_member("geth-0", 0)).await.unwrap();
 }
 
+/// A third party's edit of the registry ConfigMap's data, as the admin
+/// (creating the object if missing).
+async fn edit_as_admin(admin: &Api<ConfigMap>, f: conformance::DataEdit) -> Result<(), String> {
+    let current = admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
+    let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
+        metadata: kube::api::ObjectMeta {
+        name: Some(NAME.into()),
+        ..Default::default()
+        },
+        ..Default::default()
+    });
+    f(cm.data.get_or_insert_with(Default::default));
+    let pp = PostParams::default();
+    let done = match current {
+        Some(_) => admin.replace(NAME, &pp, &cm).await,
+        None => admin.create(&pp, &cm).await,
+    };
+    done.map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// peer-registry's conformance suite on the real apiserver: a fresh namespace
 /// (and ConfigMap) per check, sidecar clients with deploy/'s Role, third-party
 /// edits as the admin; sidecar clients write with `protocol`.
@@ -343,21 +363,7 @@ impl conformance::Harness for ApiserverHarness {
     }
 
     async fn edit(&self, f: conformance::DataEdit) -> Result<(), String> {
-        let current = self.admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
-        let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some(NAME.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
-        f(cm.data.get_or_insert_with(Default::default));
-        let pp = PostParams::default();
-        let done = match current {
-            Some(_) => self.admin.replace(NAME, &pp, &cm).await,
-            None => self.admin.create(&pp, &cm).await,
-        };
-        done.map(|_| ()).map_err(|e| e.to_string())
+        edit_as_admin(&self.admin, f).await
     }
 
     async fn data(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
@@ -463,21 +469,7 @@ impl conformance::Harness for LeaseHarness {
     }
 
     async fn edit(&self, f: conformance::DataEdit) -> Result<(), String> {
-        let current = self.admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
-        let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some(NAME.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
-        f(cm.data.get_or_insert_with(Default::default));
-        let pp = PostParams::default();
-        let done = match current {
-            Some(_) => self.admin.replace(NAME, &pp, &cm).await,
-            None => self.admin.create(&pp, &cm).await,
-        };
-        done.map(|_| ()).map_err(|e| e.to_string())
+        edit_as_admin(&self.admin, f).await
     }
 
     async fn data(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
