@@ -610,7 +610,10 @@ impl LeaseRegistry {
                 Ok(written) => return Ok(Some(written)),
                 // The first create of a process that finds its Lease: read it at once.
                 Err(kube::Error::Api(s)) if s.is_already_exists() && attempt == 1 => {}
-                Err(e) => self.retry_after(e, verb, &name, attempt, &mut transient).await?,
+                Err(e) => {
+                    self.retry_after(e, verb, &name, attempt, &mut transient)
+                        .await?
+                }
             }
         }
     }
@@ -638,7 +641,10 @@ impl LeaseRegistry {
             match self.api.delete(&name, &dp).await {
                 Ok(_) => return Ok(true),
                 Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(false),
-                Err(e) => self.retry_after(e, "delete", &name, attempt, &mut transient).await?,
+                Err(e) => {
+                    self.retry_after(e, "delete", &name, attempt, &mut transient)
+                        .await?
+                }
             }
         }
     }

@@ -317,8 +317,8 @@ async fn edit_as_admin(admin: &Api<ConfigMap>, f: conformance::DataEdit) -> Resu
     let current = admin.get_opt(NAME).await.map_err(|e| e.to_string())?;
     let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
         metadata: kube::api::ObjectMeta {
-        name: Some(NAME.into()),
-        ..Default::default()
+            name: Some(NAME.into()),
+            ..Default::default()
         },
         ..Default::default()
     });
