@@ -331,6 +331,15 @@ async fn edit_as_admin(admin: &Api<ConfigMap>, f: conformance::DataEdit) -> Resu
     done.map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// A third party's deletion of the registry ConfigMap, as the admin.
+async fn delete_as_admin(admin: &Api<ConfigMap>) -> Result<(), String> {
+    admin
+        .delete(NAME, &DeleteParams::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// peer-registry's conformance suite on the real apiserver: a fresh namespace
 /// (and ConfigMap) per check, sidecar clients with deploy/'s Role, third-party
 /// edits as the admin; sidecar clients write with `protocol`.
@@ -372,11 +381,7 @@ impl conformance::Harness for ApiserverHarness {
     }
 
     async fn delete(&self) -> Result<(), String> {
-        self.admin
-            .delete(NAME, &DeleteParams::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        delete_as_admin(&self.admin).await
     }
 }
 
@@ -496,11 +501,7 @@ impl conformance::Harness for LeaseHarness {
             .delete_collection(&DeleteParams::default(), &lp)
             .await
             .map_err(|e| e.to_string())?;
-        self.admin
-            .delete(NAME, &DeleteParams::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        delete_as_admin(&self.admin).await
     }
 }
 
