@@ -259,8 +259,7 @@ impl Mesh {
     pub async fn lease_pods(&self) -> BTreeSet<String> {
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(self.cluster.admin(), &self.ns.name);
-        let lp = kube::api::ListParams::default()
-            .labels(&format!("{}={CONFIGMAP}", peer_registry::REGISTRY_LABEL));
+        let lp = kube::api::ListParams::default().labels(&peer_registry::lease_selector(CONFIGMAP));
         leases
             .list(&lp)
             .await

@@ -76,7 +76,6 @@ const TRANSIENT_RETRIES: u32 = 8;
 pub struct LeaseRegistry {
     api: Api<Lease>,
     configmap: Arc<ConfigMapRegistry>,
-    retry: RetryPolicy,
     publisher: Option<String>,
     view: Arc<Mutex<View>>,
     /// Which [`PeerRegistry::watch`] stream keeps `view` (the latest).
@@ -92,10 +91,39 @@ struct View {
     synced: bool,
     /// Filled by a [`PeerRegistry::snapshot`] read, not (yet) by a watch.
     read: bool,
-    leases: BTreeMap<String, Lease>,
+    /// The member Leases by name, each decoded once, as it arrives.
+    leases: BTreeMap<String, Decoded>,
     configmap: Option<ConfigMap>,
     /// The largest resourceVersion seen (etcd's revision: one counter).
     revision: u64,
+}
+
+/// A Lease's member record, or what is wrong with it.
+type Decoded = std::result::Result<MemberRecord, String>;
+
+impl View {
+    /// Takes in one Lease of registry `registry`.
+    fn put(&mut self, registry: &str, lease: &Lease) {
+        self.revision = self.revision.max(revision(&lease.metadata));
+        if let Some(name) = &lease.metadata.name {
+            self.leases
+                .insert(name.clone(), decode_lease(registry, lease));
+        }
+    }
+
+    /// The members (by pod), and what was wrong with the other Leases.
+    fn members(&self) -> (BTreeMap<String, MemberRecord>, Vec<String>) {
+        let (mut members, mut problems) = (BTreeMap::new(), Vec::new());
+        for decoded in self.leases.values() {
+            match decoded {
+                Ok(rec) => {
+                    members.insert(rec.pod.clone(), rec.clone());
+                }
+                Err(p) => problems.push(p.clone()),
+            }
+        }
+        (members, problems)
+    }
 }
 
 fn lock(view: &Mutex<View>) -> MutexGuard<'_, View> {
@@ -111,7 +139,7 @@ fn revision(meta: &ObjectMeta) -> u64 {
 }
 
 /// The member record a Lease holds, or what is wrong with it.
-fn decode_lease(registry: &str, lease: &Lease) -> std::result::Result<MemberRecord, String> {
+fn decode_lease(registry: &str, lease: &Lease) -> Decoded {
     let name = lease.metadata.name.as_deref().unwrap_or_default();
     let raw = lease
         .metadata
@@ -148,21 +176,9 @@ pub fn lease_name(registry: &str, pod: &str) -> String {
     format!("{registry}.{pod}")
 }
 
-/// The members of some Leases (by pod), and what was wrong with the others.
-fn decode_leases<'a>(
-    registry: &str,
-    leases: impl Iterator<Item = &'a Lease>,
-) -> (BTreeMap<String, MemberRecord>, Vec<String>) {
-    let (mut members, mut problems) = (BTreeMap::new(), Vec::new());
-    for lease in leases {
-        match decode_lease(registry, lease) {
-            Ok(rec) => {
-                members.insert(rec.pod.clone(), rec);
-            }
-            Err(p) => problems.push(p),
-        }
-    }
-    (members, problems)
+/// The label selector of the member Leases of registry `registry`.
+pub fn lease_selector(registry: &str) -> String {
+    format!("{REGISTRY_LABEL}={registry}")
 }
 
 /// Aborts the task it holds when dropped or replaced.
@@ -194,7 +210,7 @@ struct WatchState {
     shared: Shared,
     generation: u64,
     view: View,
-    leases_listed: Option<BTreeMap<String, Lease>>,
+    leases_listed: Option<BTreeMap<String, Decoded>>,
     configmap_listed: Option<Option<ConfigMap>>,
     leases_synced: bool,
     configmap_synced: bool,
@@ -204,25 +220,16 @@ struct WatchState {
 /// What a watch stream and the publisher share with the registry.
 #[derive(Clone)]
 struct Shared {
-    registry: String,
-    namespace: String,
     configmap: Arc<ConfigMapRegistry>,
     publisher: Option<String>,
     view: Arc<Mutex<View>>,
     generation: Arc<AtomicU64>,
 }
 
-impl Shared {
-    /// The snapshot of `view`.
-    fn snapshot(&self, view: &View) -> Snapshot {
-        snapshot_of(&self.configmap, &self.registry, view)
-    }
-}
-
 /// The snapshot of some Leases and the ConfigMap.
-fn snapshot_of(configmap: &ConfigMapRegistry, registry: &str, view: &View) -> Snapshot {
+fn snapshot_of(configmap: &ConfigMapRegistry, view: &View) -> Snapshot {
     let mut snap = configmap.observe(view.configmap.as_ref());
-    let (leases, problems) = decode_leases(registry, view.leases.values());
+    let (leases, problems) = view.members();
     let data = view
         .configmap
         .as_ref()
@@ -252,13 +259,15 @@ impl WatchState {
             Event::Lease(Ok(e)) => self.on_lease(e),
             Event::ConfigMap(Ok(e)) => self.on_configmap(e),
             Event::Lease(Err(e)) => {
-                let what = format!("{REGISTRY_LABEL}={}", self.shared.registry);
-                let e = Error::from_watcher_on("lease", e, &self.shared.namespace, &what);
+                let cm = &self.shared.configmap;
+                let what = lease_selector(cm.name());
+                let e = Error::from_watcher_on("lease", e, cm.namespace(), &what);
                 debug!(error = %e, "lease watch error; the watcher retries with backoff");
                 return Some(Err(e));
             }
             Event::ConfigMap(Err(e)) => {
-                let e = Error::from_watcher(e, &self.shared.namespace, &self.shared.registry);
+                let cm = &self.shared.configmap;
+                let e = Error::from_watcher(e, cm.namespace(), cm.name());
                 debug!(error = %e, "registry watch error; the watcher retries with backoff");
                 return Some(Err(e));
             }
@@ -271,7 +280,7 @@ impl WatchState {
             *lock(&self.shared.view) = self.view.clone();
         }
         self.schedule_publish();
-        Some(Ok(self.shared.snapshot(&self.view)))
+        Some(Ok(snapshot_of(&self.shared.configmap, &self.view)))
     }
 
     fn seen(&mut self, meta: &ObjectMeta) {
@@ -283,10 +292,11 @@ impl WatchState {
             watcher::Event::Init => self.leases_listed = Some(BTreeMap::new()),
             watcher::Event::InitApply(l) => {
                 self.seen(&l.metadata);
+                let registry = self.shared.configmap.name();
                 if let (Some(listed), Some(name)) =
                     (self.leases_listed.as_mut(), l.metadata.name.clone())
                 {
-                    listed.insert(name, l);
+                    listed.insert(name, decode_lease(registry, &l));
                 }
             }
             watcher::Event::InitDone => {
@@ -295,10 +305,7 @@ impl WatchState {
                 return true;
             }
             watcher::Event::Apply(l) => {
-                self.seen(&l.metadata);
-                if let Some(name) = l.metadata.name.clone() {
-                    self.view.leases.insert(name, l);
-                }
+                self.view.put(self.shared.configmap.name(), &l);
                 return true;
             }
             watcher::Event::Delete(l) => {
@@ -313,7 +320,8 @@ impl WatchState {
     }
 
     fn on_configmap(&mut self, event: watcher::Event<ConfigMap>) -> bool {
-        let ours = |cm: &ConfigMap| cm.metadata.name.as_deref() == Some(&self.shared.registry);
+        let registry = self.shared.configmap.name().to_owned();
+        let ours = |cm: &ConfigMap| cm.metadata.name.as_deref() == Some(registry.as_str());
         match event {
             watcher::Event::Init => self.configmap_listed = Some(None),
             watcher::Event::InitApply(cm) => {
@@ -334,7 +342,7 @@ impl WatchState {
             }
             watcher::Event::Delete(cm) if ours(&cm) => {
                 self.seen(&cm.metadata);
-                info!(namespace = %self.shared.namespace, configmap = %self.shared.registry,
+                info!(namespace = %self.shared.configmap.namespace(), configmap = %registry,
                       "the registry configmap was deleted; the lease layout recreates it with \
                        static-nodes.json");
                 self.view.configmap = None;
@@ -351,7 +359,7 @@ impl WatchState {
         let Some(me) = self.shared.publisher.clone() else {
             return;
         };
-        let (leases, _) = decode_leases(&self.shared.registry, self.view.leases.values());
+        let (leases, _) = self.view.members();
         let data = self
             .view
             .configmap
@@ -383,20 +391,25 @@ async fn publish(shared: &Shared, rank: usize) {
     let result = shared
         .configmap
         .rewrite_data("publish", |data, exists| {
-            let view = lock(&shared.view).clone();
-            let (leases, _) = decode_leases(&shared.registry, view.leases.values());
+            let (leases, _) = lock(&shared.view).members();
             if !exists && leases.is_empty() {
                 return None;
             }
             schema::encode_lease_members(data, &leases)
         })
         .await;
+    let (namespace, configmap) = (shared.configmap.namespace(), shared.configmap.name());
     match result {
-        Ok(_) => debug!(namespace = %shared.namespace, configmap = %shared.registry, rank,
-                        "published static-nodes.json from the member leases"),
-        Err(e) => warn!(namespace = %shared.namespace, configmap = %shared.registry,
-                        "could not write static-nodes.json derived from the member leases \
-                         (the next change retries): {e}"),
+        Ok(_) => debug!(
+            namespace,
+            configmap, rank, "published static-nodes.json from the member leases"
+        ),
+        Err(e) => warn!(
+            namespace,
+            configmap,
+            "could not write static-nodes.json derived from the member leases \
+                         (the next change retries): {e}"
+        ),
     }
 }
 
@@ -411,7 +424,6 @@ impl LeaseRegistry {
         let configmap = ConfigMapRegistry::new(client.clone(), namespace.clone(), name);
         Self {
             api: Api::namespaced(client, &namespace),
-            retry: configmap.retry_policy(),
             configmap: Arc::new(configmap),
             publisher: None,
             view: Arc::default(),
@@ -432,7 +444,6 @@ impl LeaseRegistry {
     /// and the ConfigMap's writes).
     #[must_use]
     pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
         if let Some(cm) = Arc::get_mut(&mut self.configmap) {
             cm.set_retry_policy(retry);
         }
@@ -455,8 +466,6 @@ impl LeaseRegistry {
 
     fn shared(&self) -> Shared {
         Shared {
-            registry: self.name().to_owned(),
-            namespace: self.namespace().to_owned(),
             configmap: Arc::clone(&self.configmap),
             publisher: self.publisher.clone(),
             view: Arc::clone(&self.view),
@@ -465,7 +474,7 @@ impl LeaseRegistry {
     }
 
     fn selector(&self) -> String {
-        format!("{REGISTRY_LABEL}={}", self.name())
+        lease_selector(self.name())
     }
 
     /// The Lease that holds `record`.
@@ -506,10 +515,11 @@ impl LeaseRegistry {
     /// Sleeps the backoff after failed attempt `attempt`; false when the
     /// attempts are used up.
     async fn back_off(&self, attempt: u32, e: &kube::Error) -> bool {
-        if attempt >= self.retry.max_attempts.max(1) {
+        let retry = self.configmap.retry_policy();
+        if attempt >= retry.max_attempts.max(1) {
             return false;
         }
-        let delay = self.retry.delay(attempt);
+        let delay = retry.delay(attempt);
         debug!(namespace = %self.namespace(), error = %e, attempt, ?delay,
                "lease write raced another; re-reading and retrying");
         tokio::time::sleep(delay).await;
@@ -576,7 +586,7 @@ impl LeaseRegistry {
             }
         };
         match view {
-            Some(view) => Ok(snapshot_of(&self.configmap, self.name(), &view)),
+            Some(view) => Ok(snapshot_of(&self.configmap, &view)),
             None => self.snapshot().await,
         }
     }
@@ -666,7 +676,7 @@ impl std::fmt::Debug for LeaseRegistry {
             .field("namespace", &self.namespace())
             .field("name", &self.name())
             .field("publisher", &self.publisher)
-            .field("retry", &self.retry)
+            .field("retry", &self.configmap.retry_policy())
             .finish()
     }
 }
@@ -681,17 +691,14 @@ impl PeerRegistry for LeaseRegistry {
         // The objects' own versions, not the list's (etcd's revision at the
         // read, moved by any write anywhere): the same figure the watch gives.
         let mut view = View::default();
-        for lease in leases.items {
-            view.revision = view.revision.max(revision(&lease.metadata));
-            if let Some(name) = lease.metadata.name.clone() {
-                view.leases.insert(name, lease);
-            }
+        for lease in &leases.items {
+            view.put(self.name(), lease);
         }
         if let Some(cm) = &configmap {
             view.revision = view.revision.max(revision(&cm.metadata));
         }
         view.configmap = configmap;
-        let snap = snapshot_of(&self.configmap, self.name(), &view);
+        let snap = snapshot_of(&self.configmap, &view);
         let mut latest = lock(&self.view);
         if !latest.synced {
             view.synced = false;
@@ -730,11 +737,8 @@ impl PeerRegistry for LeaseRegistry {
                     view.revision = view.revision.max(revision(&cm.metadata));
                 }
                 view.configmap = configmap;
-                if let Some(lease) = written {
-                    view.revision = view.revision.max(revision(&lease.metadata));
-                    if let Some(name) = lease.metadata.name.clone() {
-                        view.leases.insert(name, lease);
-                    }
+                if let Some(lease) = &written {
+                    view.put(self.name(), lease);
                 }
             },
             true,
@@ -749,21 +753,10 @@ impl PeerRegistry for LeaseRegistry {
                 deleted.push(lease_name(self.name(), &exp.pod));
             }
         }
-        let in_configmap = self
-            .configmap
-            .observe(self.configmap.object().await?.as_ref());
-        let stored: Vec<MemberRecord> = expected
-            .into_iter()
-            .filter(|e| {
-                in_configmap
-                    .members
-                    .get(&e.pod)
-                    .is_some_and(|m| m.same_registration(e))
-            })
-            .collect();
-        if !stored.is_empty() {
-            PeerRegistry::remove(&*self.configmap, stored).await?;
-        }
+        // Records in the ConfigMap (a fleet switching layouts): the ConfigMap
+        // registry removes those still the same registration, writing nothing
+        // when there are none.
+        PeerRegistry::remove(&*self.configmap, expected).await?;
         self.after_write(
             |view| {
                 for name in &deleted {
@@ -848,7 +841,11 @@ mod tests {
         )]));
         let why = decode_lease("reg", &garbage).unwrap_err();
         assert!(why.contains("not a member record"), "{why}");
-        let (members, problems) = decode_leases("reg", [lease_of("reg", &rec), garbage].iter());
+        let mut view = View::default();
+        view.put("reg", &lease_of("reg", &rec));
+        garbage.metadata.name = Some("reg.geth-5".into());
+        view.put("reg", &garbage);
+        let (members, problems) = view.members();
         assert_eq!(members.len(), 1);
         assert_eq!(problems.len(), 1);
     }

@@ -37,7 +37,7 @@ pub use configmap::{ConfigMapRegistry, DEFAULT_NAME, RetryPolicy, WriteProtocol}
 #[cfg(feature = "kube")]
 pub use error::{Error, Result, describe_kube_error};
 #[cfg(feature = "kube")]
-pub use lease::{LeaseRegistry, MEMBER_ANNOTATION, REGISTRY_LABEL, lease_name};
+pub use lease::{LeaseRegistry, MEMBER_ANNOTATION, REGISTRY_LABEL, lease_name, lease_selector};
 #[cfg(all(feature = "kube", any(test, feature = "test-utils")))]
 pub use registry::MockPeerRegistry;
 #[cfg(feature = "kube")]

@@ -222,6 +222,14 @@ pub(crate) fn parse_member_cidrs(s: &str) -> Result<MemberCidrs, String> {
 }
 
 impl RunArgs {
+    /// This pod's name: `POD_NAME`, else `$HOSTNAME` (a pod's hostname is its
+    /// name unless the spec sets another).
+    pub(crate) fn pod(&self) -> Option<String> {
+        self.pod_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+    }
+
     /// LIVENESS_TIMEOUT, checked against RESYNC_INTERVAL: a healthy but idle loop
     /// passes only at each (jittered, up to +20%) resync, so a shorter timeout
     /// would restart healthy containers. `None` when the check is off.

@@ -132,8 +132,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let mut registry = LeaseRegistry::new(client.clone(), ns.clone(), name);
-            if let Some(pod) = &cli.run.pod_name {
-                registry = registry.publishing_as(pod.clone());
+            // The same pod name as the member's key (POD_NAME, else HOSTNAME).
+            if let Some(pod) = cli.run.pod() {
+                registry = registry.publishing_as(pod);
             }
             serve(cli, geth, client, ns, Arc::new(registry)).await
         }

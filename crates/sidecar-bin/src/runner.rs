@@ -25,7 +25,14 @@ use crate::pods::{PodEvidence, PodWatch};
 /// How many geth nodes' admin calls one pass has in flight at once.
 const GETH_CONCURRENCY: usize = 16;
 
-/// See [`Runner::call_geth`].
+/// Calls geth for `actions`: one node's actions in plan order (a move is a
+/// removePeer of the old address, then an addPeer of the new one, and geth
+/// ignores an addPeer of an id it holds), different nodes' at once, up to
+/// [`GETH_CONCURRENCY`] in flight. geth's RPC server answers the requests
+/// of one connection concurrently; one at a time, a 30-node burst spent
+/// 1.2 s in 25 serial addPeer calls (mesh bench, ~45 ms each under load).
+/// After a connection failure no further call is started: the rest would
+/// fail the same way. The outcomes, grouped by node, in plan order.
 async fn call_geth<'a, G: AdminApi>(
     geth: &G,
     actions: &'a [core::GethAction],
@@ -109,9 +116,7 @@ pub(crate) struct Settings {
 impl Settings {
     pub(crate) fn from_args(run: &RunArgs, namespace: &str) -> anyhow::Result<Self> {
         let pod = run
-            .pod_name
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
+            .pod()
             .context("POD_NAME is not set (use the Downward API: fieldRef metadata.name)")?;
         let advertise = AdvertiseMode::resolve(
             run.advertise,
@@ -1063,7 +1068,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 result = Err(kind);
             }
         }
-        for (action, res) in self.call_geth(&plan.geth).await {
+        for (action, res) in call_geth(&*self.geth, &plan.geth).await {
             match self.record_geth(action, res) {
                 Ok(()) => self.note_blind_add(action, now),
                 Err(ActionError::GethDown) => {
@@ -1199,21 +1204,6 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             }
             _ => {}
         }
-    }
-
-    /// Calls geth for `actions`: one node's actions in plan order (a move is a
-    /// removePeer of the old address, then an addPeer of the new one, and geth
-    /// ignores an addPeer of an id it holds), different nodes' at once, up to
-    /// [`GETH_CONCURRENCY`] in flight. geth's RPC server answers the requests
-    /// of one connection concurrently; one at a time, a 30-node burst spent
-    /// 1.2 s in 25 serial addPeer calls (mesh bench, ~45 ms each under load).
-    /// After a connection failure no further call is started: the rest would
-    /// fail the same way. The outcomes, grouped by node, in plan order.
-    async fn call_geth<'a>(
-        &self,
-        actions: &'a [core::GethAction],
-    ) -> Vec<(&'a core::GethAction, geth_ipc::Result<bool>)> {
-        call_geth(&*self.geth, actions).await
     }
 
     /// Records the outcome of one geth action. A refusal (geth answered with an

@@ -439,8 +439,7 @@ impl LeaseHarness {
     async fn lease_members(
         &self,
     ) -> Result<std::collections::BTreeMap<String, MemberRecord>, String> {
-        let lp = kube::api::ListParams::default()
-            .labels(&format!("{}={NAME}", peer_registry::REGISTRY_LABEL));
+        let lp = kube::api::ListParams::default().labels(&peer_registry::lease_selector(NAME));
         let list = self.leases.list(&lp).await.map_err(|e| e.to_string())?;
         let mut members = std::collections::BTreeMap::new();
         for lease in list.items {
@@ -495,8 +494,7 @@ impl conformance::Harness for LeaseHarness {
     }
 
     async fn delete(&self) -> Result<(), String> {
-        let lp = kube::api::ListParams::default()
-            .labels(&format!("{}={NAME}", peer_registry::REGISTRY_LABEL));
+        let lp = kube::api::ListParams::default().labels(&peer_registry::lease_selector(NAME));
         self.leases
             .delete_collection(&DeleteParams::default(), &lp)
             .await
