@@ -725,18 +725,8 @@ async fn status_prints_every_member_marks_its_own_as_self_and_whether_this_geth_
     }
 }
 
-/// The public key of an enode URL (`enode://<key>@...`).
-fn enode_key(enode: &str) -> Option<String> {
-    Some(
-        enode
-            .strip_prefix("enode://")?
-            .split('@')
-            .next()?
-            .to_owned(),
-    )
-}
-
-/// The keys of the registry's `static-nodes.json` entries (none when missing).
+/// The node ids (as geth reports them) of the registry's `static-nodes.json`
+/// entries (none when missing).
 async fn static_nodes(m: &Mesh) -> BTreeSet<String> {
     m.registry_data()
         .await
@@ -744,7 +734,8 @@ async fn static_nodes(m: &Mesh) -> BTreeSet<String> {
         .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
         .unwrap_or_default()
         .iter()
-        .filter_map(|e| enode_key(e))
+        .filter_map(|e| e.parse::<geth_ipc::Enode>().ok())
+        .map(|e| e.node_id().to_string())
         .collect()
 }
 
@@ -768,9 +759,7 @@ async fn with_the_lease_layout_each_member_is_one_lease_written_once_and_static_
         "no member keys in the ConfigMap with the lease layout: {:?}",
         data.keys().collect::<Vec<_>>()
     );
-    let ids: Vec<String> = (0..3)
-        .filter_map(|i| enode_key(&m.net.node(i).enode()))
-        .collect();
+    let ids: Vec<String> = (0..3).map(|i| m.net.node(i).node_id()).collect();
     let want: BTreeSet<String> = ids.iter().cloned().collect();
     integration_tests::eventually("static-nodes.json to list the three", MESH, || async {
         (static_nodes(&m).await == want).then_some(())
