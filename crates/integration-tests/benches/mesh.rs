@@ -151,6 +151,11 @@ async fn rolling(m: &mut Mesh, layout: &str, rows: &mut Vec<Row>) {
         let t0 = Instant::now();
         m.start_sidecar(i).unwrap();
         let s = stages(m, &all, t0).await;
+        eprintln!(
+            "rolling {layout} N={n}: pod {i} registered {} / geth full mesh {}",
+            secs(s.registered),
+            secs(s.mesh)
+        );
         registered.push(s.registered);
         each.push(s.mesh);
     }

@@ -8,11 +8,23 @@
 //! RFC 1918 or link-local, which would make every reconnect wait 30 s. The root namespace
 //! holds `.1` on the bridge, which is where the test's apiserver listens, so a
 //! process in a node's namespace reaches it exactly as a pod reaches the API.
+//!
+//! The namespaces of one bridge know each other's MAC addresses as permanent
+//! neighbour entries ([`Neighbours`]) instead of resolving them by ARP. The
+//! kernel's neighbour table is one table for the whole machine: dynamic
+//! entries of every namespace count against `net.ipv4.neigh.default.gc_thresh3`
+//! (1024 by default), and a mesh of N namespaces needs N x (N-1) of them. At
+//! N=30 with pods moving to new addresses that overflowed ("neighbor table
+//! overflow!" in the kernel log): dials hung for geth's 15 s timeout, and geth
+//! then waited out its 35 s redial. Permanent entries are exempt from that
+//! limit, so no machine-wide sysctl needs raising.
 
 use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::{Error, Result};
@@ -30,6 +42,97 @@ fn run(args: &[&str]) -> Result<()> {
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )))
+    }
+}
+
+/// Runs `ip -n <ns> -batch -` with `lines` as its commands.
+fn batch(ns: &str, lines: &[String]) -> Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let what = format!("ip -n {ns} -batch -");
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Setup(format!("run {what}: {e}")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::Setup(format!("{what}: no stdin")))?;
+    stdin
+        .write_all(lines.join("\n").as_bytes())
+        .map_err(|e| Error::Setup(format!("write to {what}: {e}")))?;
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Setup(format!("wait for {what}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Setup(format!(
+            "`{what}` failed on {lines:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Permanent neighbour (ARP) entries between the namespaces of one bridge:
+/// each namespace knows every other's current address and MAC, so none of
+/// them fills the machine-wide neighbour table (see the module docs).
+#[derive(Default)]
+struct Neighbours {
+    /// Namespace name to (address, MAC of its `eth0`).
+    members: Mutex<BTreeMap<String, (Ipv4Addr, String)>>,
+}
+
+impl Neighbours {
+    fn entry(ip: Ipv4Addr, mac: &str) -> String {
+        format!("neigh replace {ip} lladdr {mac} dev eth0 nud permanent")
+    }
+
+    fn forget(ip: Ipv4Addr) -> String {
+        format!("neigh del {ip} dev eth0")
+    }
+
+    /// `ns` joins with `ip` and `mac`: it learns every member, every member learns it.
+    fn join(&self, ns: &str, ip: Ipv4Addr, mac: &str) -> Result<()> {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let known: Vec<String> = members
+            .values()
+            .map(|(ip, mac)| Self::entry(*ip, mac))
+            .collect();
+        batch(ns, &known)?;
+        for other in members.keys() {
+            batch(other, &[Self::entry(ip, mac)])?;
+        }
+        members.insert(ns.to_owned(), (ip, mac.to_owned()));
+        Ok(())
+    }
+
+    /// `ns` moved to `new`: every other member forgets its old address.
+    fn moved(&self, ns: &str, new: Ipv4Addr) -> Result<()> {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((old, mac)) = members.get(ns).cloned() else {
+            return Ok(());
+        };
+        for other in members.keys().filter(|k| k.as_str() != ns) {
+            batch(other, &[Self::forget(old), Self::entry(new, &mac)])?;
+        }
+        members.insert(ns.to_owned(), (new, mac));
+        Ok(())
+    }
+
+    /// `ns` is gone: every other member forgets it.
+    fn leave(&self, ns: &str) {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((ip, _)) = members.remove(ns) {
+            for other in members.keys() {
+                let _ = batch(other, &[Self::forget(ip)]);
+            }
+        }
     }
 }
 
@@ -76,6 +179,7 @@ pub struct Bridge {
     name: String,
     id: String,
     prefix: [u8; 3],
+    neighbours: Arc<Neighbours>,
 }
 
 impl Bridge {
@@ -114,7 +218,12 @@ impl Bridge {
         let id = unique_id();
         let name = format!("gpsb{id}");
         run(&["ip", "link", "add", &name, "type", "bridge"])?;
-        let bridge = Bridge { name, id, prefix };
+        let bridge = Bridge {
+            name,
+            id,
+            prefix,
+            neighbours: Arc::default(),
+        };
         let cidr = format!("{}/24", bridge.ip(1));
         run(&["ip", "addr", "add", &cidr, "dev", &bridge.name])?;
         run(&["ip", "link", "set", &bridge.name, "up"])?;
@@ -144,12 +253,17 @@ impl Bridge {
             name: format!("gps{}{label}", self.id),
             veth: format!("gpsv{}x{n}", self.id),
             ip: Mutex::new(ip),
+            neighbours: self.neighbours.clone(),
         };
+        // Locally administered, unique on this bridge (one per namespace made
+        // by this process; every bridge is its own process's).
+        let [b0, b1, b2, b3] = n.to_be_bytes();
+        let mac = format!("02:67:{b0:02x}:{b1:02x}:{b2:02x}:{b3:02x}");
         run(&["ip", "netns", "add", &ns.name])?;
         // Construct first so Drop cleans up whatever follows.
         run(&[
-            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", "eth0", "netns",
-            &ns.name,
+            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", "eth0", "address",
+            &mac, "netns", &ns.name,
         ])?;
         run(&["ip", "link", "set", &ns.veth, "master", &self.name, "up"])?;
         run(&["ip", "-n", &ns.name, "link", "set", "lo", "up"])?;
@@ -164,6 +278,7 @@ impl Bridge {
             "eth0",
         ])?;
         run(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"])?;
+        self.neighbours.join(&ns.name, ip, &mac)?;
         // A hosts file from the start: `ip netns exec` bind-mounts it only if it
         // exists when a process starts; later updates rewrite it in place.
         ns.write_hosts(&[])?;
@@ -182,6 +297,7 @@ pub struct Netns {
     name: String,
     veth: String,
     ip: Mutex<Ipv4Addr>,
+    neighbours: Arc<Neighbours>,
 }
 
 impl Netns {
@@ -228,7 +344,7 @@ impl Netns {
             "eth0",
         ])?;
         *self.ip.lock().unwrap_or_else(|e| e.into_inner()) = new;
-        Ok(())
+        self.neighbours.moved(ns, new)
     }
 
     /// Cuts the link (the namespace keeps its address; nothing gets in or out).
@@ -330,6 +446,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        self.neighbours.leave(&self.name);
         let _ = run(&["ip", "netns", "del", &self.name]);
         let _ = run(&["ip", "link", "del", &self.veth]);
         let _ = std::fs::remove_dir_all(self.etc_dir());

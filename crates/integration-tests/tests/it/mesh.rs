@@ -797,6 +797,36 @@ async fn with_the_lease_layout_each_member_is_one_lease_written_once_and_static_
     .unwrap();
 }
 
+/// A pod spec without the Downward API's POD_NAME still names its member and
+/// publishes `static-nodes.json` as `$HOSTNAME` (a pod's hostname is its name).
+/// Alone, it is the first-ranked member: nobody else would ever publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_lease_layout_a_sidecar_without_pod_name_registers_and_publishes_as_its_hostname()
+{
+    let env = [
+        ("REGISTRY_LAYOUT", "leases"),
+        ("POD_NAME", ""),
+        ("HOSTNAME", "geth-0"),
+    ];
+    let mut m = Mesh::without_sidecars("leases-hostname", 1, &env)
+        .await
+        .unwrap();
+    m.cluster.grant_leases(&m.ns).await.unwrap();
+    m.start_sidecar(0).unwrap();
+    m.wait_registered(&[0], MESH).await.unwrap();
+    assert_eq!(
+        m.lease_pods().await,
+        BTreeSet::from(["geth-0".to_owned()]),
+        "the Lease is named by the hostname"
+    );
+    let want = BTreeSet::from([m.net.node(0).node_id()]);
+    integration_tests::eventually("static-nodes.json to list the member", MESH, || async {
+        (static_nodes(&m).await == want).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 /// A mesh of `n` with pod evidence on, as deploy/overlays/pod-evidence sets it
 /// up: the Role grants pods get/list/watch, READ_PODS and POD_SELECTOR are set,
 /// and every node has a labelled pod object (nothing runs them here; the status
