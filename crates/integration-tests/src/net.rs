@@ -19,13 +19,13 @@
 //! then waited out its 35 s redial. Permanent entries are exempt from that
 //! limit, so no machine-wide sysctl needs raising.
 
-use std::net::Ipv4Addr;
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::{Error, Result};
 
@@ -262,8 +262,8 @@ impl Bridge {
         run(&["ip", "netns", "add", &ns.name])?;
         // Construct first so Drop cleans up whatever follows.
         run(&[
-            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", "eth0", "address",
-            &mac, "netns", &ns.name,
+            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", "eth0", "address", &mac,
+            "netns", &ns.name,
         ])?;
         run(&["ip", "link", "set", &ns.veth, "master", &self.name, "up"])?;
         run(&["ip", "-n", &ns.name, "link", "set", "lo", "up"])?;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use geth_ipc::{AdminApi, Enode, Host, NodeId, PeerEvent, PeerEventKind, PeerEventStream};
 use peer_registry::{MemberRecord, PeerRegistry, Snapshot};
 use rand::{Rng, SeedableRng};
@@ -425,6 +425,32 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// What the registry watch yielded since the event loop last took it in.
+#[derive(Default)]
+struct WatchItems {
+    /// The newest snapshot.
+    newest: Option<Snapshot>,
+    /// Snapshots replaced by a newer one before they were taken in.
+    coalesced: usize,
+    errors: Vec<peer_registry::Error>,
+    /// The stream ended (it is restarted).
+    ended: bool,
+}
+
+impl WatchItems {
+    fn push(&mut self, item: Option<peer_registry::Result<Snapshot>>) {
+        match item {
+            Some(Ok(snap)) => {
+                if self.newest.replace(snap).is_some() {
+                    self.coalesced += 1;
+                }
+            }
+            Some(Err(e)) => self.errors.push(e),
+            None => self.ended = true,
+        }
+    }
+}
+
 async fn next_event(events: &mut Option<PeerEventStream>) -> Option<geth_ipc::Result<PeerEvent>> {
     match events {
         Some(s) => s.next().await,
@@ -487,15 +513,28 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let mut dirty = true;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let pod_changes = self.s.pod_changes.clone();
+        let mut arrived = WatchItems::default();
         loop {
             if dirty {
                 dirty = false;
                 // A pass may wait on a hung geth or a slow apiserver: SIGTERM
                 // abandons it so deregistration fits the pod's grace period.
-                let outcome = tokio::select! {
-                    biased;
-                    _ = &mut shutdown => return,
-                    outcome = self.reconcile() => outcome,
+                //
+                // The registry watch is read while the pass runs (its items
+                // wait in `arrived`): its first list runs alongside the first
+                // pass instead of after it, and a burst of events that lands
+                // during a pass costs one more pass, not one per event.
+                let outcome = {
+                    let pass = self.reconcile();
+                    tokio::pin!(pass);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = &mut shutdown => return,
+                            outcome = &mut pass => break outcome,
+                            item = watch.next(), if !arrived.ended => arrived.push(item),
+                        }
+                    }
                 };
                 match outcome {
                     Ok(()) => {
@@ -522,6 +561,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     }
                 }
                 self.health.pass_completed();
+                let taken = std::mem::take(&mut arrived);
+                let ended = taken.ended;
+                dirty |= self.on_watch_items(taken);
+                if ended {
+                    watch = self.registry.watch();
+                }
                 if events.is_none() && self.geth_state == GethState::Up {
                     let subscribed = tokio::select! {
                         biased;
@@ -532,6 +577,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                         Ok(stream) => events = Some(stream),
                         Err(e) => debug!(error = %e, "cannot subscribe to geth peer events yet"),
                     }
+                }
+                if dirty {
+                    // The watch moved on during the pass: take the next one now.
+                    continue;
                 }
             }
             let retry = async {
@@ -554,25 +603,19 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => return,
-                item = watch.next() => match item {
-                    Some(Ok(snap)) => {
-                        if self.is_stale(&snap) {
-                            debug!(
-                                event = snap.resource_version.as_deref().unwrap_or("-"),
-                                held = self.snapshot.as_ref().and_then(|s| s.resource_version.as_deref()).unwrap_or("-"),
-                                "registry watch event older than the snapshot held; ignored"
-                            );
-                        } else {
-                            self.on_snapshot(snap);
-                            dirty = true;
+                item = watch.next() => {
+                    // Everything else the watch has ready joins it: one pass for all.
+                    let mut items = WatchItems::default();
+                    items.push(item);
+                    while !items.ended {
+                        match watch.next().now_or_never() {
+                            Some(item) => items.push(item),
+                            None => break,
                         }
                     }
-                    Some(Err(e)) => {
-                        self.metrics.registry_errors.get_or_create(&Metrics::kind(e.kind())).inc();
-                        warn!(error = %e, "registry watch error; retrying");
-                    }
-                    None => {
-                        warn!("registry watch ended; restarting it");
+                    let ended = items.ended;
+                    dirty |= self.on_watch_items(items);
+                    if ended {
                         watch = self.registry.watch();
                     }
                 },
@@ -606,6 +649,59 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 () = pod_changes.notified() => dirty = true,
             }
         }
+    }
+
+    /// Takes in what the registry watch yielded since the last look: the
+    /// newest snapshot (each is the whole registry, so older ones add nothing)
+    /// unless it is stale, and every error. True when a pass is due.
+    fn on_watch_items(&mut self, items: WatchItems) -> bool {
+        for e in &items.errors {
+            self.metrics
+                .registry_errors
+                .get_or_create(&Metrics::kind(e.kind()))
+                .inc();
+            warn!(error = %e, "registry watch error; retrying");
+        }
+        if items.ended {
+            warn!("registry watch ended; restarting it");
+        }
+        if items.coalesced > 0 {
+            debug!(
+                skipped = items.coalesced,
+                "registry watch events taken together; only the newest counts"
+            );
+        }
+        let Some(snap) = items.newest else {
+            return false;
+        };
+        if snap.resource_version.is_none()
+            && self
+                .snapshot
+                .as_ref()
+                .is_some_and(|held| held.resource_version.is_some())
+        {
+            // No registry at all, while the one held has a version: a deletion,
+            // or the watch's first list taken before this sidecar's own write
+            // created it (the list runs alongside the first pass). Nothing
+            // orders the two, so the next pass reads the registry afresh.
+            debug!("registry watch reports no registry; reading it afresh");
+            self.snapshot = None;
+            return true;
+        }
+        if self.is_stale(&snap) {
+            debug!(
+                event = snap.resource_version.as_deref().unwrap_or("-"),
+                held = self
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.resource_version.as_deref())
+                    .unwrap_or("-"),
+                "registry watch event older than the snapshot held; ignored"
+            );
+            return false;
+        }
+        self.on_snapshot(snap);
+        true
     }
 
     /// True when a watch event is older than the snapshot held (typically the
@@ -1389,7 +1485,18 @@ mod tests {
         advertise: AdvertiseMode,
         snap: Snapshot,
     ) -> Runner<MockAdminApi, MockPeerRegistry> {
-        let s = Settings {
+        Runner::new(
+            Arc::new(geth),
+            Arc::new(registry(snap)),
+            settings(advertise),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(None)),
+        )
+    }
+
+    /// This node's settings as `geth-0` at 10.0.0.1.
+    fn settings(advertise: AdvertiseMode) -> Settings {
+        Settings {
             pod: "geth-0".into(),
             pod_ip: Some("10.0.0.1".into()),
             pod_uid: None,
@@ -1406,14 +1513,7 @@ mod tests {
             prober: Prober::Tcp,
             clock: Clock::System,
             seed: Some(1),
-        };
-        Runner::new(
-            Arc::new(geth),
-            Arc::new(registry(snap)),
-            s,
-            Arc::new(Metrics::new()),
-            Arc::new(Health::new(None)),
-        )
+        }
     }
 
     #[test]
@@ -1507,6 +1607,158 @@ mod tests {
         fn connection_generation(&self) -> u64 {
             1
         }
+    }
+
+    /// geth whose first `admin_nodeInfo` waits for `gate`: a pass held open.
+    struct GatedGeth {
+        inner: MockAdminApi,
+        gate: tokio::sync::Semaphore,
+        first: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl AdminApi for GatedGeth {
+        async fn node_info(&self) -> geth_ipc::Result<NodeInfo> {
+            if self.first.swap(false, Ordering::SeqCst) {
+                let _permit = self.gate.acquire().await;
+            }
+            self.inner.node_info().await
+        }
+        async fn peers(&self) -> geth_ipc::Result<Vec<geth_ipc::PeerInfo>> {
+            self.inner.peers().await
+        }
+        async fn add_peer(&self, e: &Enode) -> geth_ipc::Result<bool> {
+            self.inner.add_peer(e).await
+        }
+        async fn remove_peer(&self, e: &Enode) -> geth_ipc::Result<bool> {
+            self.inner.remove_peer(e).await
+        }
+        async fn add_trusted_peer(&self, e: &Enode) -> geth_ipc::Result<bool> {
+            self.inner.add_trusted_peer(e).await
+        }
+        async fn remove_trusted_peer(&self, e: &Enode) -> geth_ipc::Result<bool> {
+            self.inner.remove_trusted_peer(e).await
+        }
+        async fn peer_events(&self) -> geth_ipc::Result<PeerEventStream> {
+            Err(geth_ipc::Error::ConnectionLost)
+        }
+        fn connection_generation(&self) -> u64 {
+            1
+        }
+    }
+
+    /// Polls `what` every 5 ms until it holds, for at most 10 s.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited 10 s for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn a_watch_that_reports_no_registry_while_one_is_held_makes_the_next_pass_read_it_afresh() {
+        let mut r = runner(MockAdminApi::new(), pod_ip());
+        r.on_snapshot(snapshot("10"));
+        let mut items = WatchItems::default();
+        items.push(Some(Ok(Snapshot::default())));
+        assert!(r.on_watch_items(items), "a pass is due");
+        assert!(r.snapshot.is_none(), "the next pass reads the registry");
+        // An ordinary older event is stale and changes nothing.
+        r.on_snapshot(snapshot("10"));
+        let mut items = WatchItems::default();
+        items.push(Some(Ok(snapshot("9"))));
+        assert!(!r.on_watch_items(items));
+        assert_eq!(
+            r.snapshot
+                .as_ref()
+                .and_then(|s| s.resource_version.as_deref()),
+            Some("10")
+        );
+    }
+
+    #[tokio::test]
+    async fn registry_watch_events_during_a_pass_are_read_at_once_and_cost_one_more_pass() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<peer_registry::Result<Snapshot>>(8);
+        let mut reg = registry(snapshot("10"));
+        let rx = std::sync::Mutex::new(Some(rx));
+        reg.expect_watch()
+            .returning(move || match rx.lock().expect("rx").take() {
+                Some(rx) => futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                })
+                .boxed(),
+                None => futures::stream::pending().boxed(),
+            });
+        let mut inner = geth_connected("10.0.0.1", &[], Arc::new(AtomicU64::new(1)));
+        inner.expect_add_peer().returning(|_| Ok(true));
+        inner.expect_remove_peer().returning(|_| Ok(true));
+        let geth = Arc::new(GatedGeth {
+            inner,
+            gate: tokio::sync::Semaphore::new(0),
+            first: true.into(),
+        });
+        let metrics = Arc::new(Metrics::new());
+        // Nothing but the watch calls for a pass.
+        let quiet = Settings {
+            resync: Duration::from_secs(3600),
+            probe_interval: Duration::from_secs(3600),
+            ..settings(pod_ip())
+        };
+        let mut r = Runner::new(
+            geth.clone(),
+            Arc::new(reg),
+            quiet,
+            metrics.clone(),
+            Arc::new(Health::new(None)),
+        );
+        let only = |rv: &str, members: &[usize]| {
+            Ok(Snapshot {
+                resource_version: Some(rv.to_owned()),
+                members: members
+                    .iter()
+                    .map(|&i| (format!("geth-{i}"), record(i)))
+                    .collect(),
+                ..Snapshot::default()
+            })
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = async {
+            // The first pass is held open in admin_nodeInfo; the watch's
+            // events land meanwhile and are read at once.
+            for (rv, members) in [("11", &[0, 1][..]), ("12", &[0, 1, 2]), ("13", &[0, 2])] {
+                tx.send(only(rv, members)).await.expect("send");
+            }
+            until("the watch to be read during the first pass", || {
+                tx.capacity() == 8
+            })
+            .await;
+            assert_eq!(metrics.reconciles.get(), 1, "still in the first pass");
+            geth.gate.add_permits(1);
+            until("the newest snapshot to be taken in", || {
+                metrics.members.get() == 2 && metrics.reconciles.get() >= 2
+            })
+            .await;
+            // A marker event after the burst: its pass is the next one.
+            tx.send(only("14", &[0])).await.expect("send");
+            until("the marker to be taken in", || metrics.members.get() == 1).await;
+            until("the marker's pass", || metrics.reconciles.get() >= 3).await;
+            let _ = stop.send(());
+        };
+        tokio::join!(
+            r.event_loop(async {
+                let _ = stopped.await;
+            }),
+            driver
+        );
+        assert_eq!(
+            metrics.reconciles.get(),
+            3,
+            "the first pass, one for the three events, one for the marker"
+        );
     }
 
     #[tokio::test(start_paused = true)]
