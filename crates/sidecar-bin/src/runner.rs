@@ -514,16 +514,20 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let pod_changes = self.s.pod_changes.clone();
         let mut arrived = WatchItems::default();
+        let mut first_pass_done = false;
         loop {
             if dirty {
                 dirty = false;
                 // A pass may wait on a hung geth or a slow apiserver: SIGTERM
                 // abandons it so deregistration fits the pod's grace period.
                 //
-                // The registry watch is read while the pass runs (its items
-                // wait in `arrived`): its first list runs alongside the first
-                // pass instead of after it, and a burst of events that lands
-                // during a pass costs one more pass, not one per event.
+                // After the first pass, the registry watch is read while a pass
+                // runs (its items wait in `arrived`): a burst of events that
+                // lands during a pass costs one more pass, not one per event.
+                // Not during the first pass: its list then competes with the
+                // registration (30 sidecars starting on 2 cores registered in
+                // 3.7 to 4.7 s instead of 2.6 to 2.7 s).
+                let read_watch = first_pass_done && !arrived.ended;
                 let outcome = {
                     let pass = self.reconcile();
                     tokio::pin!(pass);
@@ -532,10 +536,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                             biased;
                             _ = &mut shutdown => return,
                             outcome = &mut pass => break outcome,
-                            item = watch.next(), if !arrived.ended => arrived.push(item),
+                            item = watch.next(), if read_watch && !arrived.ended => arrived.push(item),
                         }
                     }
                 };
+                first_pass_done = true;
                 match outcome {
                     Ok(()) => {
                         retry_at = None;
@@ -1609,17 +1614,18 @@ mod tests {
         }
     }
 
-    /// geth whose first `admin_nodeInfo` waits for `gate`: a pass held open.
+    /// geth whose second `admin_nodeInfo` waits for `gate`: the second pass
+    /// held open.
     struct GatedGeth {
         inner: MockAdminApi,
         gate: tokio::sync::Semaphore,
-        first: std::sync::atomic::AtomicBool,
+        calls: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
     impl AdminApi for GatedGeth {
         async fn node_info(&self) -> geth_ipc::Result<NodeInfo> {
-            if self.first.swap(false, Ordering::SeqCst) {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
                 let _permit = self.gate.acquire().await;
             }
             self.inner.node_info().await
@@ -1699,7 +1705,7 @@ mod tests {
         let geth = Arc::new(GatedGeth {
             inner,
             gate: tokio::sync::Semaphore::new(0),
-            first: true.into(),
+            calls: 0.into(),
         });
         let metrics = Arc::new(Metrics::new());
         // Nothing but the watch calls for a pass.
@@ -1727,25 +1733,27 @@ mod tests {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let driver = async {
-            // The first pass is held open in admin_nodeInfo; the watch's
-            // events land meanwhile and are read at once.
-            for (rv, members) in [("11", &[0, 1][..]), ("12", &[0, 1, 2]), ("13", &[0, 2])] {
+            // An event starts the second pass, held open in admin_nodeInfo;
+            // three more land meanwhile and are read at once.
+            tx.send(only("11", &[0, 1, 2])).await.expect("send");
+            until("the second pass", || metrics.reconciles.get() == 2).await;
+            for (rv, members) in [("12", &[0, 1][..]), ("13", &[0, 1, 2]), ("14", &[0, 2])] {
                 tx.send(only(rv, members)).await.expect("send");
             }
-            until("the watch to be read during the first pass", || {
+            until("the watch to be read during the second pass", || {
                 tx.capacity() == 8
             })
             .await;
-            assert_eq!(metrics.reconciles.get(), 1, "still in the first pass");
+            assert_eq!(metrics.reconciles.get(), 2, "still in the second pass");
             geth.gate.add_permits(1);
             until("the newest snapshot to be taken in", || {
-                metrics.members.get() == 2 && metrics.reconciles.get() >= 2
+                metrics.members.get() == 2 && metrics.reconciles.get() >= 3
             })
             .await;
             // A marker event after the burst: its pass is the next one.
-            tx.send(only("14", &[0])).await.expect("send");
+            tx.send(only("15", &[0])).await.expect("send");
             until("the marker to be taken in", || metrics.members.get() == 1).await;
-            until("the marker's pass", || metrics.reconciles.get() >= 3).await;
+            until("the marker's pass", || metrics.reconciles.get() >= 4).await;
             let _ = stop.send(());
         };
         tokio::join!(
@@ -1756,8 +1764,8 @@ mod tests {
         );
         assert_eq!(
             metrics.reconciles.get(),
-            3,
-            "the first pass, one for the three events, one for the marker"
+            4,
+            "the first two passes, one for the three events, one for the marker"
         );
     }
 
