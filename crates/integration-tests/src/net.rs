@@ -112,15 +112,20 @@ impl Neighbours {
         Ok(())
     }
 
-    /// `ns` moved to `new`: every other member forgets its old address.
+    /// `ns` moved to `new`: every other member forgets its old address and
+    /// learns the new one, and `ns` learns them all again (removing an
+    /// interface's last address flushes its neighbours, permanent or not).
     fn moved(&self, ns: &str, new: Ipv4Addr) -> Result<()> {
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let Some((old, mac)) = members.get(ns).cloned() else {
             return Ok(());
         };
-        for other in members.keys().filter(|k| k.as_str() != ns) {
+        let mut known = Vec::new();
+        for (other, (ip, other_mac)) in members.iter().filter(|(k, _)| k.as_str() != ns) {
             batch(other, &[Self::forget(old), Self::entry(new, &mac)])?;
+            known.push(Self::entry(*ip, other_mac));
         }
+        batch(ns, &known)?;
         members.insert(ns.to_owned(), (new, mac));
         Ok(())
     }

@@ -1,11 +1,12 @@
 //! The test bed itself is real: a pinned apiserver with RBAC, the project's own
 //! least-privilege Role, and geth nodes that peer over real sockets.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::{
-    Bridge, Cluster, GethNet, TestContext, eventually, ipc_call, list_netns, testbed,
+    Bridge, Cluster, GethNet, Netns, TestContext, eventually, ipc_call, list_netns, testbed,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
@@ -226,4 +227,59 @@ fn the_netns_demo_reaches_a_full_mesh_and_tears_everything_down() {
         .expect("the demo prints its log directory")
         .to_owned();
     assert_no_process_refers_to(&dir);
+}
+
+/// The permanent neighbour entries of `ns`: (address, MAC).
+fn permanent_neighbours(ns: &Netns) -> BTreeSet<(String, String)> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns.name(), "neigh", "show", "nud", "permanent"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let mac = f.iter().position(|w| *w == "lladdr").map(|i| f[i + 1])?;
+            Some((f[0].to_owned(), mac.to_owned()))
+        })
+        .collect()
+}
+
+/// The MAC address of `ns`'s `eth0`.
+fn own_mac(ns: &Netns) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns.name(), "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "link/ether").unwrap();
+    words[at + 1].to_owned()
+}
+
+/// The namespaces of a bridge resolve each other by permanent entries, kept
+/// when one moves (the machine-wide ARP table overflowed at 30 namespaces
+/// without them, and a move flushed the mover's own).
+#[test]
+fn bridge_namespaces_know_each_other_as_permanent_neighbours_across_a_move() {
+    let bridge = Bridge::create().unwrap();
+    let nodes: Vec<Netns> = (0..3)
+        .map(|i| bridge.netns(&format!("nb{i}"), bridge.ip(10 + i)).unwrap())
+        .collect();
+    nodes[1].set_ip(bridge.ip(20)).unwrap();
+    let ips: Vec<String> = nodes.iter().map(|n| n.ip().to_string()).collect();
+    assert_eq!(ips[1], bridge.ip(20).to_string());
+    let macs: Vec<String> = nodes.iter().map(own_mac).collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let want: BTreeSet<(String, String)> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| (ips[j].clone(), macs[j].clone()))
+            .collect();
+        assert_eq!(
+            permanent_neighbours(node),
+            want,
+            "{}: every other namespace at its current address, none at an old one",
+            node.name()
+        );
+    }
 }
