@@ -221,13 +221,19 @@ pub(crate) fn parse_member_cidrs(s: &str) -> Result<MemberCidrs, String> {
         .map(MemberCidrs)
 }
 
+/// The first non-empty of `pod_name` and `hostname` ([`RunArgs::pod`]).
+fn pod_name_from(pod_name: Option<String>, hostname: Option<String>) -> Option<String> {
+    pod_name
+        .filter(|p| !p.is_empty())
+        .or(hostname.filter(|h| !h.is_empty()))
+}
+
 impl RunArgs {
     /// This pod's name: `POD_NAME`, else `$HOSTNAME` (a pod's hostname is its
-    /// name unless the spec sets another).
+    /// name unless the spec sets another). An empty value counts as unset (a
+    /// pod spec with `value: ""` otherwise registered nobody, forever).
     pub(crate) fn pod(&self) -> Option<String> {
-        self.pod_name
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
+        pod_name_from(self.pod_name.clone(), std::env::var("HOSTNAME").ok())
     }
 
     /// LIVENESS_TIMEOUT, checked against RESYNC_INTERVAL: a healthy but idle loop
@@ -351,6 +357,16 @@ pub(crate) fn level_filter(logging: &str) -> Result<&'static str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_pod_name_falls_back_to_the_hostname() {
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(pod_name_from(some("geth-1"), some("h")), some("geth-1"));
+        assert_eq!(pod_name_from(some(""), some("geth-0")), some("geth-0"));
+        assert_eq!(pod_name_from(None, some("geth-0")), some("geth-0"));
+        assert_eq!(pod_name_from(some(""), some("")), None);
+        assert_eq!(pod_name_from(None, None), None);
+    }
 
     #[test]
     fn durations_accept_units_and_plain_seconds() {

@@ -117,7 +117,7 @@ impl Settings {
     pub(crate) fn from_args(run: &RunArgs, namespace: &str) -> anyhow::Result<Self> {
         let pod = run
             .pod()
-            .context("POD_NAME is not set (use the Downward API: fieldRef metadata.name)")?;
+            .context("POD_NAME and HOSTNAME are both unset or empty (set POD_NAME with the Downward API: fieldRef metadata.name)")?;
         let advertise = AdvertiseMode::resolve(
             run.advertise,
             run.pod_ip.as_deref(),
