@@ -221,11 +221,15 @@ pub(crate) fn parse_member_cidrs(s: &str) -> Result<MemberCidrs, String> {
         .map(MemberCidrs)
 }
 
+/// `value` unless it is empty: an env var set to "" counts as unset (clap
+/// takes it as a value).
+fn non_empty(value: Option<&String>) -> Option<String> {
+    value.filter(|v| !v.is_empty()).cloned()
+}
+
 /// The first non-empty of `pod_name` and `hostname` ([`RunArgs::pod`]).
 fn pod_name_from(pod_name: Option<String>, hostname: Option<String>) -> Option<String> {
-    pod_name
-        .filter(|p| !p.is_empty())
-        .or(hostname.filter(|h| !h.is_empty()))
+    non_empty(pod_name.as_ref()).or(non_empty(hostname.as_ref()))
 }
 
 impl RunArgs {
@@ -234,6 +238,17 @@ impl RunArgs {
     /// pod spec with `value: ""` otherwise registered nobody, forever).
     pub(crate) fn pod(&self) -> Option<String> {
         pod_name_from(self.pod_name.clone(), std::env::var("HOSTNAME").ok())
+    }
+
+    /// `POD_IP`, unless unset or empty.
+    pub(crate) fn pod_ip(&self) -> Option<String> {
+        non_empty(self.pod_ip.as_ref())
+    }
+
+    /// `POD_UID`, unless unset or empty (an empty UID would be written into
+    /// the member's record and, with the lease layout, its ownerReference).
+    pub(crate) fn pod_uid(&self) -> Option<String> {
+        non_empty(self.pod_uid.as_ref())
     }
 
     /// LIVENESS_TIMEOUT, checked against RESYNC_INTERVAL: a healthy but idle loop
@@ -359,13 +374,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_empty_pod_name_falls_back_to_the_hostname() {
+    fn an_empty_pod_name_falls_back_to_the_hostname_and_empty_pod_fields_count_as_unset() {
         let some = |s: &str| Some(s.to_owned());
         assert_eq!(pod_name_from(some("geth-1"), some("h")), some("geth-1"));
         assert_eq!(pod_name_from(some(""), some("geth-0")), some("geth-0"));
         assert_eq!(pod_name_from(None, some("geth-0")), some("geth-0"));
         assert_eq!(pod_name_from(some(""), some("")), None);
         assert_eq!(pod_name_from(None, None), None);
+        assert_eq!(non_empty(Some(&String::new())), None);
+        assert_eq!(non_empty(Some(&"10.0.0.1".to_owned())), some("10.0.0.1"));
     }
 
     #[test]

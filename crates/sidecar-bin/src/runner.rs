@@ -120,7 +120,7 @@ impl Settings {
             .context("POD_NAME and HOSTNAME are both unset or empty (set POD_NAME with the Downward API: fieldRef metadata.name)")?;
         let advertise = AdvertiseMode::resolve(
             run.advertise,
-            run.pod_ip.as_deref(),
+            run.pod_ip().as_deref(),
             &run.dns_template,
             &pod,
             &run.service_name,
@@ -129,8 +129,8 @@ impl Settings {
         .map_err(anyhow::Error::msg)?;
         Ok(Self {
             pod,
-            pod_ip: run.pod_ip.clone(),
-            pod_uid: run.pod_uid.clone(),
+            pod_ip: run.pod_ip(),
+            pod_uid: run.pod_uid(),
             advertise,
             p2p_port: run.p2p_port,
             engine: core::Config {
