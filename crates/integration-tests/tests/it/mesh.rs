@@ -916,12 +916,21 @@ async fn with_pod_evidence_pods_are_watched_and_passes_at_steady_state_send_no_p
     // A pass every second or so: the old per-pass LIST would show at once.
     let (m, _pods) = pod_evidence_mesh("pods-watch", 3, &[("RESYNC_INTERVAL", "1s")]).await;
     let user = m.ns.service_account_user();
-    let watches: Vec<(String, String)> = m
-        .cluster
-        .audited_watches(&user)
-        .into_iter()
-        .filter(|(resource, _)| resource == "pods")
-        .collect();
+    // The watch follows the watcher's first LIST, so a sidecar may open it after
+    // the mesh is full: wait for the three (the audit log is written blocking).
+    let pod_watches = || {
+        m.cluster
+            .audited_watches(&user)
+            .into_iter()
+            .filter(|(resource, _)| resource == "pods")
+            .collect::<Vec<_>>()
+    };
+    let opened = eventually("every sidecar to open its pod watch", MESH, || async {
+        let watches = pod_watches();
+        (watches.len() >= 3).then_some(watches)
+    })
+    .await;
+    let watches = opened.unwrap_or_else(|_| pod_watches());
     assert!(
         watches.len() >= 3
             && watches

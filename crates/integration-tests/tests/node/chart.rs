@@ -389,14 +389,28 @@ pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departe
         "with podEvidence=true the sidecars read pods"
     );
     let user = format!("system:serviceaccount:{}:{RELEASE}", release.ns);
-    let pod_watches: Vec<String> = release
-        .node()
-        .control_plane()
-        .audited_watches(&user)
-        .into_iter()
-        .filter(|(resource, _)| resource == "pods")
-        .map(|(_, selector)| selector)
-        .collect();
+    // Each watch follows its watcher's first LIST, so a sidecar may open it
+    // after the mesh is full: wait for the five (the audit log is written blocking).
+    let pod_watches = || -> Vec<String> {
+        release
+            .node()
+            .control_plane()
+            .audited_watches(&user)
+            .into_iter()
+            .filter(|(resource, _)| resource == "pods")
+            .map(|(_, selector)| selector)
+            .collect()
+    };
+    let opened = eventually(
+        "every sidecar to open its pod watch",
+        Duration::from_secs(30),
+        || async {
+            let watches = pod_watches();
+            (watches.len() >= 5).then_some(watches)
+        },
+    )
+    .await;
+    let pod_watches = opened.unwrap_or_else(|_| pod_watches());
     assert!(
         pod_watches.len() >= 5
             && pod_watches
