@@ -384,10 +384,6 @@ pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departe
     release.wait_full_mesh(5, MESH_TIMEOUT).await.unwrap();
     // Pod evidence is really on: the sidecars follow pods, and a member whose
     // pod does not exist is removed at once (DEAD_AFTER is 120 s).
-    assert!(
-        !pod_requests(&release).is_empty(),
-        "with podEvidence=true the sidecars read pods"
-    );
     let user = format!("system:serviceaccount:{}:{RELEASE}", release.ns);
     // Each watch follows its watcher's first LIST, so a sidecar may open it
     // after the mesh is full: wait for the five (the audit log is written blocking).
@@ -417,6 +413,11 @@ pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departe
                 .iter()
                 .all(|s| s.starts_with("app.kubernetes.io/name=geth,app.kubernetes.io/instance=")),
         "each sidecar watches the release's geth pods: {pod_watches:?}"
+    );
+    // Each watch follows its LIST: the pods were read.
+    assert!(
+        !pod_requests(&release).is_empty(),
+        "with podEvidence=true the sidecars read pods"
     );
     let ghost = format!("{STATEFULSET}-99");
     add_ghost_member(&release, &ghost).await;

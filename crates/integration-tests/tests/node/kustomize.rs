@@ -1,8 +1,9 @@
 //! The kustomize manifests (deploy/), unchanged, on the real node.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use integration_tests::{KubeNode, Release, workspace_root};
+use integration_tests::{KubeNode, Release, eventually, workspace_root};
 
 use crate::Shared;
 use crate::chart::{CONFIGMAP, MESH_TIMEOUT};
@@ -81,8 +82,13 @@ pub async fn base_forms_a_full_mesh_and_the_pod_evidence_overlay_turns_pod_evide
         Some("true"),
         "the overlay turns READ_PODS on"
     );
-    assert!(
-        pod_requests(&overlay) > 0,
-        "with the overlay the sidecars read pods (audit log)"
-    );
+    // The pod watcher lists pods beside the registration, not before it: the
+    // LIST may complete after the mesh is full.
+    eventually(
+        "with the overlay the sidecars read pods (audit log)",
+        Duration::from_secs(30),
+        || async { (pod_requests(&overlay) > 0).then_some(()) },
+    )
+    .await
+    .unwrap();
 }
