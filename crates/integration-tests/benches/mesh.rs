@@ -34,6 +34,11 @@ const POLL_LIMIT: Duration = Duration::from_secs(120);
 /// A stage slower than this prints the links still missing (once).
 const SLOW: Duration = Duration::from_secs(5);
 
+/// The stages' poll interval: `MESH_POLL_MS`, 10 ms unless set.
+fn poll_every() -> Duration {
+    Duration::from_millis(std::env::var("MESH_POLL_MS").map_or(10, |v| v.parse().unwrap()))
+}
+
 fn proc_stat(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kib = status
@@ -48,6 +53,44 @@ fn proc_stat(pid: u32) -> (u64, u64) {
     let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     (rss_kib, ticks)
+}
+
+/// CPU seconds (user + system) used by each part of the test bed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    geth: f64,
+    sidecars: f64,
+    apiserver: f64,
+    etcd: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    /// What the processes have used so far (a sidecar's whole life so far).
+    fn of(m: &Mesh, geth: &[u32], sidecars: &[u32]) -> Self {
+        let secs = |pids: &[u32]| pids.iter().map(|&p| proc_stat(p).1).sum::<u64>() as f64 / 100.0;
+        Self {
+            geth: secs(geth),
+            sidecars: secs(sidecars),
+            apiserver: secs(&m.cluster.apiserver_pid().into_iter().collect::<Vec<_>>()),
+            etcd: secs(&[m.cluster.etcd_pid()]),
+            bench: secs(&[std::process::id()]),
+        }
+    }
+
+    fn since(self, before: &Self) -> Self {
+        Self {
+            geth: self.geth - before.geth,
+            sidecars: self.sidecars - before.sidecars,
+            apiserver: self.apiserver - before.apiserver,
+            etcd: self.etcd - before.etcd,
+            bench: self.bench - before.bench,
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.geth + self.sidecars + self.apiserver + self.etcd + self.bench
+    }
 }
 
 struct Row {
@@ -124,7 +167,7 @@ async fn stages(m: &Mesh, all: &[usize], t0: Instant) -> Stages {
                 mesh = Some(t0.elapsed());
             }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(poll_every()).await;
     }
     Stages {
         registered: registered.unwrap_or_default(),
@@ -204,13 +247,30 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
     if layout == "leases" {
         m.cluster.grant_leases(&m.ns).await.unwrap();
     }
-    // Every geth's IPC answers; measure from the sidecars' start.
+    // "geth already up": its IPC answers, and its start-up work (the KZG
+    // library, 2 to 3 s of CPU per node) is done. Started together, N nodes
+    // keep both cores busy for ~1.4·N s after their IPC answers; sidecars
+    // started into that measure geth's start-up, not the mesh.
+    let settled = m.net.wait_settled(POLL_LIMIT).await.unwrap();
+    eprintln!(
+        "full mesh {layout} N={n}: geth start-up settled {} after the IPC answered",
+        secs(settled)
+    );
+    // Measure from the sidecars' start.
+    let geth_pids: Vec<u32> = m.net.nodes().iter().filter_map(|g| g.pid()).collect();
+    let cpu_before = Cpu::of(&m, &geth_pids, &[]);
     let t0 = Instant::now();
     for i in 0..n {
         m.start_sidecar(i).unwrap();
     }
     let all: Vec<usize> = (0..n).collect();
     let s = stages(&m, &all, t0).await;
+    let sidecar_pids: Vec<u32> = m
+        .sidecars
+        .iter_mut()
+        .filter_map(|s| s.as_mut().map(|s| s.proc_mut().pid()))
+        .collect();
+    let cpu = Cpu::of(&m, &geth_pids, &sidecar_pids).since(&cpu_before);
     rows.push(Row {
         what: format!(
             "full mesh, N={n} ({layout}): all registered / all desired sets full / geth full mesh"
@@ -220,6 +280,20 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
             secs(s.registered),
             secs(s.desired),
             secs(s.mesh)
+        ),
+    });
+    rows.push(Row {
+        what: format!(
+            "  ... CPU from the sidecars' start to full mesh, N={n}: geth / sidecars / apiserver / etcd / this bench"
+        ),
+        value: format!(
+            "{:.2} / {:.2} / {:.2} / {:.2} / {:.2} s ({:.2} cores on average)",
+            cpu.geth,
+            cpu.sidecars,
+            cpu.apiserver,
+            cpu.etcd,
+            cpu.bench,
+            cpu.total() / s.mesh.as_secs_f64()
         ),
     });
     if roll {

@@ -66,7 +66,7 @@ pub struct Cluster {
     etcd_port: u16,
     admin_token: String,
     apiserver: Option<Proc>,
-    _etcd: Proc,
+    etcd: Proc,
     admin: Option<Client>,
 }
 
@@ -180,7 +180,7 @@ impl Cluster {
             etcd_port,
             admin_token,
             apiserver: None,
-            _etcd: etcd,
+            etcd,
             admin: None,
         };
         cluster.start_apiserver().await?;
@@ -350,6 +350,11 @@ impl Cluster {
     /// from `/proc/<pid>/stat` by the benchmarks).
     pub fn apiserver_pid(&self) -> Option<u32> {
         self.apiserver.as_ref().map(Proc::pid)
+    }
+
+    /// etcd's process id (for CPU figures, as [`Cluster::apiserver_pid`]).
+    pub fn etcd_pid(&self) -> u32 {
+        self.etcd.pid()
     }
 
     /// The control plane's working directory (certificates, keys, tokens, audit log).
