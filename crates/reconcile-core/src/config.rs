@@ -27,7 +27,10 @@ pub struct Config {
     /// once; the other side adds it after this grace, by when the link is usually
     /// up. Two geths dialling each other at the same moment can each keep their
     /// own outbound connection and drop the other's, losing both, and then wait
-    /// geth's ~35 s redial timer. Default: 2 s.
+    /// geth's ~35 s redial timer. The member with the later record that
+    /// learns of the other's record only after this grace (less 0.5 s) from
+    /// its own record's landing waits three graces for the other's dial first.
+    /// Default: 2 s.
     pub dial_grace: Duration,
     /// A peer added blind (see `Observation::blind_adds`) and still not
     /// connected this long after is cleared (`admin_removePeer`) and added

@@ -987,6 +987,35 @@ fn the_dial_grace_runs_from_when_the_newer_record_was_seen_landing() {
 }
 
 #[test]
+fn the_newer_member_that_learned_of_the_pair_late_leaves_the_first_dial_to_the_other() {
+    let (a, b) = (node(0), node(1));
+    let me = identity("geth-1", &b);
+    // Both registered at once (stamps 0 s and 1 s); ours landed at 1 s, but our
+    // watch showed geth-0's record only at 5 s. geth-0 saw ours land about 1 s
+    // and dials at about 3 s + its grace: dialling now could meet its dial.
+    let snap = snapshot([record("geth-0", &a, at(0)), record("geth-1", &b, at(1))]);
+    let applied = BTreeMap::new();
+    let late = BTreeMap::from([(b.node_id(), at(1)), (a.node_id(), at(5))]);
+    let config = Config::default();
+    let obs = |now, landed| Observation {
+        registrations_landed: landed,
+        ..Observation::new(now, &me, Some(&snap), &applied)
+    };
+    let p = plan(&config, &obs(at(5), &late));
+    assert!(p.geth.is_empty(), "{:?}", p.geth);
+    assert_eq!(p.report.awaiting_dial.len(), 1);
+    assert_eq!(p.report.recheck_at, Some(at(11)));
+    // Still not connected three graces later: the other side did not dial.
+    let p = plan(&config, &obs(at(11), &late));
+    assert_eq!(p.geth, vec![AddPeer(a.clone())]);
+    // Learned within the grace (less a margin) of our own landing: at once.
+    let soon = BTreeMap::from([(b.node_id(), at(1)), (a.node_id(), at(2))]);
+    let p = plan(&config, &obs(at(2), &soon));
+    assert_eq!(p.geth, vec![AddPeer(a)]);
+    assert_eq!(p.report.recheck_at, None);
+}
+
+#[test]
 fn the_member_with_the_newer_record_dials_at_once() {
     let (a, b) = (node(0), node(1));
     let me = identity("geth-1", &b);
