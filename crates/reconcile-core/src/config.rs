@@ -28,8 +28,9 @@ pub struct Config {
     /// up. Two geths dialling each other at the same moment can each keep their
     /// own outbound connection and drop the other's, losing both, and then wait
     /// geth's ~35 s redial timer. The member with the later record that
-    /// learns of the other's record only after this grace (less 0.5 s) from
-    /// its own record's landing waits three graces for the other's dial first.
+    /// learns of the other's record from a watch's list, later than this grace
+    /// (less 0.5 s) after its own record landed, waits three graces for the
+    /// other's dial first.
     /// Default: 2 s.
     pub dial_grace: Duration,
     /// A peer added blind (see `Observation::blind_adds`) and still not

@@ -22,8 +22,9 @@ fn elapsed(now: Timestamp, then: Timestamp) -> Duration {
 }
 
 /// When the member with the newer record (the one that dials first) learned
-/// of the other's record late, it leaves the first dial to the other side
-/// until the returned time.
+/// of the other's record late, from a watch's list (a record seen as a change
+/// has just landed, so the other side's grace has not begun long before), it
+/// leaves the first dial to the other side until the returned time.
 ///
 /// The other side dials `dial_grace` after it saw our record land, so never
 /// before our record landed plus the grace. We dial at once only while that is
@@ -47,7 +48,7 @@ fn late_learner_yields_until(
     peer: &NodeId,
 ) -> Option<Timestamp> {
     let mine = *obs.registrations_landed.get(me)?;
-    let learned = *obs.registrations_landed.get(peer)?;
+    let learned = *obs.registrations_listed.get(peer)?;
     let late = elapsed(learned, mine) > config.dial_grace.saturating_sub(DIAL_MARGIN);
     let until = learned.checked_add(config.dial_grace * 3).ok()?;
     (late && obs.now < until).then_some(until)

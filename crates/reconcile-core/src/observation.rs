@@ -100,6 +100,12 @@ pub struct Observation<'a> {
     /// from the records' stamps: a record is stamped before it is written,
     /// and when many pods register at once its write can land seconds later.
     pub registrations_landed: &'a BTreeMap<NodeId, Timestamp>,
+    /// The registrations of `registrations_landed` that this observer first saw
+    /// in the list a new or restarted watch begins with, not as a change: they
+    /// may have landed well before it saw them. The member with the newer
+    /// record leaves the first dial of such a pair to the other side when it
+    /// saw it late (see [`Config::dial_grace`](crate::Config::dial_grace)).
+    pub registrations_listed: &'a BTreeMap<NodeId, Timestamp>,
     /// When this observer's last round of probes started. A member it is not
     /// connected to and whose registration it first saw after that (see
     /// `registrations_seen`) has not been checked at all: the partition guard
@@ -128,6 +134,7 @@ impl<'a> Observation<'a> {
             blind_adds: &NO_TIMES,
             registrations_seen: &NO_TIMES,
             registrations_landed: &NO_TIMES,
+            registrations_listed: &NO_TIMES,
             probed_at: None,
         }
     }

@@ -987,7 +987,7 @@ fn the_dial_grace_runs_from_when_the_newer_record_was_seen_landing() {
 }
 
 #[test]
-fn the_newer_member_that_learned_of_the_pair_late_leaves_the_first_dial_to_the_other() {
+fn the_newer_member_that_saw_the_pair_late_in_a_watch_list_leaves_the_first_dial_to_the_other() {
     let (a, b) = (node(0), node(1));
     let me = identity("geth-1", &b);
     // Both registered at once (stamps 0 s and 1 s); ours landed at 1 s, but our
@@ -999,6 +999,7 @@ fn the_newer_member_that_learned_of_the_pair_late_leaves_the_first_dial_to_the_o
     let config = Config::default();
     let obs = |now, landed| Observation {
         registrations_landed: landed,
+        registrations_listed: landed,
         ..Observation::new(now, &me, Some(&snap), &applied)
     };
     let p = plan(&config, &obs(at(5), &late));
@@ -1011,8 +1012,20 @@ fn the_newer_member_that_learned_of_the_pair_late_leaves_the_first_dial_to_the_o
     // Learned within the grace (less a margin) of our own landing: at once.
     let soon = BTreeMap::from([(b.node_id(), at(1)), (a.node_id(), at(2))]);
     let p = plan(&config, &obs(at(2), &soon));
-    assert_eq!(p.geth, vec![AddPeer(a)]);
+    assert_eq!(p.geth, vec![AddPeer(a.clone())]);
     assert_eq!(p.report.recheck_at, None);
+    // Seen landing as a change, however late: it has just landed, and the
+    // other side's grace runs from when it saw ours, after that. At once.
+    let listed = BTreeMap::from([(b.node_id(), at(1))]);
+    let p = plan(
+        &config,
+        &Observation {
+            registrations_landed: &late,
+            registrations_listed: &listed,
+            ..Observation::new(at(5), &me, Some(&snap), &applied)
+        },
+    );
+    assert_eq!(p.geth, vec![AddPeer(a)]);
 }
 
 #[test]

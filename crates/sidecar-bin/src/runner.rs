@@ -358,6 +358,11 @@ struct Runner<G, R> {
     /// When each registration was seen landing while this sidecar followed the
     /// registry (see `note_new_registrations`).
     registrations_landed: BTreeMap<NodeId, jiff::Timestamp>,
+    /// Those of `registrations_landed` first seen in a watch's list.
+    registrations_listed: BTreeMap<NodeId, jiff::Timestamp>,
+    /// Whether the current registry watch has delivered its list: its first
+    /// snapshot is that list, the later ones are changes.
+    watch_listed: bool,
     /// When the last round of probes started.
     probed_at: Option<jiff::Timestamp>,
 }
@@ -495,6 +500,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             rng: rand::rngs::StdRng::seed_from_u64(s_seed),
             registrations_seen: BTreeMap::new(),
             registrations_landed: BTreeMap::new(),
+            registrations_listed: BTreeMap::new(),
+            watch_listed: false,
             probed_at: None,
         }
     }
@@ -506,6 +513,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     async fn event_loop(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut watch = self.registry.watch();
+        self.watch_listed = false;
         let mut events: Option<PeerEventStream> = None;
         let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
         let mut probe_at = tokio::time::Instant::now() + self.s.probe_interval;
@@ -570,6 +578,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 dirty |= self.on_watch_items(taken);
                 if ended {
                     watch = self.registry.watch();
+                    self.watch_listed = false;
                 }
                 if events.is_none() && self.geth_state == GethState::Up {
                     let subscribed = tokio::select! {
@@ -621,6 +630,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     dirty |= self.on_watch_items(items);
                     if ended {
                         watch = self.registry.watch();
+                    self.watch_listed = false;
                     }
                 },
                 ev = next_event(&mut events) => match ev {
@@ -704,7 +714,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             );
             return false;
         }
-        self.on_snapshot(snap);
+        let listed = !std::mem::replace(&mut self.watch_listed, true);
+        self.take_snapshot(snap, listed);
         true
     }
 
@@ -730,13 +741,19 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     }
 
     fn on_snapshot(&mut self, snap: Snapshot) {
+        self.take_snapshot(snap, false);
+    }
+
+    /// [`Runner::on_snapshot`] for a snapshot that is a watch's list when
+    /// `listed` (see `note_new_registrations`).
+    fn take_snapshot(&mut self, snap: Snapshot, listed: bool) {
         if snap.problems != self.last_problems {
             for p in &snap.problems {
                 warn!(problem = %p, "registry ConfigMap has a problem (it is skipped, and healed on the next write where possible)");
             }
             self.last_problems = snap.problems.clone();
         }
-        self.note_new_registrations(&snap);
+        self.note_new_registrations(&snap, listed);
         self.metrics.members.set(snap.members.len() as i64);
         self.health.registry_synced.store(true, Ordering::Relaxed);
         self.snapshot = Some(snap);
@@ -756,8 +773,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     ///
     /// Those that land while it follows the registry (not those of its first
     /// read) are also noted in `registrations_landed`, from which a new pair's
-    /// dial grace counts ([`core::Observation::registrations_landed`]).
-    fn note_new_registrations(&mut self, snap: &Snapshot) {
+    /// dial grace counts ([`core::Observation::registrations_landed`]), and
+    /// when `snap` is a watch's list, in `registrations_listed`: when those
+    /// landed is unknown ([`core::Observation::registrations_listed`]).
+    fn note_new_registrations(&mut self, snap: &Snapshot, listed: bool) {
         let now = self.s.clock.now();
         let held = self.snapshot.as_ref();
         for (pod, record) in &snap.members {
@@ -769,11 +788,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             }
             if !known && held.is_some() {
                 self.registrations_landed.insert(record.node_id, now);
+                if listed {
+                    self.registrations_listed.insert(record.node_id, now);
+                } else {
+                    self.registrations_listed.remove(&record.node_id);
+                }
             }
         }
         self.registrations_seen
             .retain(|id, _| snap.member_by_node_id(id).is_some());
         self.registrations_landed
+            .retain(|id, _| snap.member_by_node_id(id).is_some());
+        self.registrations_listed
             .retain(|id, _| snap.member_by_node_id(id).is_some());
     }
 
@@ -1125,6 +1151,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             blind_adds: &self.blind_adds,
             registrations_seen: &self.registrations_seen,
             registrations_landed: &self.registrations_landed,
+            registrations_listed: &self.registrations_listed,
             probed_at: self.probed_at,
             ..core::Observation::new(now, &me, self.snapshot.as_ref(), &self.applied)
         };
@@ -1683,6 +1710,43 @@ mod tests {
                 .and_then(|s| s.resource_version.as_deref()),
             Some("10")
         );
+    }
+
+    #[test]
+    fn registrations_in_a_watchs_first_list_are_noted_as_listed_and_later_ones_as_changes() {
+        let mut r = runner(MockAdminApi::new(), pod_ip());
+        // Held: geth-0 only. Each step's snapshot holds members 0..n.
+        let with = |rv: &str, n: usize| {
+            let mut snap = snapshot(rv);
+            snap.members
+                .retain(|pod, _| pod.as_str() < format!("geth-{n}").as_str());
+            snap
+        };
+        r.on_snapshot(with("10", 1));
+        let items = |snap| {
+            let mut items = WatchItems::default();
+            items.push(Some(Ok(snap)));
+            items
+        };
+        let id = |i| record(i).node_id;
+        // The watch's first snapshot is its list: geth-1 may have landed long ago.
+        assert!(r.on_watch_items(items(with("11", 2))));
+        assert!(r.registrations_landed.contains_key(&id(1)));
+        assert!(r.registrations_listed.contains_key(&id(1)));
+        // Later snapshots are changes: geth-2 has just landed.
+        assert!(r.on_watch_items(items(with("12", 3))));
+        assert!(r.registrations_landed.contains_key(&id(2)));
+        assert!(!r.registrations_listed.contains_key(&id(2)));
+        // A restarted watch begins with a list again: geth-0's pod was
+        // replaced (a new UID) meanwhile.
+        r.watch_listed = false;
+        let mut snap = with("13", 3);
+        if let Some(rec) = snap.members.get_mut("geth-0") {
+            rec.pod_uid = Some("new-uid".into());
+        }
+        assert!(r.on_watch_items(items(snap)));
+        assert!(r.registrations_listed.contains_key(&id(0)));
+        assert!(!r.registrations_listed.contains_key(&id(2)));
     }
 
     #[tokio::test]
