@@ -21,6 +21,10 @@ fn elapsed(now: Timestamp, then: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(then)).unwrap_or(Duration::MAX)
 }
 
+/// How far ahead of the other side's earliest dial the newer member must dial
+/// (see [`late_learner_yields_until`]).
+const DIAL_MARGIN: Duration = Duration::from_millis(500);
+
 /// When the member with the newer record (the one that dials first) learned
 /// of the other's record late, from a watch's list (a record seen as a change
 /// has just landed, so the other side's grace has not begun long before), it
@@ -37,10 +41,6 @@ fn elapsed(now: Timestamp, then: Timestamp) -> Duration {
 /// side's grace ran out. We then wait three graces from when we learned of
 /// the peer, by when the other side's dial has normally connected, and add
 /// it ourselves only if it has not. `None`: dial now.
-/// How far ahead of the other side's earliest dial the newer member must dial
-/// (see [`late_learner_yields_until`]).
-const DIAL_MARGIN: Duration = Duration::from_millis(500);
-
 fn late_learner_yields_until(
     config: &Config,
     obs: &Observation<'_>,
