@@ -28,7 +28,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Mesh, MeshOptions, NodeSpec, eventually};
+use integration_tests::{Mesh, MeshOptions, NodeSpec, cpu_time, eventually};
 
 const POLL_LIMIT: Duration = Duration::from_secs(120);
 /// A stage slower than this prints the links still missing (once).
@@ -39,7 +39,8 @@ fn poll_every() -> Duration {
     Duration::from_millis(std::env::var("MESH_POLL_MS").map_or(10, |v| v.parse().unwrap()))
 }
 
-fn proc_stat(pid: u32) -> (u64, u64) {
+/// A process's resident memory (KiB) and the CPU it has used so far.
+fn proc_stat(pid: u32) -> (u64, Duration) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kib = status
         .lines()
@@ -47,12 +48,7 @@ fn proc_stat(pid: u32) -> (u64, u64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (rss_kib, ticks)
+    (rss_kib, cpu_time(pid).unwrap_or_default())
 }
 
 /// CPU seconds (user + system) used by each part of the test bed.
@@ -68,7 +64,12 @@ struct Cpu {
 impl Cpu {
     /// What the processes have used so far (a sidecar's whole life so far).
     fn of(m: &Mesh, geth: &[u32], sidecars: &[u32]) -> Self {
-        let secs = |pids: &[u32]| pids.iter().map(|&p| proc_stat(p).1).sum::<u64>() as f64 / 100.0;
+        let secs = |pids: &[u32]| {
+            pids.iter()
+                .filter_map(|&p| cpu_time(p))
+                .sum::<Duration>()
+                .as_secs_f64()
+        };
         Self {
             geth: secs(geth),
             sidecars: secs(sidecars),
@@ -313,10 +314,10 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
         .iter_mut()
         .map(|s| s.as_mut().unwrap().proc_mut().pid())
         .collect();
-    let before: Vec<(u64, u64)> = pids.iter().map(|&p| proc_stat(p)).collect();
+    let before: Vec<(u64, Duration)> = pids.iter().map(|&p| proc_stat(p)).collect();
     let window = Duration::from_secs(60);
     tokio::time::sleep(window).await;
-    let after: Vec<(u64, u64)> = pids.iter().map(|&p| proc_stat(p)).collect();
+    let after: Vec<(u64, Duration)> = pids.iter().map(|&p| proc_stat(p)).collect();
     let reqs = m.cluster.audited_requests(&user);
     let new_reqs = &reqs[before_reqs.len().min(reqs.len())..];
     let writes = new_reqs
@@ -324,8 +325,12 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
         .filter(|(v, _, _)| matches!(v.as_str(), "create" | "update" | "patch" | "delete"))
         .count();
     let max_rss = after.iter().map(|a| a.0).max().unwrap_or(0);
-    let cpu_ticks: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
-    let cpu_pct = cpu_ticks as f64 / 100.0 / window.as_secs_f64() / n as f64 * 100.0;
+    let cpu: Duration = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.1.saturating_sub(b.1))
+        .sum();
+    let cpu_pct = cpu.as_secs_f64() / window.as_secs_f64() / n as f64 * 100.0;
     rows.push(Row {
         what: format!("sidecar RSS at idle (max of {n})"),
         value: format!("{:.1} MiB", max_rss as f64 / 1024.0),

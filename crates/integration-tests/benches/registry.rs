@@ -99,15 +99,9 @@ fn variants() -> Vec<(&'static str, Variant)> {
     .collect()
 }
 
-/// The apiserver's CPU time so far (utime + stime), from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses): utime is the
-    // 14th field of the line, stime the 15th.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+/// The apiserver's CPU time so far.
+fn apiserver_cpu(pid: u32) -> Duration {
+    integration_tests::cpu_time(pid).expect("the apiserver runs")
 }
 
 /// A client for the namespace's service account with its own connection pool
@@ -214,7 +208,7 @@ async fn run(
     }
 
     let pid = cluster.apiserver_pid().unwrap();
-    let cpu_before = cpu_time(pid);
+    let cpu_before = apiserver_cpu(pid);
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = Vec::with_capacity(n);
     for (i, reg) in registries.iter().enumerate() {
@@ -252,7 +246,7 @@ async fn run(
             }
         }
     }
-    let apiserver_cpu = cpu_time(pid) - cpu_before;
+    let apiserver_cpu = apiserver_cpu(pid) - cpu_before;
     let start = starts.iter().min().copied().unwrap();
     let ends = starts.iter().zip(&outcomes).map(|(s, o)| *s + o.elapsed);
 
@@ -539,7 +533,7 @@ async fn run_leases(cluster: &Cluster, n: usize, label: &'static str, run_no: us
     let leader = tokio::spawn(lease_leader(leader_client, ns.name.clone(), n, t0_rx));
 
     let pid = cluster.apiserver_pid().unwrap();
-    let cpu_before = cpu_time(pid);
+    let cpu_before = apiserver_cpu(pid);
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::with_capacity(n);
     for (i, api) in apis.into_iter().enumerate() {
@@ -584,7 +578,7 @@ async fn run_leases(cluster: &Cluster, n: usize, label: &'static str, run_no: us
     }
     let cap = cap();
     let led = tokio::time::timeout(cap, leader).await;
-    let apiserver_cpu = cpu_time(pid) - cpu_before;
+    let apiserver_cpu = apiserver_cpu(pid) - cpu_before;
     let all_registered = led.ok().map(|done| done.unwrap());
 
     // End state, read as admin.

@@ -58,13 +58,9 @@ use peer_registry::{
 const SIZES: [usize; 3] = [10, 100, 1000];
 const AGENT: &str = "steady-bench/sidecar-";
 
-/// The apiserver's CPU time so far (utime + stime), from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+/// The apiserver's CPU time so far.
+fn apiserver_cpu(pid: u32) -> Duration {
+    integration_tests::cpu_time(pid).expect("the apiserver runs")
 }
 
 /// A client for the namespace's service account with its own connection and
@@ -330,9 +326,9 @@ async fn run(cluster: &Cluster, n: usize, layout: &'static str, quiet: Duration)
 
     // Quiet: no writes at all.
     let pid = cluster.apiserver_pid().unwrap();
-    let (from, cpu0) = (jiff::Timestamp::now(), cpu_time(pid));
+    let (from, cpu0) = (jiff::Timestamp::now(), apiserver_cpu(pid));
     tokio::time::sleep(quiet).await;
-    let (to, idle_cpu) = (jiff::Timestamp::now(), cpu_time(pid) - cpu0);
+    let (to, idle_cpu) = (jiff::Timestamp::now(), apiserver_cpu(pid) - cpu0);
     let quiet_reqs = requests_between(cluster, AGENT, from, to);
     let mut verbs: BTreeMap<String, usize> = BTreeMap::new();
     for e in &quiet_reqs {
@@ -361,7 +357,7 @@ async fn run(cluster: &Cluster, n: usize, layout: &'static str, quiet: Duration)
             DEFAULT_NAME,
         ))
     };
-    let (from, cpu0) = (jiff::Timestamp::now(), cpu_time(pid));
+    let (from, cpu0) = (jiff::Timestamp::now(), apiserver_cpu(pid));
     let t0 = Instant::now();
     let new_member = test_member("geth-new", n as u32 + 7);
     changer.upsert(new_member.clone()).await.unwrap();
@@ -393,7 +389,7 @@ async fn run(cluster: &Cluster, n: usize, layout: &'static str, quiet: Duration)
     };
     all_at(&followers, &rv, Duration::from_secs(300)).await;
     let visible_to_all = t0.elapsed();
-    let change_cpu = cpu_time(pid) - cpu0;
+    let change_cpu = apiserver_cpu(pid) - cpu0;
     let to = jiff::Timestamp::now();
     // The changer's writes, and the followers' (the lease layout's publisher).
     let change_writes = requests_between(cluster, "steady-bench/", from, to)

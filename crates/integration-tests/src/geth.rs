@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::{
-    Bridge, Error, Netns, Proc, Result, TestContext, eventually, io_err, ipc_call, testbed,
+    Bridge, Error, Netns, Proc, Result, TestContext, cpu_time, eventually, io_err, ipc_call,
+    testbed,
 };
 
 /// The p2p port every node listens on (each node has its own IP).
@@ -121,26 +122,15 @@ impl GethNet {
         const WINDOW: Duration = Duration::from_millis(500);
         let started = tokio::time::Instant::now();
         let pids: Vec<u32> = self.nodes.iter().filter_map(GethNode::pid).collect();
-        // Clock ticks (1/100 s) of CPU, user and system, of the nodes together.
-        let ticks = || -> u64 {
-            pids.iter()
-                .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-                .filter_map(|stat| {
-                    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-                    Some(
-                        fields.get(11)?.parse::<u64>().ok()?
-                            + fields.get(12)?.parse::<u64>().ok()?,
-                    )
-                })
-                .sum()
-        };
-        let quiet = WINDOW.as_secs_f64() * 100.0 * 0.01 * pids.len() as f64;
-        let mut before = ticks();
+        // The CPU the nodes have used together.
+        let used = || -> Duration { pids.iter().filter_map(|&pid| cpu_time(pid)).sum() };
+        let quiet = WINDOW.mul_f64(0.01 * pids.len() as f64);
+        let mut before = used();
         loop {
             // The measurement window of a poll with a deadline.
             tokio::time::sleep(WINDOW).await;
-            let now = ticks();
-            if (now.saturating_sub(before) as f64) < quiet {
+            let now = used();
+            if now.saturating_sub(before) < quiet {
                 return Ok(started.elapsed());
             }
             if started.elapsed() >= timeout {

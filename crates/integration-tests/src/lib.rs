@@ -34,7 +34,7 @@ pub use geth::{GethNet, GethNode, HTTP_PORT, NodeSpec, P2P_PORT, WS_PORT};
 pub use kube_node::{KubeNode, NODE_NAME, POD_UID};
 pub use mesh::{CONFIGMAP, Mesh, MeshOptions};
 pub use net::{Bridge, Netns, PodRange};
-pub use process::{Proc, processes_referring_to};
+pub use process::{Proc, cpu_time, processes_referring_to};
 pub use release::{
     CHART_CONFIGMAP, CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, PodView, Release,
     SMALL_NODE_VALUES,

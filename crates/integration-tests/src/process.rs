@@ -10,6 +10,17 @@ use nix::unistd::Pid;
 
 use crate::{Error, Result, TestContext, io_err};
 
+/// The CPU time (user + system) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (clock ticks of 10 ms); `None` once it is gone.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (in parentheses, which may hold
+    // spaces): utime is the 14th field of the line, stime the 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// A running child process.
 ///
 /// It runs in its own process group under `setpriv --pdeathsig KILL` (so it dies
