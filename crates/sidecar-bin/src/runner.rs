@@ -512,8 +512,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// jitter is deterministic.
     async fn event_loop(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut watch = self.registry.watch();
-        self.watch_listed = false;
+        let mut watch = self.open_watch();
         let mut events: Option<PeerEventStream> = None;
         let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
         let mut probe_at = tokio::time::Instant::now() + self.s.probe_interval;
@@ -577,8 +576,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 let ended = taken.ended;
                 dirty |= self.on_watch_items(taken);
                 if ended {
-                    watch = self.registry.watch();
-                    self.watch_listed = false;
+                    watch = self.open_watch();
                 }
                 if events.is_none() && self.geth_state == GethState::Up {
                     let subscribed = tokio::select! {
@@ -629,8 +627,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     let ended = items.ended;
                     dirty |= self.on_watch_items(items);
                     if ended {
-                        watch = self.registry.watch();
-                    self.watch_listed = false;
+                        watch = self.open_watch();
                     }
                 },
                 ev = next_event(&mut events) => match ev {
@@ -663,6 +660,15 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 () = pod_changes.notified() => dirty = true,
             }
         }
+    }
+
+    /// A new registry watch: its first snapshot will be its list
+    /// (`watch_listed`).
+    fn open_watch(
+        &mut self,
+    ) -> futures::stream::BoxStream<'static, peer_registry::Result<Snapshot>> {
+        self.watch_listed = false;
+        self.registry.watch()
     }
 
     /// Takes in what the registry watch yielded since the last look: the
@@ -1714,7 +1720,17 @@ mod tests {
 
     #[test]
     fn registrations_in_a_watchs_first_list_are_noted_as_listed_and_later_ones_as_changes() {
-        let mut r = runner(MockAdminApi::new(), pod_ip());
+        let mut reg = registry(snapshot("10"));
+        reg.expect_watch()
+            .returning(|| futures::stream::pending().boxed());
+        let mut r = Runner::new(
+            Arc::new(MockAdminApi::new()),
+            Arc::new(reg),
+            settings(pod_ip()),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(None)),
+        );
+        drop(r.open_watch());
         // Held: geth-0 only. Each step's snapshot holds members 0..n.
         let with = |rv: &str, n: usize| {
             let mut snap = snapshot(rv);
@@ -1739,7 +1755,7 @@ mod tests {
         assert!(!r.registrations_listed.contains_key(&id(2)));
         // A restarted watch begins with a list again: geth-0's pod was
         // replaced (a new UID) meanwhile.
-        r.watch_listed = false;
+        drop(r.open_watch());
         let mut snap = with("13", 3);
         if let Some(rec) = snap.members.get_mut("geth-0") {
             rec.pod_uid = Some("new-uid".into());
