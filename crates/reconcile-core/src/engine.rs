@@ -48,7 +48,10 @@ fn late_learner_yields_until(
     peer: &NodeId,
 ) -> Option<Timestamp> {
     let mine = *obs.registrations_landed.get(me)?;
-    let learned = *obs.registrations_listed.get(peer)?;
+    if !obs.registrations_listed.contains(peer) {
+        return None;
+    }
+    let learned = *obs.registrations_landed.get(peer)?;
     let late = elapsed(learned, mine) > config.dial_grace.saturating_sub(DIAL_MARGIN);
     let until = learned.checked_add(config.dial_grace * 3).ok()?;
     (late && obs.now < until).then_some(until)

@@ -1,7 +1,7 @@
 //! What the engine is told: the observed state of this node, its geth, the
 //! registry and (optionally) the pods.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use geth_ipc::{Enode, NodeId};
 use jiff::Timestamp;
@@ -45,6 +45,7 @@ pub struct PodObservation {
 static NO_PEERS: BTreeMap<NodeId, PeerObservation> = BTreeMap::new();
 static NO_TIMES: BTreeMap<NodeId, Timestamp> = BTreeMap::new();
 static NO_REASONS: BTreeMap<NodeId, String> = BTreeMap::new();
+static NO_IDS: BTreeSet<NodeId> = BTreeSet::new();
 
 /// Everything one reconcile pass knows. Borrowed: the caller keeps its state.
 ///
@@ -105,7 +106,7 @@ pub struct Observation<'a> {
     /// may have landed well before it saw them. The member with the newer
     /// record leaves the first dial of such a pair to the other side when it
     /// saw it late (see [`Config::dial_grace`](crate::Config::dial_grace)).
-    pub registrations_listed: &'a BTreeMap<NodeId, Timestamp>,
+    pub registrations_listed: &'a BTreeSet<NodeId>,
     /// When this observer's last round of probes started. A member it is not
     /// connected to and whose registration it first saw after that (see
     /// `registrations_seen`) has not been checked at all: the partition guard
@@ -134,7 +135,7 @@ impl<'a> Observation<'a> {
             blind_adds: &NO_TIMES,
             registrations_seen: &NO_TIMES,
             registrations_landed: &NO_TIMES,
-            registrations_listed: &NO_TIMES,
+            registrations_listed: &NO_IDS,
             probed_at: None,
         }
     }

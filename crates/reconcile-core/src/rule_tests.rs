@@ -1,6 +1,6 @@
 //! One test per rule, named by the behaviour.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use geth_ipc::{Enode, Host, NodeId};
@@ -997,9 +997,11 @@ fn the_newer_member_that_saw_the_pair_late_in_a_watch_list_leaves_the_first_dial
     let applied = BTreeMap::new();
     let late = BTreeMap::from([(b.node_id(), at(1)), (a.node_id(), at(5))]);
     let config = Config::default();
+    // geth-0's record was first seen in a watch's list.
+    let listed = BTreeSet::from([a.node_id()]);
     let obs = |now, landed| Observation {
         registrations_landed: landed,
-        registrations_listed: landed,
+        registrations_listed: &listed,
         ..Observation::new(now, &me, Some(&snap), &applied)
     };
     let p = plan(&config, &obs(at(5), &late));
@@ -1016,12 +1018,10 @@ fn the_newer_member_that_saw_the_pair_late_in_a_watch_list_leaves_the_first_dial
     assert_eq!(p.report.recheck_at, None);
     // Seen landing as a change, however late: it has just landed, and the
     // other side's grace runs from when it saw ours, after that. At once.
-    let listed = BTreeMap::from([(b.node_id(), at(1))]);
     let p = plan(
         &config,
         &Observation {
             registrations_landed: &late,
-            registrations_listed: &listed,
             ..Observation::new(at(5), &me, Some(&snap), &applied)
         },
     );

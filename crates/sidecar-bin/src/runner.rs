@@ -359,7 +359,7 @@ struct Runner<G, R> {
     /// registry (see `note_new_registrations`).
     registrations_landed: BTreeMap<NodeId, jiff::Timestamp>,
     /// Those of `registrations_landed` first seen in a watch's list.
-    registrations_listed: BTreeMap<NodeId, jiff::Timestamp>,
+    registrations_listed: BTreeSet<NodeId>,
     /// Whether the current registry watch has delivered its list: its first
     /// snapshot is that list, the later ones are changes.
     watch_listed: bool,
@@ -500,7 +500,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             rng: rand::rngs::StdRng::seed_from_u64(s_seed),
             registrations_seen: BTreeMap::new(),
             registrations_landed: BTreeMap::new(),
-            registrations_listed: BTreeMap::new(),
+            registrations_listed: BTreeSet::new(),
             watch_listed: false,
             probed_at: None,
         }
@@ -795,7 +795,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             if !known && held.is_some() {
                 self.registrations_landed.insert(record.node_id, now);
                 if listed {
-                    self.registrations_listed.insert(record.node_id, now);
+                    self.registrations_listed.insert(record.node_id);
                 } else {
                     self.registrations_listed.remove(&record.node_id);
                 }
@@ -806,7 +806,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.registrations_landed
             .retain(|id, _| snap.member_by_node_id(id).is_some());
         self.registrations_listed
-            .retain(|id, _| snap.member_by_node_id(id).is_some());
+            .retain(|id| snap.member_by_node_id(id).is_some());
     }
 
     /// Returns true when the event calls for a reconcile (any change of the peer
@@ -1748,11 +1748,11 @@ mod tests {
         // The watch's first snapshot is its list: geth-1 may have landed long ago.
         assert!(r.on_watch_items(items(with("11", 2))));
         assert!(r.registrations_landed.contains_key(&id(1)));
-        assert!(r.registrations_listed.contains_key(&id(1)));
+        assert!(r.registrations_listed.contains(&id(1)));
         // Later snapshots are changes: geth-2 has just landed.
         assert!(r.on_watch_items(items(with("12", 3))));
         assert!(r.registrations_landed.contains_key(&id(2)));
-        assert!(!r.registrations_listed.contains_key(&id(2)));
+        assert!(!r.registrations_listed.contains(&id(2)));
         // A restarted watch begins with a list again: geth-0's pod was
         // replaced (a new UID) meanwhile.
         drop(r.open_watch());
@@ -1761,8 +1761,8 @@ mod tests {
             rec.pod_uid = Some("new-uid".into());
         }
         assert!(r.on_watch_items(items(snap)));
-        assert!(r.registrations_listed.contains_key(&id(0)));
-        assert!(!r.registrations_listed.contains_key(&id(2)));
+        assert!(r.registrations_listed.contains(&id(0)));
+        assert!(!r.registrations_listed.contains(&id(2)));
     }
 
     #[tokio::test]
