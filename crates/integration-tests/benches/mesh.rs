@@ -15,6 +15,9 @@
 //! requests per minute (from the audit log).
 //!
 //! Each for both registry layouts (`MESH_LAYOUTS`, default "configmap leases").
+//! With each full mesh: the CPU each part used, and the reconcile passes each
+//! sidecar ran. `MESH_GETH_PROFILE=<dir>` also writes geth's own CPU profile of
+//! each node for that span (see [`start_geth_profiles`]).
 //!
 //! geth dials at most `maxpeers/3` peers; the newest member of a pair dials it,
 //! so the last one up dials N-1: every node runs with `--maxpeers` max(50, 3N).
@@ -28,7 +31,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Mesh, MeshOptions, NodeSpec, cpu_time, eventually};
+use futures::StreamExt;
+use geth_ipc::{AdminApi, ClientOptions, Endpoint, GethClient, NodeId, PeerEventKind};
+use integration_tests::{Mesh, MeshOptions, NodeSpec, cpu_time, eventually, ipc_call};
+use tokio::task::JoinHandle;
 
 const POLL_LIMIT: Duration = Duration::from_secs(120);
 /// A stage slower than this prints the links still missing (once).
@@ -99,6 +105,40 @@ struct Row {
     value: String,
 }
 
+/// geth's own view of one node's links, from its peer events: resolves to
+/// when the node first had every peer of `want`, confirmed by `admin_peers`.
+/// Opened before the sidecars start, it costs geth nothing while the mesh
+/// forms (polling `admin_peers` of 30 nodes every 10 ms did: geth decodes
+/// each peer's public key for each answer).
+fn track_links(ipc: std::path::PathBuf, want: BTreeSet<NodeId>) -> JoinHandle<Instant> {
+    tokio::spawn(async move {
+        let geth = GethClient::connect(Endpoint::Ipc(ipc), ClientOptions::default())
+            .await
+            .unwrap();
+        let mut events = geth.peer_events().await.unwrap();
+        let ids = |peers: Vec<geth_ipc::PeerInfo>| -> BTreeSet<NodeId> {
+            peers.into_iter().map(|p| p.id).collect()
+        };
+        let mut linked = ids(geth.peers().await.unwrap());
+        loop {
+            if linked.is_superset(&want) {
+                let at = Instant::now();
+                let confirmed = ids(geth.peers().await.unwrap());
+                if confirmed.is_superset(&want) {
+                    return at;
+                }
+                linked = confirmed;
+            }
+            let ev = events.next().await.unwrap().unwrap();
+            match ev.kind {
+                PeerEventKind::Add => linked.insert(ev.peer),
+                PeerEventKind::Drop => linked.remove(&ev.peer),
+                _ => false,
+            };
+        }
+    })
+}
+
 /// When each stage of a mesh forming was first seen, from `t0`.
 struct Stages {
     registered: Duration,
@@ -108,8 +148,14 @@ struct Stages {
 
 /// Polls (every 10 ms, only what is not done yet) until every member of `all`
 /// is registered, every sidecar's desired set holds the N-1 others, and every
-/// geth lists the N-1 others in `admin_peers`.
-async fn stages(m: &Mesh, all: &[usize], t0: Instant) -> Stages {
+/// geth lists the N-1 others in `admin_peers`; or, given `links` (one
+/// [`track_links`] per member), until each of those has resolved.
+async fn stages(
+    m: &Mesh,
+    all: &[usize],
+    t0: Instant,
+    mut links: Option<Vec<JoinHandle<Instant>>>,
+) -> Stages {
     let n = all.len();
     let want_pods: BTreeSet<String> = all
         .iter()
@@ -143,7 +189,15 @@ async fn stages(m: &Mesh, all: &[usize], t0: Instant) -> Stages {
                 desired = Some(t0.elapsed());
             }
         }
-        if mesh.is_none() {
+        if let Some(handles) = links.as_mut().filter(|_| mesh.is_none()) {
+            if handles.iter().all(JoinHandle::is_finished) {
+                let mut last = t0;
+                for h in handles.drain(..) {
+                    last = last.max(h.await.unwrap());
+                }
+                mesh = Some(last - t0);
+            }
+        } else if mesh.is_none() {
             let mut done = Vec::new();
             let ids = &ids;
             let reads = mesh_left
@@ -177,6 +231,40 @@ async fn stages(m: &Mesh, all: &[usize], t0: Instant) -> Stages {
     }
 }
 
+/// `MESH_GETH_PROFILE=<dir>`: geth's own CPU profile (`debug_startCPUProfile`
+/// over IPC) of every node from the sidecars' start to full mesh, written to
+/// `<dir>/geth-N<n>-<layout>-<i>.pprof` (all together:
+/// `go tool pprof -top <dir>/geth-N30-leases-*.pprof`).
+async fn start_geth_profiles(m: &Mesh, n: usize, layout: &str) -> Vec<usize> {
+    let Ok(dir) = std::env::var("MESH_GETH_PROFILE") else {
+        return Vec::new();
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..n {
+        let file = format!("{dir}/geth-N{n}-{layout}-{i}.pprof");
+        ipc_call(
+            m.net.nodes()[i].ipc_path(),
+            "debug_startCPUProfile",
+            serde_json::json!([file]),
+        )
+        .await
+        .unwrap();
+    }
+    (0..n).collect()
+}
+
+async fn stop_geth_profiles(m: &Mesh, picked: &[usize]) {
+    for &i in picked {
+        ipc_call(
+            m.net.nodes()[i].ipc_path(),
+            "debug_stopCPUProfile",
+            serde_json::json!([]),
+        )
+        .await
+        .unwrap();
+    }
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -197,7 +285,7 @@ async fn rolling(m: &mut Mesh, layout: &str, rows: &mut Vec<Row>) {
         m.net.node_mut(i).restart_on_new_ip(ip).await.unwrap();
         let t0 = Instant::now();
         m.start_sidecar(i).unwrap();
-        let s = stages(m, &all, t0).await;
+        let s = stages(m, &all, t0, None).await;
         eprintln!(
             "rolling {layout} N={n}: pod {i} registered {} / geth full mesh {}",
             secs(s.registered),
@@ -260,18 +348,44 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
     // Measure from the sidecars' start.
     let geth_pids: Vec<u32> = m.net.nodes().iter().filter_map(|g| g.pid()).collect();
     let cpu_before = Cpu::of(&m, &geth_pids, &[]);
+    let profiled = start_geth_profiles(&m, n, layout).await;
+    let all: Vec<usize> = (0..n).collect();
+    let id = |i: usize| -> NodeId { m.net.node(i).node_id().parse().unwrap() };
+    let links: Vec<_> = all
+        .iter()
+        .map(|&i| {
+            let want = all.iter().filter(|&&j| j != i).map(|&j| id(j)).collect();
+            track_links(m.net.node(i).ipc_path().to_owned(), want)
+        })
+        .collect();
     let t0 = Instant::now();
     for i in 0..n {
         m.start_sidecar(i).unwrap();
     }
-    let all: Vec<usize> = (0..n).collect();
-    let s = stages(&m, &all, t0).await;
+    let s = stages(&m, &all, t0, Some(links)).await;
+    stop_geth_profiles(&m, &profiled).await;
     let sidecar_pids: Vec<u32> = m
         .sidecars
         .iter_mut()
         .filter_map(|s| s.as_mut().map(|s| s.proc_mut().pid()))
         .collect();
     let cpu = Cpu::of(&m, &geth_pids, &sidecar_pids).since(&cpu_before);
+    let mut passes = Vec::new();
+    for i in 0..n {
+        passes.push(
+            m.metric(i, "geth_peer_sidecar_reconciles_total")
+                .await
+                .unwrap_or_default(),
+        );
+    }
+    rows.push(Row {
+        what: format!("  ... reconcile passes per sidecar to full mesh, N={n}: mean / max"),
+        value: format!(
+            "{:.1} / {}",
+            passes.iter().sum::<f64>() / n as f64,
+            passes.iter().copied().fold(0.0, f64::max)
+        ),
+    });
     rows.push(Row {
         what: format!(
             "full mesh, N={n} ({layout}): all registered / all desired sets full / geth full mesh"

@@ -243,6 +243,10 @@ const GETH_RETRY_CAP: Duration = Duration::from_secs(1);
 /// The longest wait between retries of a pass that failed for another reason.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
+/// How long the first pass waits for the registry watch's list before it reads
+/// the registry itself (an apiserver that neither answers nor fails).
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
+
 /// `base` ± 20 %, in whole milliseconds (tokio's timer resolution; whole
 /// milliseconds also keep the simulation's runs identical from run to run).
 fn jittered(rng: &mut rand::rngs::StdRng, base: Duration) -> Duration {
@@ -513,6 +517,29 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     async fn event_loop(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut watch = self.open_watch();
+        // The first pass reads the registry from the watch's list: one list
+        // per start instead of a read for the first pass and the watch's list
+        // after it, and the watch follows the registry from before this pod
+        // registers. (It opened after the first pass before: at N=30 on 2
+        // cores those second lists took up to 0.45 s each under load and the
+        // last sidecar's watch opened 1.1 s after its start, so it learned of
+        // the others that late.) A watch with nothing to say within
+        // FIRST_LIST_WAIT leaves the first pass to read the registry itself.
+        let first = tokio::select! {
+            biased;
+            _ = &mut shutdown => return,
+            item = watch.next() => Some(item),
+            () = tokio::time::sleep(FIRST_LIST_WAIT) => None,
+        };
+        if let Some(item) = first {
+            let mut items = WatchItems::default();
+            items.push(item);
+            let ended = items.ended;
+            self.on_watch_items(items);
+            if ended {
+                watch = self.open_watch();
+            }
+        }
         let mut events: Option<PeerEventStream> = None;
         let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
         let mut probe_at = tokio::time::Instant::now() + self.s.probe_interval;
@@ -521,19 +548,15 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let pod_changes = self.s.pod_changes.clone();
         let mut arrived = WatchItems::default();
-        let mut first_pass_done = false;
         loop {
             if dirty {
                 dirty = false;
                 // A pass may wait on a hung geth or a slow apiserver: SIGTERM
                 // abandons it so deregistration fits the pod's grace period.
                 //
-                // After the first pass, the registry watch is read while a pass
-                // runs (its items wait in `arrived`): a burst of events that
-                // lands during a pass costs one more pass, not one per event.
-                // Not during the first pass: its list then competes with the
-                // registration (30 sidecars starting on 2 cores registered in
-                // 3.7 to 4.7 s instead of 2.6 to 2.7 s).
+                // The registry watch is read while a pass runs (its items wait
+                // in `arrived`): a burst of events that lands during a pass
+                // costs one more pass, not one per event.
                 let outcome = {
                     let pass = self.reconcile();
                     tokio::pin!(pass);
@@ -542,11 +565,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                             biased;
                             _ = &mut shutdown => return,
                             outcome = &mut pass => break outcome,
-                            item = watch.next(), if first_pass_done && !arrived.ended => arrived.push(item),
+                            item = watch.next(), if !arrived.ended => arrived.push(item),
                         }
                     }
                 };
-                first_pass_done = true;
                 match outcome {
                     Ok(()) => {
                         retry_at = None;
@@ -630,18 +652,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                         watch = self.open_watch();
                     }
                 },
-                ev = next_event(&mut events) => match ev {
-                    Some(Ok(ev)) => dirty |= self.on_peer_event(ev),
-                    Some(Err(e)) => {
-                        info!(error = %e, "geth peer-event subscription ended (geth restarted?); checking geth");
-                        events = None;
-                        dirty = true;
-                    }
-                    None => {
-                        events = None;
-                        dirty = true;
-                    }
-                },
+                ev = next_event(&mut events) => dirty |= self.on_peer_events(ev, &mut events),
                 _ = tokio::time::sleep_until(resync_at) => {
                     resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
                     debug!("periodic resync");
@@ -811,6 +822,36 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 
     /// Returns true when the event calls for a reconcile (any change of the peer
     /// set but an incompatible peer's drop, which geth's redial repeats).
+    /// Takes in `first` and every other peer event geth has ready, as the
+    /// watch's items are: one pass for all of them. (One pass each before: at
+    /// N=30, the 29 links of a node forming meant up to 29 passes, each with
+    /// an `admin_peers`, which geth answers by decoding every peer's key.)
+    /// Drops the subscription when it ended. True when a pass is due.
+    fn on_peer_events(
+        &mut self,
+        first: Option<geth_ipc::Result<PeerEvent>>,
+        events: &mut Option<PeerEventStream>,
+    ) -> bool {
+        let mut dirty = false;
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                Some(Ok(ev)) => dirty |= self.on_peer_event(ev),
+                Some(Err(e)) => {
+                    info!(error = %e, "geth peer-event subscription ended (geth restarted?); checking geth");
+                    *events = None;
+                    dirty = true;
+                }
+                None => {
+                    *events = None;
+                    dirty = true;
+                }
+            }
+            next = events.as_mut().and_then(|s| s.next().now_or_never());
+        }
+        dirty
+    }
+
     fn on_peer_event(&mut self, ev: PeerEvent) -> bool {
         match ev.kind {
             PeerEventKind::Add => {
@@ -1812,6 +1853,8 @@ mod tests {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let driver = async {
+            // The watch's list comes first: the first pass waits for it.
+            tx.send(only("10", &[0])).await.expect("send");
             // An event starts the second pass, held open in admin_nodeInfo;
             // three more land meanwhile and are read at once.
             tx.send(only("11", &[0, 1, 2])).await.expect("send");
@@ -1845,6 +1888,49 @@ mod tests {
             metrics.reconciles.get(),
             4,
             "the first two passes, one for the three events, one for the marker"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_pass_registers_from_the_watchs_list_without_a_registry_read_of_its_own() {
+        // The registry holds geth-1 and geth-2; this pod (geth-0) is not in it.
+        let mut listed = snapshot("10");
+        listed.members.remove("geth-0");
+        let mut reg = MockPeerRegistry::new();
+        reg.expect_snapshot().times(0);
+        let registered = Arc::new(tokio::sync::Notify::new());
+        let upserted = registered.clone();
+        let after = snapshot("11");
+        reg.expect_upsert().times(1).returning(move |_| {
+            upserted.notify_one();
+            Ok(after.clone())
+        });
+        let list = listed.clone();
+        reg.expect_watch().times(1).returning(move || {
+            futures::stream::iter([Ok(list.clone())])
+                .chain(futures::stream::pending())
+                .boxed()
+        });
+        let mut g = geth("10.0.0.1");
+        g.expect_add_peer().returning(|_| Ok(true));
+        g.expect_peer_events()
+            .returning(|| Err(geth_ipc::Error::ConnectionLost));
+        let metrics = Arc::new(Metrics::new());
+        let mut r = Runner::new(
+            Arc::new(g),
+            Arc::new(reg),
+            settings(pod_ip()),
+            metrics.clone(),
+            Arc::new(Health::new(None)),
+        );
+        r.event_loop(registered.notified()).await;
+        assert_eq!(metrics.reconciles.get(), 1, "registered in the first pass");
+        assert_eq!(
+            r.snapshot
+                .as_ref()
+                .and_then(|s| s.resource_version.as_deref()),
+            Some("11"),
+            "the registration's own snapshot is held"
         );
     }
 
@@ -2077,6 +2163,39 @@ mod tests {
         };
         assert!(r.on_peer_event(ev));
         assert!(r.connected.contains(&enode(1).node_id()));
+    }
+
+    #[tokio::test]
+    async fn peer_events_ready_together_are_taken_in_together_for_one_pass() {
+        let mut r = runner(geth("10.0.0.1"), pod_ip());
+        let add = |i: usize| {
+            Ok(PeerEvent {
+                kind: PeerEventKind::Add,
+                peer: enode(i).node_id(),
+                error: None,
+                protocol: None,
+                local: None,
+                remote: None,
+            })
+        };
+        let ready: PeerEventStream = futures::stream::iter([add(2)])
+            .chain(futures::stream::pending())
+            .boxed();
+        let mut events = Some(ready);
+        assert!(r.on_peer_events(Some(add(1)), &mut events));
+        for i in [1, 2] {
+            assert!(
+                r.connected.contains(&enode(i).node_id()),
+                "node {i}'s link is taken in with the first"
+            );
+        }
+        assert!(events.is_some(), "the subscription stays");
+        // An ended subscription is dropped (and re-made after the next pass).
+        let ended: PeerEventStream =
+            futures::stream::iter([Err(geth_ipc::Error::ConnectionLost)]).boxed();
+        let mut events = Some(ended);
+        assert!(r.on_peer_events(Some(add(2)), &mut events));
+        assert!(events.is_none());
     }
 
     #[test]
