@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Installs the few system tools the test bed and demo use, if missing (Debian):
-# the real node needs runc, the CNI plugins, nftables (kube-proxy) and a static
-# busybox (the shell of the locally assembled geth image). The image checks
+# gcc and libc6-dev build geth with cgo; the real node needs runc, the CNI
+# plugins, nftables (kube-proxy) and a static busybox (the shell of the locally
+# assembled geth image). The image checks
 # cross-compile the arm64 binary (Debian's cross gcc and arm64 libc) and run it
 # under qemu-user; file and readelf prove both binaries static.
 set -euo pipefail
 missing=()
 for pair in ip:iproute2 setpriv:util-linux openssl:openssl ps:procps \
-  runc:runc nft:nftables file:file readelf:binutils \
+  runc:runc nft:nftables file:file readelf:binutils gcc:gcc \
   aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 # The real node: CNI plugins (bridge, host-local, loopback) for containerd.
 [[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+# geth is built with cgo and linked statically, as its releases are.
+dpkg -s libc6-dev >/dev/null 2>&1 || missing+=(libc6-dev)
 dpkg -s libc6-dev-arm64-cross >/dev/null 2>&1 || missing+=(libc6-dev-arm64-cross)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

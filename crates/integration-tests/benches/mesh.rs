@@ -370,22 +370,6 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
         .filter_map(|s| s.as_mut().map(|s| s.proc_mut().pid()))
         .collect();
     let cpu = Cpu::of(&m, &geth_pids, &sidecar_pids).since(&cpu_before);
-    let mut passes = Vec::new();
-    for i in 0..n {
-        passes.push(
-            m.metric(i, "geth_peer_sidecar_reconciles_total")
-                .await
-                .unwrap_or_default(),
-        );
-    }
-    rows.push(Row {
-        what: format!("  ... reconcile passes per sidecar to full mesh, N={n}: mean / max"),
-        value: format!(
-            "{:.1} / {}",
-            passes.iter().sum::<f64>() / n as f64,
-            passes.iter().copied().fold(0.0, f64::max)
-        ),
-    });
     rows.push(Row {
         what: format!(
             "full mesh, N={n} ({layout}): all registered / all desired sets full / geth full mesh"
@@ -409,6 +393,22 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
             cpu.etcd,
             cpu.bench,
             cpu.total() / s.mesh.as_secs_f64()
+        ),
+    });
+    let mut passes = Vec::new();
+    for i in 0..n {
+        passes.push(
+            m.metric(i, "geth_peer_sidecar_reconciles_total")
+                .await
+                .unwrap_or_default(),
+        );
+    }
+    rows.push(Row {
+        what: format!("  ... reconcile passes per sidecar to full mesh, N={n}: mean / max"),
+        value: format!(
+            "{:.1} / {}",
+            passes.iter().sum::<f64>() / n as f64,
+            passes.iter().copied().fold(0.0, f64::max)
         ),
     });
     if roll {
