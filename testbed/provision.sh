@@ -33,11 +33,13 @@ build() {
   local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-} vargs=${7:---version} tags=${8:-}
   local dest="$cache/$name-$version"
   local stamp
-  # The stamp covers the module, its own sources (if any), ldflags and tags.
+  # The stamp covers the module, its own sources (if any), ldflags, tags and cgo.
   local sources=("$here/go/$mod/go.mod")
   [[ -f "$here/go/$mod/go.sum" ]] && sources+=("$here/go/$mod/go.sum")
   sources+=("$here/go/$mod"/*.go)
-  stamp=$(cat "${sources[@]}" <(echo "$ldflags${tags:+ tags=$tags}") 2>/dev/null | sha256sum | cut -c1-16)
+  local cgo=""
+  [[ $CGO_ENABLED == 1 ]] && cgo=" cgo"
+  stamp=$(cat "${sources[@]}" <(echo "$ldflags${tags:+ tags=$tags}$cgo") 2>/dev/null | sha256sum | cut -c1-16)
   if [[ -x "$dest/$name" && "$(cat "$dest/.stamp" 2>/dev/null)" == "$stamp" ]]; then
     log "$name $version: cached at $dest"
   else

@@ -234,34 +234,31 @@ async fn stages(
 /// `MESH_GETH_PROFILE=<dir>`: geth's own CPU profile (`debug_startCPUProfile`
 /// over IPC) of every node from the sidecars' start to full mesh, written to
 /// `<dir>/geth-N<n>-<layout>-<i>.pprof` (all together:
-/// `go tool pprof -top <dir>/geth-N30-leases-*.pprof`).
-async fn start_geth_profiles(m: &Mesh, n: usize, layout: &str) -> Vec<usize> {
+/// `go tool pprof -top <dir>/geth-N30-leases-*.pprof`). True when started.
+async fn start_geth_profiles(m: &Mesh, layout: &str) -> bool {
     let Ok(dir) = std::env::var("MESH_GETH_PROFILE") else {
-        return Vec::new();
+        return false;
     };
     std::fs::create_dir_all(&dir).unwrap();
-    for i in 0..n {
+    let n = m.net.nodes().len();
+    for (i, g) in m.net.nodes().iter().enumerate() {
         let file = format!("{dir}/geth-N{n}-{layout}-{i}.pprof");
         ipc_call(
-            m.net.nodes()[i].ipc_path(),
+            g.ipc_path(),
             "debug_startCPUProfile",
             serde_json::json!([file]),
         )
         .await
         .unwrap();
     }
-    (0..n).collect()
+    true
 }
 
-async fn stop_geth_profiles(m: &Mesh, picked: &[usize]) {
-    for &i in picked {
-        ipc_call(
-            m.net.nodes()[i].ipc_path(),
-            "debug_stopCPUProfile",
-            serde_json::json!([]),
-        )
-        .await
-        .unwrap();
+async fn stop_geth_profiles(m: &Mesh) {
+    for g in m.net.nodes() {
+        ipc_call(g.ipc_path(), "debug_stopCPUProfile", serde_json::json!([]))
+            .await
+            .unwrap();
     }
 }
 
@@ -348,7 +345,7 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
     // Measure from the sidecars' start.
     let geth_pids: Vec<u32> = m.net.nodes().iter().filter_map(|g| g.pid()).collect();
     let cpu_before = Cpu::of(&m, &geth_pids, &[]);
-    let profiled = start_geth_profiles(&m, n, layout).await;
+    let profiled = start_geth_profiles(&m, layout).await;
     let all: Vec<usize> = (0..n).collect();
     let id = |i: usize| -> NodeId { m.net.node(i).node_id().parse().unwrap() };
     let links: Vec<_> = all
@@ -363,7 +360,9 @@ async fn bench_n(n: usize, layout: &str, rows: &mut Vec<Row>, steady: bool, roll
         m.start_sidecar(i).unwrap();
     }
     let s = stages(&m, &all, t0, Some(links)).await;
-    stop_geth_profiles(&m, &profiled).await;
+    if profiled {
+        stop_geth_profiles(&m).await;
+    }
     let sidecar_pids: Vec<u32> = m
         .sidecars
         .iter_mut()

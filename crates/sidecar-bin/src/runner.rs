@@ -434,6 +434,9 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The registry's watch, as the event loop holds it.
+type WatchStream = futures::stream::BoxStream<'static, peer_registry::Result<Snapshot>>;
+
 /// What the registry watch yielded since the event loop last took it in.
 #[derive(Default)]
 struct WatchItems {
@@ -534,11 +537,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         if let Some(item) = first {
             let mut items = WatchItems::default();
             items.push(item);
-            let ended = items.ended;
-            self.on_watch_items(items);
-            if ended {
-                watch = self.open_watch();
-            }
+            // The first pass is due whatever the list held.
+            self.take_watch_items(items, &mut watch);
         }
         let mut events: Option<PeerEventStream> = None;
         let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
@@ -594,12 +594,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     }
                 }
                 self.health.pass_completed();
-                let taken = std::mem::take(&mut arrived);
-                let ended = taken.ended;
-                dirty |= self.on_watch_items(taken);
-                if ended {
-                    watch = self.open_watch();
-                }
+                dirty |= self.take_watch_items(std::mem::take(&mut arrived), &mut watch);
                 if events.is_none() && self.geth_state == GethState::Up {
                     let subscribed = tokio::select! {
                         biased;
@@ -646,11 +641,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                             None => break,
                         }
                     }
-                    let ended = items.ended;
-                    dirty |= self.on_watch_items(items);
-                    if ended {
-                        watch = self.open_watch();
-                    }
+                    dirty |= self.take_watch_items(items, &mut watch);
                 },
                 ev = next_event(&mut events) => dirty |= self.on_peer_events(ev, &mut events),
                 _ = tokio::time::sleep_until(resync_at) => {
@@ -675,11 +666,20 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 
     /// A new registry watch: its first snapshot will be its list
     /// (`watch_listed`).
-    fn open_watch(
-        &mut self,
-    ) -> futures::stream::BoxStream<'static, peer_registry::Result<Snapshot>> {
+    fn open_watch(&mut self) -> WatchStream {
         self.watch_listed = false;
         self.registry.watch()
+    }
+
+    /// [`Runner::on_watch_items`], then a new watch in place of `watch` if
+    /// that one ended. True when a pass is due.
+    fn take_watch_items(&mut self, items: WatchItems, watch: &mut WatchStream) -> bool {
+        let ended = items.ended;
+        let due = self.on_watch_items(items);
+        if ended {
+            *watch = self.open_watch();
+        }
+        due
     }
 
     /// Takes in what the registry watch yielded since the last look: the
@@ -820,8 +820,6 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .retain(|id| snap.member_by_node_id(id).is_some());
     }
 
-    /// Returns true when the event calls for a reconcile (any change of the peer
-    /// set but an incompatible peer's drop, which geth's redial repeats).
     /// Takes in `first` and every other peer event geth has ready, as the
     /// watch's items are: one pass for all of them. (One pass each before: at
     /// N=30, the 29 links of a node forming meant up to 29 passes, each with
@@ -852,6 +850,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         dirty
     }
 
+    /// Returns true when the event calls for a reconcile (any change of the peer
+    /// set but an incompatible peer's drop, which geth's redial repeats).
     fn on_peer_event(&mut self, ev: PeerEvent) -> bool {
         match ev.kind {
             PeerEventKind::Add => {
