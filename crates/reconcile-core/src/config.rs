@@ -51,6 +51,59 @@ pub struct Config {
     /// and is allowed; external peers are never filtered. Default: empty (any
     /// routable address).
     pub member_cidrs: Vec<Cidr>,
+    /// Without trusted pod evidence, a member (or legacy entry) unreachable
+    /// from here is removed only when at least this many other members'
+    /// sidecars, asked to probe it, answered and all of them found it
+    /// unreachable too ([`Observation::confirmations`](crate::Observation::confirmations)):
+    /// one observer's broken path must not remove a live member for everyone.
+    /// With fewer other members reachable from here than this, nobody is
+    /// removed for unreachability. 0 acts on this observer's view alone (with
+    /// the partition guard), which a one-way cut between two pods turns into
+    /// repeated wrong removals. Default: 2.
+    pub confirmations_needed: usize,
+}
+
+/// A configuration the engine refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `dead_after` is shorter than two probe intervals: one late or lost
+    /// probe round would count as a member being dead.
+    #[error(
+        "DEAD_AFTER ({dead_after:?}) must be at least twice PROBE_INTERVAL ({probe_interval:?})"
+    )]
+    DeadAfterTooShort {
+        /// The configured `dead_after`.
+        dead_after: Duration,
+        /// The runtime's probe interval.
+        probe_interval: Duration,
+    },
+}
+
+impl Config {
+    /// Checks the configuration against the runtime's probe interval (how
+    /// often it probes members; the engine itself never probes): `dead_after`
+    /// must cover at least two probe rounds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use reconcile_core::{Config, ConfigError};
+    ///
+    /// let config = Config { dead_after: Duration::from_secs(20), ..Config::default() };
+    /// assert!(config.validate(Duration::from_secs(10)).is_ok());
+    /// assert!(matches!(
+    ///     config.validate(Duration::from_secs(15)),
+    ///     Err(ConfigError::DeadAfterTooShort { .. })
+    /// ));
+    /// ```
+    pub fn validate(&self, probe_interval: Duration) -> Result<(), ConfigError> {
+        if self.dead_after < probe_interval.saturating_mul(2) {
+            return Err(ConfigError::DeadAfterTooShort {
+                dead_after: self.dead_after,
+                probe_interval,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -63,6 +116,7 @@ impl Default for Config {
             stale_entry_after: Duration::from_secs(10),
             member_cidrs: Vec::new(),
             legacy_members: true,
+            confirmations_needed: 2,
         }
     }
 }

@@ -74,9 +74,9 @@ mod plan;
 
 pub use apply::{apply, apply_registry};
 pub use cidr::{Cidr, CidrError};
-pub use config::Config;
-pub use engine::plan;
-pub use observation::{Observation, PeerObservation, PodObservation, SelfIdentity};
+pub use config::{Config, ConfigError};
+pub use engine::{ProbeTarget, plan, probe_targets};
+pub use observation::{Confirmation, Observation, PeerObservation, PodObservation, SelfIdentity};
 pub use plan::{
     GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,
 };

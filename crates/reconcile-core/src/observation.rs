@@ -2,6 +2,7 @@
 //! registry and (optionally) the pods.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use geth_ipc::{Enode, NodeId};
 use jiff::Timestamp;
@@ -42,10 +43,41 @@ pub struct PodObservation {
     pub ip: Option<String>,
 }
 
+/// The latest round of indirect probes of one member: other members' sidecars
+/// asked whether they reach it, because this observer has found it unreachable
+/// for at least [`Config::dead_after`](crate::Config::dead_after) (the members
+/// to ask about are in [`Report::awaiting_confirmation`](crate::Report::awaiting_confirmation)).
+///
+/// Without trusted pod evidence, a member is removed for unreachability only
+/// when at least [`Config::confirmations_needed`](crate::Config::confirmations_needed)
+/// other observers answered in a round made during the current unreachability
+/// and every answer said "unreachable": a one-way broken path, a blocked probe
+/// port or a DNS failure on this observer alone then removes nobody. Any
+/// "reachable" answer vetoes, and restarts the member's `dead_after` from then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Confirmation {
+    /// When the latest round's answers were in, on this observer's clock. A
+    /// round older than the member's current unreachability is not counted.
+    pub at: Timestamp,
+    /// How many other members' sidecars were asked in that round.
+    pub asked: usize,
+    /// How many answered that they cannot reach the member either.
+    pub unreachable: usize,
+    /// How many answered that they reach it (a veto).
+    pub reachable: usize,
+    /// When an asked sidecar last answered "reachable", in this round or an
+    /// earlier one (keep it when a later round replaces the counts): the
+    /// member's `dead_after` runs again from then. `None`: never.
+    pub last_reachable: Option<Timestamp>,
+}
+
 static NO_PEERS: BTreeMap<NodeId, PeerObservation> = BTreeMap::new();
 static NO_TIMES: BTreeMap<NodeId, Timestamp> = BTreeMap::new();
 static NO_REASONS: BTreeMap<NodeId, String> = BTreeMap::new();
 static NO_IDS: BTreeSet<NodeId> = BTreeSet::new();
+static NO_PODS_GONE: BTreeMap<String, String> = BTreeMap::new();
+static NO_ADDRESSES: BTreeMap<NodeId, Vec<IpAddr>> = BTreeMap::new();
+static NO_CONFIRMATIONS: BTreeMap<NodeId, Confirmation> = BTreeMap::new();
 
 /// Everything one reconcile pass knows. Borrowed: the caller keeps its state.
 ///
@@ -110,13 +142,39 @@ pub struct Observation<'a> {
     /// When this observer's last round of probes started. A member it is not
     /// connected to and whose registration it first saw after that (see
     /// `registrations_seen`) has not been checked at all: the partition guard
-    /// does not count it as reachable. `None`: no round yet.
+    /// does not count it as reachable. The same holds for a legacy entry
+    /// (a `static-nodes.json` entry without a record): put the time this
+    /// observer first saw it into `registrations_seen` under its node id.
+    /// `None`: no round yet.
     pub probed_at: Option<Timestamp>,
+    /// Pods this observer's pod watch saw and then saw deleted, or replaced by
+    /// a pod of another UID: pod name → the UID it saw go. A member whose
+    /// record carries exactly that UID for that pod is removed at once, even
+    /// within [`Config::grace_after_register`](crate::Config::grace_after_register)
+    /// (which stays for a pod the watch has never seen), when the pod evidence
+    /// is trusted (see `pods`) and does not show that pod with that UID. Fill
+    /// it only from a watch that is current; forget an entry once no record
+    /// carries its UID.
+    pub pods_gone: &'a BTreeMap<String, String>,
+    /// What the host of each member (and legacy entry) whose enode names a DNS
+    /// host resolved to, by node id. Such a member is held to the same checks
+    /// as an IP by these addresses: all of them routable and inside
+    /// [`Config::member_cidrs`](crate::Config::member_cidrs), and, with
+    /// trusted pod evidence, one of them its pod's IP. A DNS-host member
+    /// absent here (or resolving to nothing) is not dialled, not probed and
+    /// not counted, and is reported; it is not removed. Probe the addresses
+    /// given by [`probe_targets`](crate::probe_targets), not a new lookup.
+    pub resolved: &'a BTreeMap<NodeId, Vec<IpAddr>>,
+    /// For members (and legacy entries) listed in
+    /// [`Report::awaiting_confirmation`](crate::Report::awaiting_confirmation):
+    /// the latest round of indirect probes by other members' sidecars, by node
+    /// id. See [`Confirmation`].
+    pub confirmations: &'a BTreeMap<NodeId, Confirmation>,
 }
 
 impl<'a> Observation<'a> {
-    /// An observation with no connections, no probe failures, no pod evidence and
-    /// no unusable peers.
+    /// An observation with no connections, no probe failures, no pod evidence,
+    /// no unusable peers, no resolved DNS hosts and no confirmations.
     pub fn new(
         now: Timestamp,
         me: &'a SelfIdentity,
@@ -137,6 +195,9 @@ impl<'a> Observation<'a> {
             registrations_landed: &NO_TIMES,
             registrations_listed: &NO_IDS,
             probed_at: None,
+            pods_gone: &NO_PODS_GONE,
+            resolved: &NO_ADDRESSES,
+            confirmations: &NO_CONFIRMATIONS,
         }
     }
 }

@@ -120,14 +120,29 @@ pub enum RemovalReason {
         /// The pod's IP.
         pod_ip: String,
     },
+    /// Pod evidence from this observer's pod watch: it saw the member's pod
+    /// with the record's UID and then saw it deleted or replaced
+    /// ([`Observation::pods_gone`](crate::Observation::pods_gone)). Removed at
+    /// once, without waiting for `grace_after_register`.
+    PodDeleted {
+        /// The pod's UID the watch saw go (the record's UID).
+        uid: String,
+    },
     /// Unreachable from this observer continuously for at least `dead_after`,
-    /// not connected to this geth, and this observer sees a majority.
+    /// not connected to this geth, this observer sees a majority, and (unless
+    /// [`Config::confirmations_needed`](crate::Config::confirmations_needed)
+    /// is 0) every other member asked found it unreachable too.
     Unreachable {
         /// Since when (counted from the record's last update at the earliest).
         since: Timestamp,
         /// For how long, at the time of the plan.
         #[serde(rename = "for")]
         for_: Duration,
+        /// How many other members' sidecars found it unreachable too (0 when
+        /// no confirmation is needed).
+        confirmed: usize,
+        /// How many were asked.
+        asked: usize,
     },
 }
 
@@ -150,11 +165,26 @@ impl fmt::Display for RemovalReason {
                 f,
                 "its enode's address {address} is not its pod's IP {pod_ip}"
             ),
-            Self::Unreachable { since, for_ } => write!(
+            Self::PodDeleted { uid } => write!(
                 f,
-                "unreachable from here since {since} ({} s) and not connected",
-                for_.as_secs()
+                "its pod (UID {uid}) was seen deleted or replaced by this sidecar's pod watch"
             ),
+            Self::Unreachable {
+                since,
+                for_,
+                confirmed,
+                asked,
+            } => {
+                write!(
+                    f,
+                    "unreachable from here since {since} ({} s)",
+                    for_.as_secs()
+                )?;
+                if *asked > 0 {
+                    write!(f, " and from {confirmed} of {asked} other members asked,")?;
+                }
+                f.write_str(" and not connected")
+            }
         }
     }
 }
@@ -292,6 +322,52 @@ pub enum Problem {
         /// The member.
         pod: String,
     },
+    /// A member's enode names a DNS host that has not been resolved (or
+    /// resolved to nothing): not dialled, probed nor counted until it resolves.
+    #[error(
+        "registry key member.{pod} advertises {enode}, a DNS name not resolved: not dialled \
+         nor probed until it resolves to allowed addresses; check the name"
+    )]
+    MemberUnresolved {
+        /// The member.
+        pod: String,
+        /// Its enode.
+        enode: String,
+    },
+    /// A member's DNS host resolves to an address no member may have
+    /// (loopback, unspecified, multicast, link-local, or outside
+    /// [`Config::member_cidrs`](crate::Config::member_cidrs)): the record is
+    /// refused (never dialled nor probed).
+    #[error(
+        "registry key member.{pod} advertises {enode}, which resolves to {address} ({why}): \
+         refused, no geth dials it; fix or delete that key"
+    )]
+    MemberResolvesToRefusedAddress {
+        /// The member.
+        pod: String,
+        /// Its enode.
+        enode: String,
+        /// The refused address.
+        address: String,
+        /// Why it is refused.
+        why: String,
+    },
+    /// With trusted pod evidence, a member's DNS host does not resolve to its
+    /// pod's IP: the record is refused (never dialled nor probed).
+    #[error(
+        "registry key member.{pod} advertises {enode}, which resolves to {resolved}, not to \
+         its pod's IP {pod_ip}: refused, no geth dials it; fix or delete that key"
+    )]
+    MemberResolvesElsewhere {
+        /// The member.
+        pod: String,
+        /// Its enode.
+        enode: String,
+        /// What the host resolved to, comma-separated.
+        resolved: String,
+        /// The pod's IP.
+        pod_ip: String,
+    },
     /// The pod list was not trusted for this pass.
     #[error("pod evidence ignored: {reason}")]
     PodEvidenceIgnored {
@@ -331,6 +407,12 @@ pub struct Report {
     /// Members unreachable from here for at least `dead_after` that are kept
     /// (pod alive, recently registered, or withheld by the partition guard).
     pub unreachable: Vec<PeerRef>,
+    /// Members (and legacy entries, without a pod) unreachable from here for
+    /// at least `dead_after` and removable but for the agreement of other
+    /// observers: ask other members' sidecars to probe them and pass their
+    /// answers in [`Observation::confirmations`](crate::Observation::confirmations)
+    /// (sorted). Also listed in `unreachable`.
+    pub awaiting_confirmation: Vec<PeerRef>,
     /// True when removals for unreachability were withheld because this observer
     /// does not see a strict majority of the registry (it may be the one cut off).
     pub suspected_partition: bool,
@@ -396,6 +478,7 @@ impl fmt::Display for Report {
                         RemovalReason::PodReplaced { .. } => "pod replaced",
                         RemovalReason::PodIpChanged { .. } => "pod IP changed",
                         RemovalReason::AddressNotPods { .. } => "address not the pod's",
+                        RemovalReason::PodDeleted { .. } => "pod deleted",
                         RemovalReason::Unreachable { .. } => "unreachable",
                     }
                 )
@@ -403,6 +486,7 @@ impl fmt::Display for Report {
             .collect();
         list(f, "removing", &removals)?;
         list(f, "unreachable (kept)", &self.unreachable)?;
+        list(f, "awaiting confirmation", &self.awaiting_confirmation)?;
         if self.suspected_partition {
             f.write_str(
                 "; SUSPECTED PARTITION: this node does not see a majority, removals withheld",

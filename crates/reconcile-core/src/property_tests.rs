@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use crate::testkit::{enode_from_secret, t0};
 use crate::{
-    Config, GethAction, Observation, PeerObservation, Plan, PodObservation, Problem,
+    Config, Confirmation, GethAction, Observation, PeerObservation, Plan, PodObservation, Problem,
     RegistryAction, RemovalReason, SelfIdentity, apply, apply_registry, plan,
 };
 
@@ -27,6 +27,8 @@ struct Case {
     unreachable: BTreeMap<NodeId, Timestamp>,
     pods: Option<BTreeMap<String, PodObservation>>,
     unusable: BTreeMap<NodeId, String>,
+    pods_gone: BTreeMap<String, String>,
+    confirmations: BTreeMap<NodeId, Confirmation>,
 }
 
 impl Case {
@@ -36,6 +38,8 @@ impl Case {
             unreachable_since: &self.unreachable,
             pods: self.pods.as_ref(),
             unusable: &self.unusable,
+            pods_gone: &self.pods_gone,
+            confirmations: &self.confirmations,
             ..Observation::new(self.now, &self.me, self.snap.as_ref(), &self.applied)
         }
     }
@@ -103,6 +107,13 @@ prop_compose! {
         unreachable in prop::collection::vec((0usize..POOL, 0i64..2000), 0..6),
         pods in prop::option::of(prop::collection::vec((0usize..POOL, any::<u8>(), any::<u8>()), 0..6)),
         unusable in prop::collection::vec(0usize..POOL, 0..2),
+        confirmations_needed in 0usize..3,
+        // key, round (s before now), unreachable answers, reachable answers, last reachable
+        confirmations in prop::collection::vec(
+            (0usize..POOL, 0i64..2000, 0usize..4, 0usize..3, prop::option::of(0i64..2000)),
+            0..4,
+        ),
+        pods_gone in prop::collection::vec((0usize..POOL, any::<u8>()), 0..3),
     ) -> Option<Case> {
         let now = t0().checked_add(SignedDuration::from_secs(100_000)).ok()?;
         let ago = |s: i64| now.checked_sub(SignedDuration::from_secs(s)).ok();
@@ -166,6 +177,26 @@ prop_compose! {
         for key in unusable {
             unusable_map.insert(id(key)?, "genesis mismatch".to_owned());
         }
+        let mut confirmations_map = BTreeMap::new();
+        for (key, at, unreachable, reachable, last_reachable) in confirmations {
+            let last_reachable = match last_reachable {
+                Some(secs) => Some(ago(secs)?),
+                None => None,
+            };
+            confirmations_map.insert(id(key)?, Confirmation {
+                at: ago(at)?,
+                asked: unreachable + reachable,
+                unreachable,
+                reachable,
+                last_reachable,
+            });
+        }
+        let mut pods_gone_map = BTreeMap::new();
+        for (pod, uid) in pods_gone {
+            if let Some(uid) = opt_uid(uid, pod) {
+                pods_gone_map.insert(format!("geth-{pod}"), uid);
+            }
+        }
         Some(Case {
             config: Config {
                 trusted,
@@ -175,6 +206,7 @@ prop_compose! {
                 member_cidrs: Vec::new(),
                 stale_entry_after: Duration::from_secs(10),
                 legacy_members: true,
+                confirmations_needed,
             },
             now,
             me,
@@ -184,6 +216,8 @@ prop_compose! {
             unreachable: unreachable_map,
             pods,
             unusable: unusable_map,
+            pods_gone: pods_gone_map,
+            confirmations: confirmations_map,
         })
     }
 }
@@ -270,9 +304,23 @@ proptest! {
         let p = c.plan();
         for r in &p.report.removals {
             let since_update = c.now.duration_since(r.record.updated_at).abs();
+            if let RemovalReason::PodDeleted { uid } = &r.reason {
+                // Seen deleted by the pod watch: no grace, but trusted evidence.
+                prop_assert_eq!(c.pods_gone.get(&r.record.pod), Some(uid));
+                let trusted = c.pods.is_some()
+                    && !p.report.problems.iter().any(|p| matches!(p, Problem::PodEvidenceIgnored { .. }));
+                prop_assert!(trusted);
+                continue;
+            }
             prop_assert!(since_update >= SignedDuration::try_from(c.config.grace_after_register).unwrap_or(SignedDuration::MAX));
-            if let RemovalReason::Unreachable { for_, .. } = &r.reason {
+            if let RemovalReason::Unreachable { for_, confirmed, .. } = &r.reason {
                 prop_assert!(*for_ >= c.config.dead_after);
+                // Agreement: enough other observers, none reaching it.
+                prop_assert!(*confirmed >= c.config.confirmations_needed);
+                if c.config.confirmations_needed > 0 {
+                    let round = c.confirmations.get(&r.record.enode.node_id());
+                    prop_assert!(round.is_some_and(|round| round.reachable == 0));
+                }
                 let no_pod_evidence = c.pods.is_none()
                     || p.report.problems.iter().any(|p| matches!(p, Problem::PodEvidenceIgnored { .. }));
                 prop_assert!(no_pod_evidence);

@@ -7,145 +7,15 @@ use geth_ipc::{Enode, Host, NodeId};
 use jiff::Timestamp;
 use peer_registry::Snapshot;
 
-use crate::testkit::{at, enode, identity, record, snapshot, t0};
+use crate::testkit::{
+    World, at, dialled, identity, node, record, removed_pods, snapshot, t0, upserts,
+};
 use crate::{
-    Config, GethAction, Observation, PeerObservation, Plan, PodObservation, Problem,
-    RegistryAction, RemovalReason, SelfIdentity, apply, apply_registry, plan,
+    Config, GethAction, Observation, PeerObservation, Plan, Problem, RegistryAction, RemovalReason,
+    plan,
 };
 
 use GethAction::{AddPeer, AddTrustedPeer, RemovePeer, RemoveTrustedPeer};
-
-/// A test world: self is `geth-0` (key 1, 10.0.0.1); members `geth-N` have key N+1.
-struct World {
-    config: Config,
-    now: Timestamp,
-    me: SelfIdentity,
-    snap: Option<Snapshot>,
-    applied: BTreeMap<NodeId, Enode>,
-    connected: BTreeMap<NodeId, PeerObservation>,
-    unreachable: BTreeMap<NodeId, Timestamp>,
-    pods: Option<BTreeMap<String, PodObservation>>,
-    unusable: BTreeMap<NodeId, String>,
-    seen: BTreeMap<NodeId, Timestamp>,
-    probed_at: Option<Timestamp>,
-}
-
-fn node(i: u8) -> Enode {
-    enode(i + 1, i + 1)
-}
-
-impl World {
-    /// Self plus `n` other members, all registered long ago, all applied.
-    fn mesh(n: u8) -> Self {
-        let me = identity("geth-0", &node(0));
-        let long_ago = t0();
-        let mut records = vec![record("geth-0", &node(0), long_ago)];
-        let mut applied = BTreeMap::new();
-        for i in 1..=n {
-            records.push(record(&format!("geth-{i}"), &node(i), long_ago));
-            applied.insert(node(i).node_id(), node(i));
-        }
-        Self {
-            config: Config::default(),
-            now: at(3600),
-            me,
-            snap: Some(snapshot(records)),
-            applied,
-            connected: BTreeMap::new(),
-            unreachable: BTreeMap::new(),
-            pods: None,
-            unusable: BTreeMap::new(),
-            seen: BTreeMap::new(),
-            probed_at: None,
-        }
-    }
-
-    /// Seconds before now.
-    fn ago(&self, secs: i64) -> Timestamp {
-        self.now
-            .checked_sub(jiff::SignedDuration::from_secs(secs))
-            .expect("in range")
-    }
-
-    fn snap_mut(&mut self) -> &mut Snapshot {
-        self.snap.get_or_insert_with(Snapshot::default)
-    }
-
-    fn connect(&mut self, i: u8) {
-        self.connected.insert(
-            node(i).node_id(),
-            PeerObservation {
-                eth_ready: true,
-                inbound: false,
-            },
-        );
-    }
-
-    /// Member `i` unreachable since `secs_ago` seconds before now.
-    fn unreachable_for(&mut self, i: u8, secs_ago: i64) {
-        let since = self
-            .now
-            .checked_sub(jiff::SignedDuration::from_secs(secs_ago))
-            .expect("in range");
-        self.unreachable.insert(node(i).node_id(), since);
-    }
-
-    /// Pod evidence: self plus the listed members' pods as recorded.
-    fn pods_of(&mut self, members: &[u8]) {
-        let mut pods = BTreeMap::new();
-        for &i in std::iter::once(&0).chain(members) {
-            pods.insert(
-                format!("geth-{i}"),
-                PodObservation {
-                    uid: Some(format!("uid-geth-{i}")),
-                    ip: Some(node(i).host().to_string()),
-                },
-            );
-        }
-        self.pods = Some(pods);
-    }
-
-    fn plan(&self) -> Plan {
-        let obs = Observation {
-            connected: &self.connected,
-            unreachable_since: &self.unreachable,
-            pods: self.pods.as_ref(),
-            unusable: &self.unusable,
-            registrations_seen: &self.seen,
-            probed_at: self.probed_at,
-            ..Observation::new(self.now, &self.me, self.snap.as_ref(), &self.applied)
-        };
-        plan(&self.config, &obs)
-    }
-
-    /// Plans, then executes the plan on the world's state.
-    fn step(&mut self) -> Plan {
-        let p = self.plan();
-        apply(&mut self.applied, &p.geth);
-        if let Some(s) = self.snap.as_mut() {
-            apply_registry(s, &p.registry);
-        }
-        p
-    }
-}
-
-fn removed_pods(p: &Plan) -> Vec<String> {
-    p.report
-        .removals
-        .iter()
-        .map(|r| r.record.pod.clone())
-        .collect()
-}
-
-fn upserts(p: &Plan) -> Vec<&peer_registry::MemberRecord> {
-    p.registry
-        .iter()
-        .filter_map(|a| match a {
-            RegistryAction::Upsert(r) => Some(r),
-            RegistryAction::Remove(_) | RegistryAction::RemoveLegacy(_) => None,
-        })
-        .collect()
-}
 
 // ---- registration ----
 
@@ -342,14 +212,49 @@ fn an_empty_member_cidrs_allows_any_routable_address() {
 }
 
 #[test]
-fn a_member_with_a_dns_name_is_dialled_whatever_the_member_cidrs() {
-    let w = allowlisted_world(
+fn a_member_with_a_dns_name_is_held_to_the_member_cidrs_by_what_it_resolves_to() {
+    let mut w = allowlisted_world(
         "10.0.0.0/16",
         Host::Dns("geth-1.geth.default.svc.cluster.local".into()),
     );
+    // Not resolved (yet): not dialled, reported, not removed.
     let p = w.plan();
-    assert!(dials(&p, 1), "a DNS host cannot be checked: {:?}", p.geth);
+    assert!(
+        !dials(&p, 1),
+        "an unresolved DNS host dialled: {:?}",
+        p.geth
+    );
+    assert!(p.report.removals.is_empty());
+    assert!(
+        matches!(&p.report.problems[..], [Problem::MemberUnresolved { pod, .. }] if pod == "geth-1"),
+        "{:?}",
+        p.report.problems
+    );
+    // Resolved inside the allowlist: dialled.
+    w.resolved
+        .insert(node(1).node_id(), vec!["10.0.3.4".parse().expect("ip")]);
+    let p = w.plan();
+    assert!(dials(&p, 1), "{:?}", p.geth);
     assert!(p.report.problems.is_empty(), "{:?}", p.report.problems);
+    // One address outside: refused, naming the key.
+    w.resolved.insert(
+        node(1).node_id(),
+        vec![
+            "10.0.3.4".parse().expect("ip"),
+            "192.168.1.1".parse().expect("ip"),
+        ],
+    );
+    let p = w.plan();
+    assert!(!dials(&p, 1), "{:?}", p.geth);
+    assert!(
+        p.report
+            .problems
+            .iter()
+            .any(|pr| pr.to_string().contains("member.geth-1")
+                && pr.to_string().contains("192.168.1.1")),
+        "{:?}",
+        p.report.problems
+    );
 }
 
 #[test]
@@ -607,17 +512,6 @@ fn a_member_whose_pod_ip_changed_is_removed() {
         p.report.removals[0].reason,
         RemovalReason::PodIpChanged { .. }
     ));
-}
-
-/// Targets of the plan's geth actions.
-fn dialled(p: &Plan) -> Vec<Enode> {
-    p.geth
-        .iter()
-        .filter_map(|a| match a {
-            AddPeer(e) | AddTrustedPeer(e) => Some(e.clone()),
-            RemovePeer(_) | RemoveTrustedPeer(_) => None,
-        })
-        .collect()
 }
 
 #[test]

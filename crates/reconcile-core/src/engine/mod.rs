@@ -14,8 +14,11 @@ mod geth;
 mod liveness;
 mod members;
 mod pods;
+mod probe;
 mod register;
 mod report;
+
+pub use probe::{ProbeTarget, probe_targets};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -65,20 +65,46 @@ pub(super) fn trusted_pods<'a>(
     obs: &Observation<'a>,
     problems: &mut Vec<Problem>,
 ) -> Option<&'a BTreeMap<String, PodObservation>> {
-    let pods = obs.pods?;
+    pod_list(obs).unwrap_or_else(|reason| {
+        problems.push(Problem::PodEvidenceIgnored { reason });
+        None
+    })
+}
+
+/// The pod list when there is one and it may be used (see [`trusted_pods`]),
+/// or why it may not.
+pub(super) fn pod_list<'a>(
+    obs: &Observation<'a>,
+) -> Result<Option<&'a BTreeMap<String, PodObservation>>, &'static str> {
+    let Some(pods) = obs.pods else {
+        return Ok(None);
+    };
     let Some(own) = pods.get(&obs.me.pod) else {
-        problems.push(Problem::PodEvidenceIgnored {
-            reason: "the pod list does not contain this sidecar's own pod (incomplete list?)",
-        });
-        return None;
+        return Err("the pod list does not contain this sidecar's own pod (incomplete list?)");
     };
     if let (Some(mine), Some(seen)) = (&obs.me.pod_uid, &own.uid)
         && mine != seen
     {
-        problems.push(Problem::PodEvidenceIgnored {
-            reason: "the pod list shows this sidecar's own pod with another UID (stale list?)",
-        });
+        return Err("the pod list shows this sidecar's own pod with another UID (stale list?)");
+    }
+    Ok(Some(pods))
+}
+
+/// Whether the pod watch saw this member's pod, with the record's UID, deleted
+/// or replaced ([`Observation::pods_gone`]), and the pod list does not show
+/// that pod with that UID again. Only with trusted pod evidence.
+pub(super) fn seen_deleted(
+    obs: &Observation<'_>,
+    record: &MemberRecord,
+    pods: Option<&BTreeMap<String, PodObservation>>,
+) -> Option<RemovalReason> {
+    let pods = pods?;
+    let uid = record.pod_uid.as_ref()?;
+    if obs.pods_gone.get(&record.pod) != Some(uid) {
         return None;
     }
-    Some(pods)
+    let still_there = pods
+        .get(&record.pod)
+        .is_some_and(|pod| pod.uid.as_ref() == Some(uid));
+    (!still_there).then(|| RemovalReason::PodDeleted { uid: uid.clone() })
 }
