@@ -18,9 +18,12 @@
 //! **Refused members.** A member record whose enode host is loopback,
 //! unspecified, multicast or link-local, or (when [`Config::member_cidrs`] is
 //! set) an IP outside every allowed network, is never dialled nor counted; a
-//! [`Problem`] names its key. A DNS-name host is not checked against the
-//! allowlist. External peers are the operator's explicit exception: never
-//! filtered.
+//! [`Problem`] names its key. A DNS-name host is held to the same checks by
+//! what it resolved to ([`Observation::resolved`]): every address allowed and,
+//! with trusted pod evidence, one of them the pod's IP; unresolved, it is not
+//! dialled (reported, not removed). A refused record is never probed either:
+//! [`probe_targets`] lists what the runtime may probe, and where. External
+//! peers are the operator's explicit exception: never filtered.
 //!
 //! **Removal of other members** (the old sidecar let one observer's failed probe
 //! delete a node for everyone). A member is removed only:
@@ -29,16 +32,27 @@
 //!   when that list shows this sidecar's own pod as it is); or
 //! - on *unreachability*, when there is no pod evidence: its p2p endpoint has
 //!   failed this observer's probes continuously for at least `dead_after`, counted
-//!   from the record's last update at the earliest.
+//!   from the record's last update at the earliest, **and** other observers
+//!   agree: at least [`Config::confirmations_needed`] other members' sidecars,
+//!   asked to probe it ([`Report::awaiting_confirmation`]), answered and all
+//!   found it unreachable ([`Observation::confirmations`]). A "reachable"
+//!   answer vetoes and restarts its `dead_after`; with fewer other members
+//!   reachable from here than needed, nobody is removed for unreachability.
+//!   One observer's broken path (a one-way cut, a blocked probe port, its own
+//!   DNS failure) so never removes a live member for everyone.
 //!
 //! and never when it is connected to this geth, when its record was written within
 //! `grace_after_register`, when it is this node (by pod name or node id), or when
-//! it is an external peer. When pod evidence shows the member's pod alive, probe
+//! it is an external peer. The grace does not protect a record whose pod this
+//! observer's pod watch saw, with the record's UID, deleted or replaced
+//! ([`Observation::pods_gone`]): that record is removed at once
+//! ([`RemovalReason::PodDeleted`]). When pod evidence shows the member's pod alive, probe
 //! failures never remove it (its own sidecar owns the record).
 //!
 //! **Partition guard.** Removals for unreachability happen only when this observer
 //! plus the members it can reach (connected, or not failing probes) form a strict
-//! majority of the registry (self included). A node cut off from the network sees
+//! majority of the registry (self included). Legacy entries count like members,
+//! and neither counts as reachable before a probe round has checked it. A node cut off from the network sees
 //! every other member unreachable, so it never has a majority and removes nobody;
 //! it reports [`Report::suspected_partition`]. The healthy side of a split keeps its
 //! majority and can remove a truly dead minority. A 2-node mesh never removes by

@@ -40,12 +40,16 @@ use crate::plan::{GethAction, PeerRef, Plan, RegistryAction, Report};
 ///   pod UID, pod IP or sidecar version differ: never in steady state;
 /// - another member is removed from the registry only on pod evidence (pod gone,
 ///   replaced, or with another IP) or after `dead_after` of continuous
-///   unreachability from here, and never when it is connected to this geth, was
-///   written within `grace_after_register`, or (for unreachability) when this
-///   observer and the members it reaches are not a strict majority of the registry;
+///   unreachability from here that `confirmations_needed` other observers
+///   confirm, and never when it is connected to this geth, was written within
+///   `grace_after_register` (unless the pod watch saw its pod deleted), or (for
+///   unreachability) when this observer and the members it reaches are not a
+///   strict majority of the registry;
 /// - a member at a loopback, unspecified, multicast or link-local IP, or (when
-///   `member_cidrs` is set) at an IP outside every allowed network, is refused:
-///   never dialled, not counted, reported as a problem naming its key;
+///   `member_cidrs` is set) at an IP outside every allowed network, or whose DNS
+///   host is unresolved or resolves to such an address (or, with pod evidence,
+///   not to its pod's IP), is refused: never dialled nor probed, not counted,
+///   reported as a problem naming its key;
 /// - geth's static set follows the registry (members except self, plus external
 ///   peers); a moved id gets `RemovePeer` before `AddPeer`; a connected peer is
 ///   never removed or moved (deferred until it disconnects); a start issues no
