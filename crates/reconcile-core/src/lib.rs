@@ -85,12 +85,16 @@ mod config;
 mod engine;
 mod observation;
 mod plan;
+mod tracker;
 
 pub use apply::{apply, apply_registry};
 pub use cidr::{Cidr, CidrError};
 pub use config::{Config, ConfigError};
 pub use engine::{ProbeTarget, plan, probe_targets};
 pub use observation::{Confirmation, Observation, PeerObservation, PodObservation, SelfIdentity};
+pub use tracker::{
+    GenerationChange, PeerEventEffect, Tracker, WatchVerdict, is_incompatible,
+};
 pub use plan::{
     GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,
 };

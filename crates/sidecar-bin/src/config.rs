@@ -32,9 +32,27 @@ pub(crate) enum Command {
     /// (or the pod's service account): it works from outside the pod.
     Status {
         /// Output format: a table, or JSON for tools.
-        #[arg(short = 'o', long, value_enum, default_value_t = crate::status::Output::Table)]
-        output: crate::status::Output,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
+}
+
+/// Output format of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// An aligned table.
+    Table,
+    /// One JSON object (the `registry` part of the `/status` endpoint).
+    Json,
+}
+
+impl From<Output> for sidecar_runtime::status::Output {
+    fn from(o: Output) -> Self {
+        match o {
+            Output::Table => Self::Table,
+            Output::Json => Self::Json,
+        }
+    }
 }
 
 /// Options shared by the sidecar and `status`.
@@ -63,8 +81,7 @@ pub(crate) struct Common {
     /// the shared ConfigMap (needs RBAC on configmaps only). `leases`: one
     /// Lease per member, `static-nodes.json` still derived into the ConfigMap
     /// (also needs get, list, watch, create, update, delete on leases):
-    /// registration without conflicts, for fleets of hundreds (README,
-    /// "Scaling past a few hundred members").
+    /// registration without conflicts, for fleets of hundreds (docs/migration.md).
     #[arg(
         long,
         env = "REGISTRY_LAYOUT",
@@ -200,6 +217,14 @@ pub(crate) struct RunArgs {
     /// filtered. Empty: any routable address.
     #[arg(long, env = "MEMBER_CIDRS", default_value = "", value_parser = parse_member_cidrs)]
     pub(crate) member_cidrs: MemberCidrs,
+
+    /// Without pod evidence, a member unreachable from here for DEAD_AFTER is
+    /// removed only when this many other members' sidecars, asked to probe it
+    /// (GET /v1/probe on their port), all find it unreachable too. 0 acts on
+    /// this sidecar's view alone, which a one-way broken path turns into
+    /// wrong removals.
+    #[arg(long, env = "REMOVAL_CONFIRMATIONS", default_value_t = 2)]
+    pub(crate) removal_confirmations: usize,
 }
 
 /// The parsed MEMBER_CIDRS: empty means any address.
@@ -233,6 +258,43 @@ fn pod_name_from(pod_name: Option<String>, hostname: Option<String>) -> Option<S
 }
 
 impl RunArgs {
+    /// The runtime's settings for this pod in `namespace` (ports left at
+    /// their defaults: the system clock, TCP probes, no pod evidence, no
+    /// hooks; `main` plugs in the Kubernetes ones).
+    pub(crate) fn settings(&self, namespace: &str) -> anyhow::Result<sidecar_runtime::Settings> {
+        use anyhow::Context as _;
+        let pod = self.pod().context(
+            "POD_NAME and HOSTNAME are both unset or empty (set POD_NAME with the Downward API: \
+             fieldRef metadata.name)",
+        )?;
+        let advertise = sidecar_runtime::AdvertiseMode::resolve(
+            self.advertise.map(Into::into),
+            self.pod_ip().as_deref(),
+            &self.dns_template,
+            &pod,
+            &self.service_name,
+            namespace,
+        )?;
+        let mut s = sidecar_runtime::Settings::new(pod, advertise);
+        s.pod_ip = self.pod_ip();
+        s.pod_uid = self.pod_uid();
+        s.p2p_port = self.p2p_port;
+        s.engine = reconcile_core::Config {
+            trusted: self.trusted,
+            dead_after: self.dead_after,
+            grace_after_register: self.registration_grace,
+            legacy_members: self.legacy_members,
+            member_cidrs: self.member_cidrs.0.clone(),
+            confirmations_needed: self.removal_confirmations,
+            ..reconcile_core::Config::default()
+        };
+        s.resync = self.resync_interval;
+        s.probe_interval = self.probe_interval;
+        s.sidecar_port = self.listen.port();
+        s.validate()?;
+        Ok(s)
+    }
+
     /// This pod's name: `POD_NAME`, else `$HOSTNAME` (a pod's hostname is its
     /// name unless the spec sets another). An empty value counts as unset (a
     /// pod spec with `value: ""` otherwise registered nobody, forever).
@@ -297,6 +359,16 @@ pub(crate) enum Advertise {
     Dns,
     /// Exactly what geth's admin_nodeInfo reports.
     Geth,
+}
+
+impl From<Advertise> for sidecar_runtime::Advertise {
+    fn from(a: Advertise) -> Self {
+        match a {
+            Advertise::PodIp => Self::PodIp,
+            Advertise::Dns => Self::Dns,
+            Advertise::Geth => Self::Geth,
+        }
+    }
 }
 
 /// Like [`parse_duration`], but `0` (with or without a unit) means "off" and
@@ -502,7 +574,7 @@ mod tests {
     #[test]
     fn readme_configuration_table_matches_the_cli() {
         use clap::CommandFactory;
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../docs/configuration.md");
         // Rows: | `--flag` | `ENV` | default | meaning |
         let rows: Vec<Vec<String>> = readme
             .lines()

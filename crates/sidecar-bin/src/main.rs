@@ -4,15 +4,6 @@
 #![forbid(unsafe_code)]
 
 mod config;
-mod events;
-mod http;
-mod identity;
-mod metrics;
-mod pods;
-mod runner;
-#[cfg(test)]
-mod sim;
-mod status;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use config::{Cli, Command, Common, LogFormat, RegistryLayout};
+use sidecar_runtime::{Events, Health, PodWatch, Sidecar};
 use geth_ipc::{ClientOptions, Endpoint, GethClient};
 use peer_registry::{ConfigMapRegistry, LeaseRegistry, PeerRegistry};
 
@@ -28,7 +20,7 @@ fn init_tracing(common: &Common) -> anyhow::Result<()> {
     // Our crates at the chosen level; dependencies one notch quieter.
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!(
-            "warn,geth_peer_sidecar={level},geth_ipc={level},peer_registry={level},reconcile_core={level}"
+            "warn,geth_peer_sidecar={level},sidecar_runtime={level},geth_ipc={level},peer_registry={level},reconcile_core={level}"
         ))
     });
     // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
@@ -149,30 +141,56 @@ async fn serve<R: PeerRegistry + 'static>(
     ns: String,
     registry: Arc<R>,
 ) -> anyhow::Result<()> {
+    let name = &cli.common.configmap_name;
     match cli.command {
         Some(Command::Status { output }) => {
-            status::print(&*registry, &*geth, &ns, &cli.common.configmap_name, output).await
+            let shown = sidecar_runtime::status::show(&*registry, &*geth, output.into())
+                .await
+                .with_context(|| format!("reading ConfigMap {ns}/{name}"))?;
+            match shown {
+                #[allow(clippy::print_stdout)]
+                Some(text) => print!("{text}"),
+                None => eprintln!(
+                    "ConfigMap {ns}/{name} does not exist yet (no sidecar has registered)"
+                ),
+            }
+            Ok(())
         }
         None => {
-            let mut settings = runner::Settings::from_args(&cli.run, &ns)?;
+            let mut settings = cli.run.settings(&ns)?;
             if cli.run.events {
-                settings.events = events::Events::spawn(
+                settings.hooks = Arc::new(Events::spawn(
                     client.clone(),
                     &ns,
                     &settings.pod,
                     settings.pod_uid.clone(),
-                );
+                ));
             }
             if cli.run.read_pods {
                 let selector =
                     Some(cli.run.pod_selector.trim().to_owned()).filter(|s| !s.is_empty());
-                settings.pods = Some(pods::PodWatch::spawn(
+                settings.pods = Some(Arc::new(PodWatch::spawn(
                     kube::Api::namespaced(client, &ns),
                     selector,
-                    settings.pod_changes.clone(),
-                ));
+                )));
             }
-            runner::run(geth, registry, settings).await
+            let liveness = cli
+                .run
+                .checked_liveness_timeout()
+                .map_err(anyhow::Error::msg)?;
+            let pod = settings.pod.clone();
+            let advertise = format!("{:?}", settings.advertise);
+            let sidecar = Sidecar::new(geth, registry, settings)
+                .with_health(Arc::new(Health::new(liveness)));
+            sidecar.serve_http(cli.run.listen).await?;
+            tracing::info!(
+                pod = %pod,
+                advertise = %advertise,
+                version = env!("CARGO_PKG_VERSION"),
+                "geth-peer-sidecar starting"
+            );
+            sidecar.run_until(sidecar_runtime::shutdown_signal()).await;
+            Ok(())
         }
     }
 }

@@ -10,8 +10,8 @@ use peer_registry::{MemberRecord, PeerRegistry, Snapshot};
 use serde::Serialize;
 
 /// Output format of `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Output {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
     /// An aligned table.
     Table,
     /// One JSON object (the `registry` part of the `/status` endpoint).
@@ -22,7 +22,7 @@ pub(crate) enum Output {
 /// geth could not be asked, e.g. from outside the pod).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct MemberView<'a> {
+pub struct MemberView<'a> {
     #[serde(flatten)]
     record: &'a MemberRecord,
     connected: Option<bool>,
@@ -34,7 +34,7 @@ pub(crate) struct MemberView<'a> {
 /// One external peer (ConfigMap key `external-peers.json`).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct ExternalView<'a> {
+pub struct ExternalView<'a> {
     enode: &'a geth_ipc::Enode,
     node_id: NodeId,
     connected: Option<bool>,
@@ -43,7 +43,7 @@ pub(crate) struct ExternalView<'a> {
 /// The registry at one resourceVersion, and this geth's connections to it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct RegistryView<'a> {
+pub struct RegistryView<'a> {
     /// False when the ConfigMap does not exist yet.
     exists: bool,
     resource_version: Option<&'a str>,
@@ -56,7 +56,7 @@ pub(crate) struct RegistryView<'a> {
 impl<'a> RegistryView<'a> {
     /// `connected` is `None` when geth could not be asked; `own` is this
     /// geth's node id, when known.
-    pub(crate) fn new(
+    pub fn new(
         snap: &'a Snapshot,
         connected: Option<&BTreeSet<NodeId>>,
         own: Option<&NodeId>,
@@ -108,7 +108,7 @@ fn yes_no(connected: Option<bool>) -> String {
 }
 
 /// Renders the table.
-pub(crate) fn render(view: &RegistryView<'_>, now: jiff::Timestamp) -> String {
+pub fn render(view: &RegistryView<'_>, now: jiff::Timestamp) -> String {
     let mut rows = vec![vec![
         "POD".to_owned(),
         "NODE".to_owned(),
@@ -157,20 +157,19 @@ pub(crate) fn render(view: &RegistryView<'_>, now: jiff::Timestamp) -> String {
     out
 }
 
-/// Reads the registry (and, when geth's IPC answers within 3 s, its peers) and
-/// prints it. From outside the pod only the kubeconfig is needed: CONNECTED is
-/// then unknown.
-pub(crate) async fn print<R: PeerRegistry, G: AdminApi>(
+/// What `status` shows: the registry and, when geth's IPC answers within 3 s,
+/// this geth's connection to each member. From outside the pod only the
+/// kubeconfig is needed: CONNECTED is then unknown. `None` when the registry
+/// does not exist yet (no sidecar has registered).
+pub async fn show<R: PeerRegistry, G: AdminApi>(
     registry: &R,
     geth: &G,
-    namespace: &str,
-    name: &str,
     output: Output,
-) -> anyhow::Result<()> {
-    let snap = registry
-        .snapshot()
-        .await
-        .map_err(|e| anyhow::anyhow!("reading ConfigMap {namespace}/{name}: {e}"))?;
+) -> peer_registry::Result<Option<String>> {
+    let snap = registry.snapshot().await?;
+    if !snap.exists() {
+        return Ok(None);
+    }
     // geth's own id and its peers, when its IPC answers within 3 s.
     let geth_view = tokio::time::timeout(Duration::from_secs(3), async {
         let own = geth.node_info().await.ok()?.id;
@@ -181,25 +180,17 @@ pub(crate) async fn print<R: PeerRegistry, G: AdminApi>(
     .await
     .ok()
     .flatten();
-    if !snap.exists() {
-        eprintln!("ConfigMap {namespace}/{name} does not exist yet (no sidecar has registered)");
-    }
     let view = RegistryView::new(
         &snap,
         geth_view.as_ref().map(|(_, c)| c),
         geth_view.as_ref().map(|(own, _)| own),
     );
-    let text = match output {
+    Ok(Some(match output {
         Output::Table => render(&view, jiff::Timestamp::now()),
         Output::Json => {
-            let mut s = serde_json::to_string_pretty(&view)?;
+            let mut s = serde_json::to_string_pretty(&view).unwrap_or_default();
             s.push('\n');
             s
         }
-    };
-    #[allow(clippy::print_stdout)]
-    {
-        print!("{text}");
-    }
-    Ok(())
+    }))
 }

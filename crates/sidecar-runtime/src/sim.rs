@@ -1,5 +1,5 @@
 //! Deterministic simulation of a fleet: many sidecar loops (the real runner,
-//! [`runner::run_until`]) against one [`MemoryStore`] (the ConfigMap
+//! [`Sidecar::run_until`]) against one [`MemoryStore`] (the ConfigMap
 //! implementation's compare-and-swap code in memory) and [`FakeGeth`] nodes on a
 //! [`FakeNet`], on tokio's paused clock, with seeded random faults.
 //!
@@ -7,7 +7,7 @@
 //! clock, every `select!` of the runner is `biased`, the resync jitter and the
 //! registry's backoff are seeded or zero, and nothing iterates a hash map. A
 //! failing seed is printed with the command that replays it:
-//! `SIM_SEED=<seed> cargo test -p sidecar-bin sim:: -- --nocapture`.
+//! `SIM_SEED=<seed> cargo test -p sidecar-runtime --features sim sim:: -- --nocapture`.
 //!
 //! # Faults
 //! geth restarts (down up to 3 min), pod moves (the sidecar stops, gracefully or
@@ -53,17 +53,53 @@ use rand::{Rng, SeedableRng};
 use reconcile_core as core;
 use tokio::time::Instant;
 
-use crate::events::Events;
-use crate::http::Health;
 use crate::identity::AdvertiseMode;
 use crate::metrics::Metrics;
-use crate::runner::{self, Clock, Prober, Settings};
+use crate::ports::{Clock, ProbeOutcome, Prober};
+use crate::probe::ProbeVia;
+use crate::{Settings, Sidecar};
+
+/// The simulation's wall clock: `epoch` at `start` of tokio's (paused)
+/// clock, shifted by `skew`, so it can be wrong like a node's.
+struct SimClock {
+    epoch: jiff::Timestamp,
+    start: Instant,
+    skew: jiff::SignedDuration,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> jiff::Timestamp {
+        let elapsed =
+            jiff::SignedDuration::try_from(self.start.elapsed()).unwrap_or(jiff::SignedDuration::MAX);
+        self.epoch
+            .saturating_add(elapsed)
+            .and_then(|t| t.saturating_add(self.skew))
+            .unwrap_or(self.epoch)
+    }
+}
+
+/// The simulation's network answers whether node `from` reaches a member.
+struct SimProber {
+    from: usize,
+    truth: Arc<Mutex<Truth>>,
+}
+
+#[async_trait::async_trait]
+impl Prober for SimProber {
+    async fn probe(&self, enode: &Enode, _: &[std::net::SocketAddr], _: u16) -> ProbeOutcome {
+        if lock(&self.truth).reachable(self.from, enode) {
+            ProbeOutcome::Reachable(ProbeVia::GethPort)
+        } else {
+            ProbeOutcome::Unreachable(ProbeVia::GethPort)
+        }
+    }
+}
 
 /// How soon after the last fault ends every node must be fully meshed.
-pub(crate) const CONVERGENCE_BOUND: Duration = Duration::from_secs(60);
+pub const CONVERGENCE_BOUND: Duration = Duration::from_secs(60);
 /// How long before a removal the member may have become reachable again (the
 /// remover's probe of it had not run yet): two probe intervals.
-pub(crate) const RECOVERY_SLACK: Duration = Duration::from_secs(10);
+pub const RECOVERY_SLACK: Duration = Duration::from_secs(10);
 /// The fault phase's length.
 const FAULT_PHASE: Duration = Duration::from_secs(15 * 60);
 /// The quiet phase after convergence.
@@ -76,34 +112,35 @@ const MAX_SKEW_SECS: i64 = 90;
 
 /// What one seeded run did.
 #[derive(Debug, Clone)]
-pub(crate) struct Outcome {
+pub struct Outcome {
     /// A digest of every registry call and every step's state.
-    pub(crate) digest: u64,
+    pub digest: u64,
     /// Nodes in the fleet.
-    pub(crate) nodes: usize,
+    pub nodes: usize,
     /// Faults injected.
-    pub(crate) faults: Vec<String>,
+    pub faults: Vec<String>,
     /// From the last fault's end to a full mesh.
-    pub(crate) converged_after: Duration,
+    pub converged_after: Duration,
     /// Members removed by sidecars (self-deregistrations excluded).
-    pub(crate) removals: usize,
+    pub removals: usize,
     /// Registry writes over the whole run.
-    pub(crate) writes: u32,
+    pub writes: u32,
 }
 
-/// Why a seeded run failed.
+/// Why a seeded run failed: the invariants it broke, with the seed that
+/// replays it.
 #[derive(Debug)]
-pub(crate) struct Failure {
-    pub(crate) seed: u64,
-    pub(crate) violations: Vec<String>,
-    pub(crate) faults: Vec<String>,
+pub struct Failure {
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub faults: Vec<String>,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "seed {} broke an invariant (replay: SIM_SEED={} cargo test -p sidecar-bin sim:: -- --nocapture)",
+            "seed {} broke an invariant (replay: SIM_SEED={} cargo test -p sidecar-runtime --features sim sim:: -- --nocapture)",
             self.seed, self.seed
         )?;
         for v in &self.violations {
@@ -518,31 +555,23 @@ impl World {
     }
 
     fn start_sidecar(&mut self, i: usize) {
-        let truth = self.truth.clone();
         let node = &self.nodes[i];
-        let reachable = move |enode: &Enode| lock(&truth).reachable(i, enode);
-        let settings = Settings {
-            pod: node.pod.clone(),
-            pod_ip: Some(node.ip.to_string()),
-            pod_uid: Some(uid(&node.pod, node.incarnation)),
-            advertise: AdvertiseMode::PodIp(node.ip.into()),
-            p2p_port: None,
-            engine: self.engine.clone(),
-            resync: RESYNC,
-            probe_interval: PROBE_INTERVAL,
-            listen: (Ipv4Addr::UNSPECIFIED, 9090).into(),
-            liveness_timeout: None,
-            pods: None,
-            pod_changes: Arc::new(tokio::sync::Notify::new()),
-            events: Events::disabled(),
-            prober: Prober::Simulated(Arc::new(reachable)),
-            clock: Clock::Simulated {
-                epoch: self.epoch,
-                start: self.start,
-                skew: node.skew,
-            },
-            seed: Some(self.rng.random()),
-        };
+        let mut settings = Settings::new(node.pod.clone(), AdvertiseMode::PodIp(node.ip.into()));
+        settings.pod_ip = Some(node.ip.to_string());
+        settings.pod_uid = Some(uid(&node.pod, node.incarnation));
+        settings.engine = self.engine.clone();
+        settings.resync = RESYNC;
+        settings.probe_interval = PROBE_INTERVAL;
+        settings.prober = Arc::new(SimProber {
+            from: i,
+            truth: self.truth.clone(),
+        });
+        settings.clock = Arc::new(SimClock {
+            epoch: self.epoch,
+            start: self.start,
+            skew: node.skew,
+        });
+        settings.seed = Some(self.rng.random());
         let (stale_tx, stale_rx) = futures::channel::mpsc::unbounded();
         let registry = SimRegistry {
             inner: MemoryRegistry::on(&self.store).with_retry_policy(SIM_RETRY),
@@ -550,18 +579,12 @@ impl World {
             truth: self.truth.clone(),
             stale: Mutex::new(Some(stale_rx)),
         };
-        let metrics = Arc::new(Metrics::new());
+        let sidecar = Sidecar::new(Arc::new(node.geth.clone()), Arc::new(registry), settings);
+        let metrics = sidecar.metrics();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(runner::run_until(
-            Arc::new(node.geth.clone()),
-            Arc::new(registry),
-            settings,
-            metrics.clone(),
-            Arc::new(Health::new(None)),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(sidecar.run_until(async {
+            let _ = stopped.await;
+        }));
         self.nodes[i].sidecar = Some(Sidecar {
             stop,
             task,
@@ -929,13 +952,7 @@ fn end_span(spans: &mut [Span], at: Duration) {
 }
 
 /// Runs one seeded simulation on its own paused single-threaded runtime.
-pub(crate) fn run(seed: u64) -> Result<Outcome, Failure> {
-    if let Ok(filter) = std::env::var("SIM_TRACE") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    }
+pub fn run(seed: u64) -> Result<Outcome, Failure> {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)

@@ -2,11 +2,22 @@
 
 use geth_ipc::{Enode, Host, NodeInfo};
 
-use crate::config::Advertise;
+use crate::error::{AdvertiseError, Error};
+
+/// What address the published enode carries (ADVERTISE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advertise {
+    /// The pod IP (POD_IP).
+    PodIp,
+    /// A stable DNS name from DNS_TEMPLATE (StatefulSet + headless Service).
+    Dns,
+    /// Exactly what geth's admin_nodeInfo reports.
+    Geth,
+}
 
 /// How the advertised address is chosen (resolved from flags at start-up).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum AdvertiseMode {
+pub enum AdvertiseMode {
     /// Replace the host with this IP (the pod IP).
     PodIp(std::net::IpAddr),
     /// Replace the host with this DNS name.
@@ -17,26 +28,23 @@ pub(crate) enum AdvertiseMode {
 
 impl AdvertiseMode {
     /// Resolves the mode from flags. The default is the pod IP when known.
-    pub(crate) fn resolve(
+    pub fn resolve(
         advertise: Option<Advertise>,
         pod_ip: Option<&str>,
         dns_template: &str,
         pod: &str,
         service: &str,
         namespace: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         let pod_ip = pod_ip
             .map(|ip| {
                 ip.parse::<std::net::IpAddr>()
-                    .map_err(|_| format!("POD_IP={ip:?} is not an IP address"))
+                    .map_err(|_| Error::InvalidPodIp(ip.to_owned()))
             })
             .transpose()?;
         match (advertise, pod_ip) {
             (Some(Advertise::PodIp) | None, Some(ip)) => Ok(Self::PodIp(ip)),
-            (Some(Advertise::PodIp), None) => Err(
-                "ADVERTISE=pod-ip needs POD_IP: set it from the Downward API (fieldRef status.podIP)"
-                    .into(),
-            ),
+            (Some(Advertise::PodIp), None) => Err(Error::PodIpMissing),
             (Some(Advertise::Dns), _) => {
                 let name = dns_template
                     .replace("{pod}", pod)
@@ -44,8 +52,14 @@ impl AdvertiseMode {
                     .replace("{namespace}", namespace);
                 match name.parse::<Host>() {
                     Ok(Host::Dns(n)) => Ok(Self::Dns(n)),
-                    Ok(Host::Ip(_)) => Err(format!("DNS_TEMPLATE gives an IP ({name}), not a name")),
-                    Err(e) => Err(format!("DNS_TEMPLATE gives an invalid name: {e}")),
+                    Ok(Host::Ip(_)) => Err(Error::InvalidDnsName {
+                        name,
+                        why: "an IP address".into(),
+                    }),
+                    Err(e) => Err(Error::InvalidDnsName {
+                        name,
+                        why: e.to_string(),
+                    }),
                 }
             }
             (Some(Advertise::Geth), _) | (None, None) => Ok(Self::Geth),
@@ -53,10 +67,10 @@ impl AdvertiseMode {
     }
 
     /// The enode to publish, from what geth reports.
-    pub(crate) fn advertised(&self, info: &NodeInfo, port: Option<u16>) -> Result<Enode, String> {
+    pub fn advertised(&self, info: &NodeInfo, port: Option<u16>) -> Result<Enode, AdvertiseError> {
         let reported = info
             .parsed_enode()
-            .map_err(|e| format!("geth's admin_nodeInfo enode is invalid: {e}"))?;
+            .map_err(|e| AdvertiseError::InvalidEnode(e.to_string()))?;
         let port = port.unwrap_or(if info.ports.listener > 0 {
             info.ports.listener
         } else {
@@ -69,12 +83,10 @@ impl AdvertiseMode {
         }
         .with_tcp_port(port);
         if enode.host().is_local() {
-            return Err(format!(
-                "geth advertises {} ({}), which no other pod can reach: set POD_IP from the \
-                 Downward API (status.podIP), use ADVERTISE=dns, or start geth with --nat extip:<pod ip>",
-                enode.host(),
-                enode
-            ));
+            return Err(AdvertiseError::Unreachable {
+                host: enode.host().to_string(),
+                enode: enode.to_string(),
+            });
         }
         Ok(enode)
     }
@@ -115,7 +127,7 @@ mod tests {
         let i = info(&format!("enode://{KEY}@127.0.0.1:30303"));
         let mode = AdvertiseMode::resolve(None, None, "", "p", "s", "n").unwrap();
         let err = mode.advertised(&i, None).unwrap_err();
-        assert!(err.contains("POD_IP"), "{err}");
+        assert!(err.to_string().contains("POD_IP"), "{err}");
     }
 
     #[test]
@@ -144,6 +156,6 @@ mod tests {
     #[test]
     fn invalid_pod_ip_is_named() {
         let err = AdvertiseMode::resolve(None, Some("nope"), "", "p", "s", "n").unwrap_err();
-        assert!(err.contains("POD_IP=\"nope\""), "{err}");
+        assert!(err.to_string().contains("POD_IP=\"nope\""), "{err}");
     }
 }

@@ -20,33 +20,43 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use reconcile_core::PodObservation;
+
+use crate::ports::{PodEvidence, PodSource};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
-
-/// What the pod watch can say right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PodEvidence {
-    /// The pods by name (the cache, completed by GETs for members missing from it).
-    Ready(BTreeMap<String, PodObservation>),
-    /// The first list has not completed yet.
-    Syncing,
-    /// Pods cannot be read; the message says why and what to do.
-    Failed(String),
-}
 
 #[derive(Debug, Default)]
 struct View {
     /// `None` until the watcher's first full list.
     pods: Option<BTreeMap<String, PodObservation>>,
     error: Option<String>,
+    /// Pods the watch saw and then saw deleted or replaced: name → (the UID
+    /// that went, when). Kept for [`GONE_FOR`].
+    gone: BTreeMap<String, (String, std::time::Instant)>,
+}
+
+/// How long a pod seen deleted is remembered: long past any record's
+/// registration grace, so its record is removed at once however late.
+const GONE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl View {
+    /// Notes that `old` (the pod held under `name`) is gone.
+    fn note_gone(&mut self, name: &str, old: Option<&PodObservation>) {
+        if let Some(uid) = old.and_then(|o| o.uid.clone()) {
+            self.gone
+                .insert(name.to_owned(), (uid, std::time::Instant::now()));
+        }
+        self.gone.retain(|_, (_, at)| at.elapsed() < GONE_FOR);
+    }
 }
 
 /// The pod watch: a cache fed by a background task.
-pub(crate) struct PodWatch {
+pub struct PodWatch {
     api: Api<Pod>,
     selector: Option<String>,
     view: Arc<Mutex<View>>,
     /// Member pods found outside the selector (warned once each).
+    changed: Arc<Notify>,
     outside_selector: Mutex<BTreeSet<String>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -66,6 +76,23 @@ fn observe(pod: &Pod) -> Option<(String, PodObservation)> {
             ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
         },
     ))
+}
+
+/// True when `pod` carries every `key=value` of a simple equality selector
+/// (set-based selectors are left to the apiserver: taken as matching).
+fn matches_selector(pod: &Pod, selector: Option<&str>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let labels = pod.metadata.labels.as_ref();
+    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
+        match term.split_once("==").or_else(|| term.split_once('=')) {
+            Some((k, v)) if !k.ends_with('!') => {
+                labels.and_then(|l| l.get(k.trim())).map(String::as_str) == Some(v.trim())
+            }
+            _ => true,
+        }
+    })
 }
 
 /// A kube error as an operator-facing message.
@@ -91,34 +118,52 @@ fn explain(verb: &str, selector: Option<&str>, e: &kube::Error) -> String {
 }
 
 impl PodWatch {
-    /// Starts the watch; `changed` is notified whenever a pod's UID or IP changes
-    /// or a pod is deleted (and once when the first list completes).
-    pub(crate) fn spawn(api: Api<Pod>, selector: Option<String>, changed: Arc<Notify>) -> Self {
+    /// Starts the watch of the pods matching `selector` (every pod of the
+    /// namespace when `None`).
+    pub fn spawn(api: Api<Pod>, selector: Option<String>) -> Self {
+        let changed = Arc::new(Notify::new());
         let view = Arc::new(Mutex::new(View::default()));
-        let task = tokio::spawn(follow(api.clone(), selector.clone(), view.clone(), changed));
+        let task = tokio::spawn(follow(
+            api.clone(),
+            selector.clone(),
+            view.clone(),
+            changed.clone(),
+        ));
         Self {
             api,
             selector,
             view,
+            changed,
             outside_selector: Mutex::new(BTreeSet::new()),
             task,
         }
     }
+}
 
-    /// The pods of `members` (pod names), for one pass.
-    pub(crate) async fn evidence<'a>(
-        &self,
-        members: impl IntoIterator<Item = &'a str>,
-    ) -> PodEvidence {
-        let (mut pods, error) = {
+#[async_trait::async_trait]
+impl PodSource for PodWatch {
+    /// The pods of `members`. A watch that fails (RBAC revoked, the apiserver
+    /// refusing) is no evidence at all, even after its first list: the cache
+    /// would answer for pods it no longer follows.
+    async fn evidence(&self, members: Vec<String>) -> PodEvidence {
+        let (mut pods, error, gone) = {
             let v = self.view.lock().unwrap_or_else(PoisonError::into_inner);
-            (v.pods.clone(), v.error.clone())
+            let gone = v
+                .gone
+                .iter()
+                .map(|(name, (uid, _))| (name.clone(), uid.clone()))
+                .collect();
+            (v.pods.clone(), v.error.clone(), gone)
         };
+        if let Some(error) = error {
+            return PodEvidence::Failed(error);
+        }
         let Some(pods) = pods.as_mut() else {
-            return error.map_or(PodEvidence::Syncing, PodEvidence::Failed);
+            return PodEvidence::Syncing;
         };
         let missing: Vec<&str> = members
-            .into_iter()
+            .iter()
+            .map(String::as_str)
             .filter(|m| !pods.contains_key(*m))
             .collect();
         let gets = missing.iter().map(|name| async move {
@@ -127,9 +172,21 @@ impl PodWatch {
         });
         for (name, got) in futures::future::join_all(gets).await {
             match got {
+                // A pod outside the selector is no member's pod and is not
+                // taken as evidence (whoever can create pods could otherwise
+                // vouch for any record); nor is its member taken as gone:
+                // pod evidence is off for the pass, and removals fall back
+                // to agreement between members.
+                Ok(Some(pod)) if !matches_selector(&pod, self.selector.as_deref()) => {
+                    self.note_outside_selector(name);
+                    return PodEvidence::Failed(format!(
+                        "member pod {name} does not match POD_SELECTOR={:?}: set POD_SELECTOR \
+                         to labels every member pod carries",
+                        self.selector.as_deref().unwrap_or_default()
+                    ));
+                }
                 Ok(Some(pod)) => {
                     if let Some((name, obs)) = observe(&pod) {
-                        self.note_outside_selector(&name);
                         pods.insert(name, obs);
                     }
                 }
@@ -142,9 +199,18 @@ impl PodWatch {
                 }
             }
         }
-        PodEvidence::Ready(std::mem::take(pods))
+        PodEvidence::Ready {
+            pods: std::mem::take(pods),
+            gone,
+        }
     }
 
+    async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+impl PodWatch {
     fn note_outside_selector(&self, name: &str) {
         if let Some(selector) = &self.selector {
             // Once per pod: the pod lands in no cache, so this repeats each pass.
@@ -156,8 +222,8 @@ impl PodWatch {
                 warn!(
                     pod = %name,
                     selector = %selector,
-                    "a member's pod does not match POD_SELECTOR: each pass reads it with a GET; \
-                     set POD_SELECTOR to labels every member pod carries"
+                    "a member's pod does not match POD_SELECTOR: pod evidence is off while it \
+                     does not; set POD_SELECTOR to labels every member pod carries"
                 );
             }
         }
@@ -204,7 +270,13 @@ async fn follow(
                     continue;
                 };
                 let moved = set(&mut |v| match v.pods.as_mut() {
-                    Some(pods) => pods.insert(name.clone(), obs.clone()).as_ref() != Some(&obs),
+                    Some(pods) => {
+                        let old = pods.insert(name.clone(), obs.clone());
+                        if old.as_ref().is_some_and(|o| o.uid != obs.uid) {
+                            v.note_gone(&name, old.as_ref());
+                        }
+                        old.as_ref() != Some(&obs)
+                    }
                     None => false,
                 });
                 if moved {
@@ -216,7 +288,11 @@ async fn follow(
                 let Some((name, _)) = observe(&pod) else {
                     continue;
                 };
-                if set(&mut |v| v.pods.as_mut().is_some_and(|p| p.remove(&name).is_some())) {
+                if set(&mut |v| {
+                    let old = v.pods.as_mut().and_then(|p| p.remove(&name));
+                    v.note_gone(&name, old.as_ref());
+                    old.is_some()
+                }) {
                     debug!(pod = %name, "pod deleted");
                     changed.notify_one();
                 }

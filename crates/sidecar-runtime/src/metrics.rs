@@ -15,7 +15,7 @@ pub(crate) struct KindLabel {
 }
 
 /// Every metric the sidecar exports.
-pub(crate) struct Metrics {
+pub struct Metrics {
     pub(crate) registry: Registry,
     pub(crate) members: Gauge,
     pub(crate) desired_peers: Gauge,
@@ -35,10 +35,18 @@ pub(crate) struct Metrics {
     pub(crate) suspected_partition: Gauge,
     pub(crate) probes: Family<KindLabel, Counter>,
     pub(crate) peer_limit_suspected: Gauge,
+    pub(crate) pod_evidence: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    /// Every metric, registered and at zero.
+    pub fn new() -> Self {
         let mut m = Self {
             members: Gauge::default(),
             desired_peers: Gauge::default(),
@@ -60,6 +68,7 @@ impl Metrics {
             suspected_partition: Gauge::default(),
             probes: Family::default(),
             peer_limit_suspected: Gauge::default(),
+            pod_evidence: Gauge::default(),
             registry: Registry::with_prefix("geth_peer_sidecar"),
         };
         m.registry.register(
@@ -141,7 +150,7 @@ impl Metrics {
         );
         m.registry.register(
             "probes",
-            "Liveness probes of unconnected members, by the port probed (geth or sidecar)",
+            "Liveness probes of unconnected members, by how they were answered (identity: the sidecar named the member; geth or sidecar: a TCP connect)",
             m.probes.clone(),
         );
         m.registry.register(
@@ -149,11 +158,16 @@ impl Metrics {
             "1 while reachable members stay unconnected for a minute: geth's peer limits (maxpeers, maxpeers/3 outbound dials)",
             m.peer_limit_suspected.clone(),
         );
+        m.registry.register(
+            "pod_evidence",
+            "1 while pod evidence is in use (READ_PODS on and the pod watch current); 0 while removals fall back to agreement between members",
+            m.pod_evidence.clone(),
+        );
         m
     }
 
     /// Successful geth admin calls of every kind (the simulation's activity count).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) fn geth_actions_total(&self) -> u64 {
         [
             "add_peer",
@@ -173,7 +187,7 @@ impl Metrics {
     }
 
     /// The text exposition.
-    pub(crate) fn encode(&self) -> String {
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -297,7 +311,7 @@ mod tests {
 
     #[test]
     fn readme_documents_every_metric() {
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../docs/operations.md");
         let text = Metrics::new().encode();
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line.split_whitespace().nth(2).unwrap_or_default();

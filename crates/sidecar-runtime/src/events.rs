@@ -19,32 +19,16 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tokio::sync::mpsc;
+
+use crate::health::lock;
+use crate::notice::Notice;
+use crate::ports::Hooks;
+use std::sync::Mutex;
 use tracing::{debug, warn};
 
-/// Something an operator should see in `kubectl describe pod`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Notice {
-    /// This node's record was written for the first time by this sidecar.
-    Registered { enode: String },
-    /// This node's advertised address changed (pod moved, new IP).
-    AddressChanged { from: String, to: String },
-    /// This node's record was removed on SIGTERM.
-    Deregistered,
-    /// This sidecar removed another member from the registry.
-    MemberRemoved { pod: String, evidence: String },
-    /// A peer connects but is on another network, genesis or fork.
-    PeerUnusable { peer: String, error: String },
-    /// Reachable members stay unconnected: geth's peer limits.
-    PeerLimitReached { detail: String },
-    /// Most members look unreachable from here: removals withheld.
-    PartitionSuspected { detail: String },
-    /// A registry write failed for a reason other than a conflict.
-    RegistryUnwritable { error: String },
-}
-
-impl Notice {
-    fn event(&self) -> Event {
-        let (type_, reason, action, note) = match self {
+/// The Kubernetes Event of a notice.
+fn event(notice: &Notice) -> Event {
+        let (type_, reason, action, note) = match notice {
             Notice::Registered { enode } => (
                 EventType::Normal,
                 "Registered",
@@ -89,6 +73,12 @@ impl Notice {
                 "RemoveMember",
                 detail.clone(),
             ),
+            Notice::PodEvidenceLost { reason } => (
+                EventType::Warning,
+                "PodEvidenceLost",
+                "Observe",
+                format!("pod evidence unavailable, removals fall back to agreement between members: {reason}"),
+            ),
             Notice::RegistryUnwritable { error } => (
                 EventType::Warning,
                 "RegistryUnwritable",
@@ -103,7 +93,6 @@ impl Notice {
             action: action.to_owned(),
             secondary: None,
         }
-    }
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -122,26 +111,16 @@ const REPEAT_AFTER: Duration = Duration::from_secs(60);
 /// Events waiting to be published; beyond that they are dropped.
 const QUEUE: usize = 64;
 
-/// Where the loop sends its notices. [`Events::disabled`] drops them all.
-#[derive(Default)]
-pub(crate) struct Events {
-    tx: Option<mpsc::Sender<Notice>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+/// Kubernetes Events on this pod: the binary's [`Hooks`]. Notices are queued
+/// for a background publisher and never wait.
+pub struct Events {
+    tx: Mutex<Option<mpsc::Sender<Notice>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Events {
-    /// Events off (no pod identity, or turned off).
-    pub(crate) fn disabled() -> Self {
-        Self::default()
-    }
-
     /// Starts the publisher for the pod `pod` (`uid` when known) in `namespace`.
-    pub(crate) fn spawn(
-        client: kube::Client,
-        namespace: &str,
-        pod: &str,
-        uid: Option<String>,
-    ) -> Self {
+    pub fn spawn(client: kube::Client, namespace: &str, pod: &str, uid: Option<String>) -> Self {
         let reporter = Reporter {
             controller: "geth-peer-sidecar".to_owned(),
             instance: Some(pod.to_owned()),
@@ -157,28 +136,32 @@ impl Events {
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(publish(Recorder::new(client, reporter), reference, rx));
         Self {
-            tx: Some(tx),
-            task: Some(task),
+            tx: Mutex::new(Some(tx)),
+            task: Mutex::new(Some(task)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Hooks for Events {
+    /// Queues a notice; never waits.
+    fn notice(&self, notice: Notice) {
+        if let Some(tx) = lock(&self.tx).as_ref()
+            && tx.try_send(notice).is_err()
+        {
+            debug!("event queue full or closed; event dropped");
         }
     }
 
     /// Stops taking notices and waits up to `within` for the queued ones to be
     /// published (at shutdown: the `Deregistered` Event is the last one).
-    pub(crate) async fn close(&mut self, within: Duration) {
-        self.tx = None;
-        if let Some(task) = self.task.take()
+    async fn flush(&self, within: Duration) {
+        lock(&self.tx).take();
+        let task = lock(&self.task).take();
+        if let Some(task) = task
             && tokio::time::timeout(within, task).await.is_err()
         {
             debug!("events not all published before exit");
-        }
-    }
-
-    /// Queues a notice; never waits.
-    pub(crate) fn emit(&self, notice: Notice) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(notice).is_err()
-        {
-            debug!("event queue full or closed; event dropped");
         }
     }
 }
@@ -186,7 +169,7 @@ impl Events {
 async fn publish(recorder: Recorder, reference: ObjectReference, mut rx: mpsc::Receiver<Notice>) {
     let mut sent: HashMap<(String, Option<String>), Instant> = HashMap::new();
     while let Some(notice) = rx.recv().await {
-        let event = notice.event();
+        let event = event(&notice);
         let key = (event.reason.clone(), event.note.clone());
         if sent.get(&key).is_some_and(|t| t.elapsed() < REPEAT_AFTER) {
             continue;
@@ -239,8 +222,9 @@ mod tests {
             Notice::RegistryUnwritable {
                 error: "403".into(),
             },
+            Notice::PodEvidenceLost { reason: "watch failing".into() },
         ] {
-            let e = n.event();
+            let e = event(&n);
             assert!(e.reason.chars().next().is_some_and(char::is_uppercase));
             assert!(!e.reason.contains(' ') && e.reason.len() <= 128);
             assert!(e.note.as_ref().is_some_and(|n| n.len() <= 1000));

@@ -1,0 +1,185 @@
+//! The event loop: registry watch events, geth peer events, probes, retries
+//! and a jittered resync all lead to one pass.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use geth_ipc::{AdminApi, PeerEventStream};
+use peer_registry::PeerRegistry;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::runner::{GethState, Runner};
+use crate::triggers::{WatchItems, jittered, next_event};
+
+/// The longest wait between retries of a failed pass while geth does not answer.
+const GETH_RETRY_CAP: Duration = Duration::from_secs(1);
+/// The longest wait between retries of a pass that failed for another reason.
+const RETRY_CAP: Duration = Duration::from_secs(5);
+/// How long the first pass waits for the registry watch's list before it reads
+/// the registry itself (an apiserver that neither answers nor fails).
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The retry schedule of failed passes: doubling from 200 ms, capped.
+struct Retry {
+    delay: Duration,
+    at: Option<tokio::time::Instant>,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self {
+            delay: Duration::from_millis(200),
+            at: None,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::new();
+    }
+
+    /// Schedules the next try. Waiting for geth costs one stat/connect of a
+    /// local socket: it is polled at least every second, so a sidecar started
+    /// first registers within a second of geth. The apiserver gets up to 5 s.
+    fn failed(&mut self, geth_down: bool) {
+        let cap = if geth_down { GETH_RETRY_CAP } else { RETRY_CAP };
+        self.delay = self.delay.min(cap);
+        self.at = Some(tokio::time::Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(cap);
+    }
+}
+
+impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
+    /// Runs passes on every trigger until `shutdown` completes. Every `select!`
+    /// is `biased` (first ready branch wins, in the order written: shutdown,
+    /// the registry, geth, timers), so a run on a paused clock with seeded
+    /// jitter is deterministic.
+    pub(crate) async fn event_loop(&mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut watch = self.open_watch();
+        // The first pass reads the registry from the watch's list: one list
+        // per start, and the watch follows the registry from before this pod
+        // registers. A watch with nothing to say within FIRST_LIST_WAIT leaves
+        // the first pass to read the registry itself.
+        let first = tokio::select! {
+            biased;
+            _ = &mut shutdown => return,
+            item = watch.stream.next() => Some(item),
+            () = tokio::time::sleep(FIRST_LIST_WAIT) => None,
+        };
+        if let Some(item) = first {
+            let mut items = WatchItems::default();
+            items.push(item);
+            // The first pass is due whatever the list held.
+            self.take_watch_items(items, &mut watch);
+        }
+        let mut events: Option<PeerEventStream> = None;
+        let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
+        let mut probe_at = tokio::time::Instant::now() + self.s.probe_interval;
+        let mut retry = Retry::new();
+        let mut dirty = true;
+        let mut arrived = WatchItems::default();
+        loop {
+            if dirty {
+                dirty = false;
+                // A pass may wait on a hung geth or a slow apiserver: SIGTERM
+                // abandons it so deregistration fits the pod's grace period.
+                // The registry watch is read while a pass runs (its items wait
+                // in `arrived`): a burst of events that lands during a pass
+                // costs one more pass, not one per event.
+                let outcome = {
+                    let pass = self.pass();
+                    tokio::pin!(pass);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = &mut shutdown => return,
+                            outcome = &mut pass => break outcome,
+                            item = watch.stream.next(), if !arrived.ended => arrived.push(item),
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(()) => retry.succeeded(),
+                    Err(e) => {
+                        debug!(error = %e, "pass failed; retrying");
+                        self.metrics
+                            .reconcile_errors
+                            .get_or_create(&Metrics::kind(e.kind()))
+                            .inc();
+                        retry.failed(e.is_geth_down());
+                    }
+                }
+                self.health.pass_completed();
+                dirty |= self.take_watch_items(std::mem::take(&mut arrived), &mut watch);
+                if events.is_none() && self.reported.geth.get() == Some(&GethState::Up) {
+                    let subscribed = tokio::select! {
+                        biased;
+                        _ = &mut shutdown => return,
+                        subscribed = self.geth.peer_events() => subscribed,
+                    };
+                    match subscribed {
+                        Ok(stream) => events = Some(stream),
+                        Err(e) => debug!(error = %e, "cannot subscribe to geth peer events yet"),
+                    }
+                }
+                if dirty {
+                    // The watch moved on during the pass: take the next one now.
+                    continue;
+                }
+            }
+            let clock = self.s.clock.clone();
+            let recheck_at = self.recheck_at;
+            let recheck = async move {
+                match recheck_at {
+                    Some(at) => {
+                        let wait = clock.now().duration_until(at);
+                        tokio::time::sleep(Duration::try_from(wait).unwrap_or(Duration::ZERO)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let pods = self.s.pods.clone();
+            let pod_change = async move {
+                match pods {
+                    Some(p) => p.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                item = watch.stream.next() => {
+                    // Everything else the watch has ready joins it: one pass for all.
+                    let items = WatchItems::drain(item, &mut watch);
+                    dirty |= self.take_watch_items(items, &mut watch);
+                },
+                ev = next_event(&mut events) => dirty |= self.on_peer_events(ev, &mut events),
+                () = tokio::time::sleep_until(resync_at) => {
+                    resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
+                    debug!("periodic resync");
+                    dirty = true;
+                }
+                () = tokio::time::sleep_until(probe_at) => {
+                    probe_at = tokio::time::Instant::now() + self.s.probe_interval;
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => return,
+                        changed = self.probe_round() => dirty |= changed,
+                    }
+                }
+                () = sleep_until(retry.at) => dirty = true,
+                () = recheck => dirty = true,
+                () = pod_change => dirty = true,
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The sidecar's HTTP server: /healthz, /readyz, /status, /metrics, and
+//! /identity and /v1/probe for other members' probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use geth_ipc::NodeId;
+use reconcile_core::Report;
+use serde::Serialize;
+
+use crate::health::{Health, lock};
+use crate::metrics::Metrics;
+use crate::ports::Prober;
+use crate::status::RegistryView;
+
+/// The `/status` document.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusBody<'a> {
+    /// This member's pod (absent before the first planned pass).
+    pod: Option<&'a str>,
+    geth_ipc_ok: bool,
+    registry_synced: bool,
+    /// The last completed pass of the event loop, whatever its outcome.
+    last_pass: Option<LastPass>,
+    /// Problems to act on: the engine's and the ConfigMap's.
+    problems: Vec<String>,
+    /// The last planned pass: when, and the engine's report (desired,
+    /// connected, missing, unusable, removals, partition guard, ...).
+    last_plan_at: Option<jiff::Timestamp>,
+    report: Option<&'a Report>,
+    /// The registry as that pass saw it, with this geth's connection to each.
+    registry: Option<RegistryView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LastPass {
+    completed_at: jiff::Timestamp,
+    seconds_ago: f64,
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    prober: Arc<dyn Prober>,
+    sidecar_port: u16,
+}
+
+pub(crate) fn router(
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    prober: Arc<dyn Prober>,
+    sidecar_port: u16,
+) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics_handler))
+        .route("/identity", get(identity))
+        .route("/v1/probe/{node_id}", get(probe))
+        .with_state(AppState {
+            health,
+            metrics,
+            prober,
+            sidecar_port,
+        })
+}
+
+/// Who this sidecar is (its pod and its geth's node id): what other members'
+/// probes check, so an IP now used by another pod is not taken for a member.
+async fn identity(State(s): State<AppState>) -> impl IntoResponse {
+    match lock(&s.health.identity).clone() {
+        Some(id) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&id).unwrap_or_default(),
+        ),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "geth has not answered yet\n".to_owned(),
+        ),
+    }
+}
+
+/// An indirect probe: another member's sidecar asks whether this one reaches
+/// the member `node_id`. Only a member of the registry this sidecar holds is
+/// probed, at the address its record gives (never an address the asker
+/// names), so this is no relay to anywhere.
+async fn probe(
+    State(s): State<AppState>,
+    axum::extract::Path(node_id): axum::extract::Path<String>,
+) -> impl IntoResponse {
+    let Ok(id) = node_id.parse::<NodeId>() else {
+        return (StatusCode::BAD_REQUEST, "not a node id\n".to_owned());
+    };
+    let enode = lock(&s.health.published)
+        .as_ref()
+        .and_then(|p| p.snapshot.as_ref())
+        .and_then(|snap| snap.member_by_node_id(&id))
+        .map(|m| m.enode.clone());
+    let Some(enode) = enode else {
+        return (StatusCode::NOT_FOUND, "not a member here\n".to_owned());
+    };
+    let outcome = s.prober.probe(&enode, &[], s.sidecar_port).await;
+    let answer = crate::probe::IndirectAnswer {
+        reachable: outcome.is_reachable(),
+    };
+    (StatusCode::OK, serde_json::to_string(&answer).unwrap_or_default())
+}
+
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    match s.health.liveness(Instant::now()) {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let geth = s.health.geth_ok.load(Ordering::Relaxed);
+    let reg = s.health.registry_synced.load(Ordering::Relaxed);
+    let advertise = s
+        .health
+        .advertise_problem
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let body = format!(
+        "geth_ipc: {}\nregistry: {}\nadvertise: {}\n",
+        if geth { "ok" } else { "not answering" },
+        if reg { "synced" } else { "not synced" },
+        advertise.as_deref().unwrap_or("ok")
+    );
+    let code = if geth && reg && advertise.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
+}
+
+async fn status(State(s): State<AppState>) -> impl IntoResponse {
+    let h = &s.health;
+    let last_pass = *lock(&h.last_pass);
+    let published = lock(&h.published);
+    let p = published.as_ref();
+    let mut problems: Vec<String> = p
+        .map(|p| p.report.problems.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    if let Some(snap) = p.and_then(|p| p.snapshot.as_ref()) {
+        problems.extend(snap.problems.iter().cloned());
+    }
+    problems.extend(lock(&h.peer_limit).clone());
+    let body = StatusBody {
+        pod: p.map(|p| p.pod.as_str()),
+        geth_ipc_ok: h.geth_ok.load(Ordering::Relaxed),
+        registry_synced: h.registry_synced.load(Ordering::Relaxed),
+        last_pass: last_pass.map(|l| LastPass {
+            completed_at: l.at,
+            seconds_ago: l.instant.elapsed().as_secs_f64(),
+        }),
+        problems,
+        last_plan_at: p.map(|p| p.at),
+        report: p.map(|p| &p.report),
+        registry: p.and_then(|p| {
+            p.snapshot.as_ref().map(|snap| {
+                let own = snap.members.get(&p.pod).map(|m| &m.node_id);
+                RegistryView::new(snap, Some(&p.connected), own)
+            })
+        }),
+    };
+    match serde_json::to_string_pretty(&body) {
+        Ok(json) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json + "\n",
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode the status: {e}\n"),
+        ),
+    }
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+/// Binds and serves until the process ends. Binding errors are returned so the
+/// caller can say which address is taken.
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    prober: Arc<dyn Prober>,
+    sidecar_port: u16,
+) -> crate::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::Error::Listen { addr, source })?;
+    let app = router(health, metrics, prober, sidecar_port);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok(())
+}
+

@@ -1,0 +1,307 @@
+//! What wakes the loop: registry watch items, geth peer events, probes. Each
+//! is taken in here (into the tracker) and says whether a pass is due.
+
+use std::time::Duration;
+
+use futures::{FutureExt as _, StreamExt as _};
+use geth_ipc::{AdminApi, PeerEvent, PeerEventStream};
+use peer_registry::{PeerRegistry, Snapshot};
+use rand::Rng as _;
+use reconcile_core as core;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::notice::Notice;
+use crate::probe::ProbeVia;
+use crate::runner::Runner;
+
+/// The registry's watch, as the event loop holds it.
+pub(crate) type WatchStream = futures::stream::BoxStream<'static, peer_registry::Result<Snapshot>>;
+
+/// The registry watch and whether it has delivered its list yet: its first
+/// snapshot is that list, the later ones are changes.
+pub(crate) struct Watch {
+    pub(crate) stream: WatchStream,
+    pub(crate) listed: bool,
+}
+
+/// What the registry watch yielded since the event loop last took it in.
+#[derive(Default)]
+pub(crate) struct WatchItems {
+    /// The newest snapshot.
+    pub(crate) newest: Option<Snapshot>,
+    /// Snapshots replaced by a newer one before they were taken in.
+    pub(crate) coalesced: usize,
+    pub(crate) errors: Vec<peer_registry::Error>,
+    /// The stream ended (it is restarted).
+    pub(crate) ended: bool,
+}
+
+impl WatchItems {
+    pub(crate) fn push(&mut self, item: Option<peer_registry::Result<Snapshot>>) {
+        match item {
+            Some(Ok(snap)) => {
+                if self.newest.replace(snap).is_some() {
+                    self.coalesced += 1;
+                }
+            }
+            Some(Err(e)) => self.errors.push(e),
+            None => self.ended = true,
+        }
+    }
+
+    /// `first` and everything else the watch has ready.
+    pub(crate) fn drain(first: Option<peer_registry::Result<Snapshot>>, watch: &mut Watch) -> Self {
+        let mut items = Self::default();
+        items.push(first);
+        while !items.ended {
+            match watch.stream.next().now_or_never() {
+                Some(item) => items.push(item),
+                None => break,
+            }
+        }
+        items
+    }
+}
+
+/// The next geth peer event, or never while there is no subscription.
+pub(crate) async fn next_event(events: &mut Option<PeerEventStream>) -> Option<geth_ipc::Result<PeerEvent>> {
+    match events {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `base` ± 20 %, in whole milliseconds (tokio's timer resolution; whole
+/// milliseconds also keep the simulation's runs identical from run to run).
+pub(crate) fn jittered(rng: &mut rand::rngs::StdRng, base: Duration) -> Duration {
+    let ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rng.random_range(ms - ms / 5..=ms + ms / 5))
+}
+
+impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
+    /// A new registry watch: its first snapshot will be its list.
+    pub(crate) fn open_watch(&self) -> Watch {
+        Watch {
+            stream: self.registry.watch(),
+            listed: false,
+        }
+    }
+
+    /// [`Runner::on_watch_items`], then a new watch in place of `watch` if
+    /// that one ended. True when a pass is due.
+    pub(crate) fn take_watch_items(&mut self, items: WatchItems, watch: &mut Watch) -> bool {
+        let ended = items.ended;
+        let due = self.on_watch_items(items, watch);
+        if ended {
+            *watch = self.open_watch();
+        }
+        due
+    }
+
+    /// Takes in what the registry watch yielded since the last look: the
+    /// newest snapshot (each is the whole registry, so older ones add nothing)
+    /// unless it is stale, and every error. True when a pass is due.
+    fn on_watch_items(&mut self, items: WatchItems, watch: &mut Watch) -> bool {
+        for e in &items.errors {
+            self.metrics
+                .registry_errors
+                .get_or_create(&Metrics::kind(e.kind()))
+                .inc();
+            warn!(error = %e, "registry watch error; retrying");
+        }
+        if items.ended {
+            warn!("registry watch ended; restarting it");
+        }
+        if items.coalesced > 0 {
+            debug!(
+                skipped = items.coalesced,
+                "registry watch events taken together; only the newest counts"
+            );
+        }
+        let Some(snap) = items.newest else {
+            return false;
+        };
+        let event_version = snap.resource_version.clone();
+        let listed = !watch.listed;
+        match self.tracker.on_watch_snapshot(self.s.clock.now(), snap, listed) {
+            core::WatchVerdict::Taken => {
+                watch.listed = true;
+                self.took_snapshot();
+                true
+            }
+            core::WatchVerdict::Stale => {
+                debug!(
+                    event = event_version.as_deref().unwrap_or("-"),
+                    "registry watch event older than the snapshot held; ignored"
+                );
+                false
+            }
+            core::WatchVerdict::Reread => {
+                debug!("registry watch reports no registry; reading it afresh");
+                true
+            }
+        }
+    }
+
+    /// A snapshot read or returned by a write: into the tracker.
+    pub(crate) fn on_snapshot(&mut self, snap: Snapshot) {
+        self.tracker.on_snapshot(self.s.clock.now(), snap);
+        self.took_snapshot();
+    }
+
+    /// Reports what a snapshot newly taken in says about the registry.
+    fn took_snapshot(&mut self) {
+        let Some(snap) = self.tracker.snapshot() else {
+            return;
+        };
+        if self
+            .reported
+            .registry_problems
+            .update(snap.problems.clone())
+            .is_some()
+        {
+            for p in &snap.problems {
+                warn!(problem = %p, "registry ConfigMap has a problem (it is skipped, and healed on the next write where possible)");
+            }
+        }
+        self.metrics.members.set(snap.members.len() as i64);
+        self.health
+            .registry_synced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes in `first` and every other peer event geth has ready, as the
+    /// watch's items are: one pass for all of them (one each made the 29
+    /// links of a node forming cost up to 29 passes, each an `admin_peers`).
+    /// Drops the subscription when it ended. True when a pass is due.
+    pub(crate) fn on_peer_events(
+        &mut self,
+        first: Option<geth_ipc::Result<PeerEvent>>,
+        events: &mut Option<PeerEventStream>,
+    ) -> bool {
+        let mut dirty = false;
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                Some(Ok(ev)) => dirty |= self.on_peer_event(&ev),
+                Some(Err(e)) => {
+                    info!(error = %e, "geth peer-event subscription ended (geth restarted?); checking geth");
+                    *events = None;
+                    dirty = true;
+                }
+                None => {
+                    *events = None;
+                    dirty = true;
+                }
+            }
+            next = events.as_mut().and_then(|s| s.next().now_or_never());
+        }
+        dirty
+    }
+
+    /// One peer event into the tracker. True when a pass is due (any change
+    /// of the peer set but an incompatible peer's drop, which geth's redial
+    /// repeats).
+    pub(crate) fn on_peer_event(&mut self, ev: &PeerEvent) -> bool {
+        match self.tracker.on_peer_event(ev) {
+            core::PeerEventEffect::PassDue => true,
+            core::PeerEventEffect::Unusable { error, first } => {
+                if first {
+                    self.s.hooks.notice(Notice::PeerUnusable {
+                        peer: self.tracker.peer_name(&ev.peer),
+                        error: error.clone(),
+                    });
+                    warn!(peer = %ev.peer.short(), error = %error, "peer is on another network or genesis: registered but unusable");
+                }
+                self.metrics
+                    .unusable_peers
+                    .set(self.tracker.unusable().len() as i64);
+                false
+            }
+            core::PeerEventEffect::Ignored => false,
+        }
+    }
+
+    /// One round of probes: the members this geth is not connected to. True
+    /// when a pass is due.
+    pub(crate) async fn probe_round(&mut self) -> bool {
+        self.probe_members().await
+    }
+
+    /// Probes the members this geth is not connected to, except those the
+    /// engine refuses (never dialled, so never probed either). True when a
+    /// pass is due.
+    pub(crate) async fn probe_members(&mut self) -> bool {
+        let Some(me) = self.last_me.clone() else {
+            return false;
+        };
+        let now = self.s.clock.now();
+        // The engine says whom it would dial, and at which addresses (a DNS
+        // host as resolved and checked): nothing else is probed.
+        let allowed: std::collections::BTreeMap<geth_ipc::NodeId, Vec<std::net::SocketAddr>> = {
+            let obs = self.tracker.observation(now, &me, None);
+            core::probe_targets(&self.s.engine, &obs)
+                .into_iter()
+                .map(|t| (t.peer.node_id, t.addresses))
+                .collect()
+        };
+        let targets: Vec<_> = self
+            .tracker
+            .probe_targets(Some(me.node_id), self.s.engine.legacy_members, |e| {
+                !allowed.contains_key(&e.node_id())
+            })
+            .into_iter()
+            .map(|(id, enode)| {
+                let addresses = allowed.get(&id).cloned().unwrap_or_default();
+                (id, enode, addresses)
+            })
+            .collect();
+        let started = self.s.clock.now();
+        let port = self.s.sidecar_port;
+        let prober = self.s.prober.clone();
+        let probes = targets.into_iter().map(|(id, enode, addresses)| {
+            let prober = prober.clone();
+            async move { (id, prober.probe(&enode, &addresses, port).await) }
+        });
+        let results = futures::future::join_all(probes).await;
+        if let Some(via) = results.iter().find_map(|(_, o)| o.via()) {
+            self.note_probe_via(via);
+        }
+        for via in results.iter().filter_map(|(_, o)| o.via()) {
+            self.metrics
+                .probes
+                .get_or_create(&Metrics::kind(via.kind()))
+                .inc();
+        }
+        for (id, outcome) in &results {
+            if !outcome.is_reachable() && !self.tracker.unreachable_since().contains_key(id) {
+                debug!(peer = %id.short(), ?outcome, "member unreachable from here");
+            }
+        }
+        let now = self.s.clock.now();
+        self.tracker.on_probes(
+            started,
+            now,
+            results.into_iter().map(|(id, o)| (id, o.is_reachable())),
+        )
+    }
+
+    /// Logs where members are probed, when that changes.
+    fn note_probe_via(&mut self, via: ProbeVia) {
+        if self.reported.probe_via.update(via).is_none() {
+            return;
+        }
+        match via {
+            ProbeVia::Identity(_) => debug!("probing members at their sidecar's /identity"),
+            ProbeVia::GethPort => debug!("probing members at their geth p2p port"),
+            ProbeVia::SidecarPort(port) => info!(
+                port,
+                "this pod's address is outside geth's LAN ranges, where geth refuses a second \
+                 inbound connection from one IP within 30 s: members are probed at their \
+                 sidecar's port {port}, never at geth's p2p port (a probe there would delay \
+                 the next dial by 30 s)"
+            ),
+        }
+    }
+}
