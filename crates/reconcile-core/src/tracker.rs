@@ -16,7 +16,7 @@ use geth_ipc::{Enode, NodeId, PeerEvent, PeerEventKind};
 use jiff::Timestamp;
 use peer_registry::Snapshot;
 
-use crate::{GethAction, Observation, PeerObservation, PodObservation, SelfIdentity};
+use crate::{Confirmation, GethAction, Observation, PeerObservation, PodObservation, SelfIdentity};
 
 /// What the tracker did with a snapshot from the registry watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +102,7 @@ pub struct Tracker {
     registrations_listed: BTreeSet<NodeId>,
     probed_at: Option<Timestamp>,
     resolved: BTreeMap<NodeId, Vec<IpAddr>>,
+    confirmations: BTreeMap<NodeId, Confirmation>,
 }
 
 impl Tracker {
@@ -230,6 +231,7 @@ impl Tracker {
         self.registrations_seen
             .retain(|id, _| member(id) || legacy(id));
         self.resolved.retain(|id, _| known.contains(id));
+        self.confirmations.retain(|id, _| known.contains(id));
         self.registrations_landed.retain(|id, _| member(id));
         self.registrations_listed.retain(member);
         self.unreachable_since.retain(|id, _| known.contains(id));
@@ -282,8 +284,34 @@ impl Tracker {
         self.blind_adds.retain(|id, _| !connected.contains_key(id));
         self.unreachable_since
             .retain(|id, _| !connected.contains_key(id));
+        self.confirmations
+            .retain(|id, _| !connected.contains_key(id));
         self.unusable
             .retain(|id, _| !connected.get(id).is_some_and(|p| p.eth_ready));
+    }
+
+    /// A round of indirect probes of `id` made at `at`: `asked` other
+    /// members' sidecars were asked, `unreachable` found it unreachable too,
+    /// `reachable` reach it. A "reachable" answer is remembered across later
+    /// rounds (it restarts the member's `dead_after`).
+    pub fn on_confirmation(&mut self, id: NodeId, at: Timestamp, asked: usize, unreachable: usize, reachable: usize) {
+        let before = self.confirmations.get(&id).and_then(|c| {
+            c.last_reachable
+                .into_iter()
+                .chain((c.reachable > 0).then_some(c.at))
+                .max()
+        });
+        let last_reachable = if reachable > 0 { Some(at) } else { before };
+        self.confirmations.insert(
+            id,
+            Confirmation {
+                at,
+                asked,
+                unreachable,
+                reachable,
+                last_reachable,
+            },
+        );
     }
 
     /// What the DNS hosts of members and legacy entries resolved to, by node
@@ -299,6 +327,7 @@ impl Tracker {
                 self.connected.entry(ev.peer).or_default();
                 self.blind_adds.remove(&ev.peer);
                 self.unreachable_since.remove(&ev.peer);
+                self.confirmations.remove(&ev.peer);
                 PeerEventEffect::PassDue
             }
             PeerEventKind::Drop => {
@@ -354,6 +383,7 @@ impl Tracker {
         for (id, reachable) in results {
             if reachable {
                 due |= self.unreachable_since.remove(&id).is_some();
+                self.confirmations.remove(&id);
             } else {
                 self.unreachable_since.entry(id).or_insert(now);
                 due = true;
@@ -402,6 +432,7 @@ impl Tracker {
             registrations_listed: &self.registrations_listed,
             probed_at: self.probed_at,
             resolved: &self.resolved,
+            confirmations: &self.confirmations,
             ..Observation::new(now, me, self.snapshot.as_ref(), &self.applied)
         }
     }

@@ -213,7 +213,7 @@ pub(crate) struct RunArgs {
     /// Member address allowlist: comma-separated IPv4/IPv6 CIDRs (e.g.
     /// 10.244.0.0/16,fd00::/8). A member record whose enode IP lies outside
     /// every one is refused (never dialled, warned once naming its key). A DNS
-    /// name cannot be checked and is allowed; external-peers.json is never
+    /// name is held to it by what it resolves to; external-peers.json is never
     /// filtered. Empty: any routable address.
     #[arg(long, env = "MEMBER_CIDRS", default_value = "", value_parser = parse_member_cidrs)]
     pub(crate) member_cidrs: MemberCidrs,

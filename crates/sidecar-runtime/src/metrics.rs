@@ -36,6 +36,7 @@ pub struct Metrics {
     pub(crate) probes: Family<KindLabel, Counter>,
     pub(crate) peer_limit_suspected: Gauge,
     pub(crate) pod_evidence: Gauge,
+    pub(crate) indirect_probes: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +70,7 @@ impl Metrics {
             probes: Family::default(),
             peer_limit_suspected: Gauge::default(),
             pod_evidence: Gauge::default(),
+            indirect_probes: Counter::default(),
             registry: Registry::with_prefix("geth_peer_sidecar"),
         };
         m.registry.register(
@@ -162,6 +164,11 @@ impl Metrics {
             "pod_evidence",
             "1 while pod evidence is in use (READ_PODS on and the pod watch current); 0 while removals fall back to agreement between members",
             m.pod_evidence.clone(),
+        );
+        m.registry.register(
+            "indirect_probes",
+            "Other members' sidecars asked whether they reach a member unreachable from here (removal needs their agreement)",
+            m.indirect_probes.clone(),
         );
         m
     }

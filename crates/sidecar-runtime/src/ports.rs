@@ -63,6 +63,11 @@ pub trait Prober: Send + Sync {
     /// resolved to when the engine checked it; empty: resolve it);
     /// `sidecar_port` is the port every sidecar listens on.
     async fn probe(&self, enode: &Enode, addresses: &[SocketAddr], sidecar_port: u16) -> ProbeOutcome;
+
+    /// An indirect probe: asks the sidecar of the member `helper` whether it
+    /// reaches the member `suspect` (as the helper's own registry records
+    /// it). `Some(reachable)`, or `None` when the helper did not answer.
+    async fn ask(&self, helper: &Enode, suspect: &Enode, sidecar_port: u16) -> Option<bool>;
 }
 
 /// What a pod source can say right now.

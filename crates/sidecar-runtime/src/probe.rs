@@ -93,6 +93,24 @@ impl Prober for TcpProber {
             _ => ProbeOutcome::Unreachable(via),
         }
     }
+
+    async fn ask(&self, helper: &Enode, suspect: &Enode, sidecar_port: u16) -> Option<bool> {
+        let target = resolve(helper).await?;
+        let addr = SocketAddr::new(target.ip(), sidecar_port);
+        tokio::time::timeout(self.timeout * 2, ask_sidecar(addr, suspect.node_id()))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Asks the sidecar at `addr` whether it reaches `suspect` (`GET
+/// /v1/probe/<node id>`); `None` when it does not answer 200 with an answer.
+async fn ask_sidecar(addr: SocketAddr, suspect: NodeId) -> Option<bool> {
+    let body = get(addr, &format!("/v1/probe/{suspect}")).await?;
+    serde_json::from_str::<IndirectAnswer>(&body)
+        .ok()
+        .map(|a| a.reachable)
 }
 
 /// The member's p2p endpoint, resolved; `None` when its host does not resolve.
@@ -118,19 +136,23 @@ fn source_for(target: SocketAddr) -> Option<IpAddr> {
 }
 
 /// Asks the sidecar at `addr` who it is; `None` when nothing (or no sidecar)
-/// answers. A plain HTTP/1.0 GET: the answer is small and bounded.
+/// answers.
 async fn identity(addr: SocketAddr) -> Option<Identity> {
+    serde_json::from_str(&get(addr, "/identity").await?).ok()
+}
+
+/// A plain HTTP/1.0 GET of `path` at `addr`: the body of a 200 answer. The
+/// sidecar's answers are small; at most 4 KiB is read.
+async fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET /identity HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut body = Vec::with_capacity(512);
     stream.take(4096).read_to_end(&mut body).await.ok()?;
     let text = std::str::from_utf8(&body).ok()?;
-    let (head, json) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
-        return None;
-    }
-    serde_json::from_str(json).ok()
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let ok = head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200");
+    ok.then(|| body.to_owned())
 }
 
 /// The TCP probe's target: geth's port at `target`, unless geth throttles

@@ -27,6 +27,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.health
             .publish(&self.s.pod, report, self.tracker.snapshot(), &connected);
         self.recheck_at = report.recheck_at;
+        self.awaiting.clone_from(&report.awaiting_confirmation);
         self.metrics.desired_peers.set(report.desired as i64);
         self.metrics.connected_peers.set(report.connected as i64);
         self.metrics.missing_peers.set(report.missing.len() as i64);

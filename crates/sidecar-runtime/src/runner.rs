@@ -63,6 +63,8 @@ pub(crate) struct Runner<G, R> {
     /// passes ask the engine whom to probe with it).
     pub(crate) last_me: Option<core::SelfIdentity>,
     pub(crate) reported: Reported,
+    /// The members the engine awaits agreement on (its last report).
+    pub(crate) awaiting: Vec<core::PeerRef>,
     /// When the engine asked to be consulted again (a new pair's dial grace).
     pub(crate) recheck_at: Option<jiff::Timestamp>,
     /// Since when some missing peers have all been reachable.
@@ -90,6 +92,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             me: None,
             last_me: None,
             reported: Reported::default(),
+            awaiting: Vec::new(),
             recheck_at: None,
             stuck_since: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed),

@@ -1,5 +1,5 @@
 //! Deterministic simulation of a fleet: many sidecar loops (the real runner,
-//! [`Sidecar::run_until`]) against one [`MemoryStore`] (the ConfigMap
+//! [`Sidecar::run_until`](crate::Sidecar::run_until)) against one [`MemoryStore`] (the ConfigMap
 //! implementation's compare-and-swap code in memory) and [`FakeGeth`] nodes on a
 //! [`FakeNet`], on tokio's paused clock, with seeded random faults.
 //!
@@ -57,7 +57,7 @@ use crate::identity::AdvertiseMode;
 use crate::metrics::Metrics;
 use crate::ports::{Clock, ProbeOutcome, Prober};
 use crate::probe::ProbeVia;
-use crate::{Settings, Sidecar};
+use crate::Settings;
 
 /// The simulation's wall clock: `epoch` at `start` of tokio's (paused)
 /// clock, shifted by `skew`, so it can be wrong like a node's.
@@ -92,6 +92,15 @@ impl Prober for SimProber {
         } else {
             ProbeOutcome::Unreachable(ProbeVia::GethPort)
         }
+    }
+
+    async fn ask(&self, helper: &Enode, suspect: &Enode, _: u16) -> Option<bool> {
+        let truth = lock(&self.truth);
+        let j = truth.index_of(&helper.node_id())?;
+        // The helper's sidecar answers when its pod is reachable from here.
+        truth
+            .reachable(self.from, helper)
+            .then(|| truth.reachable(j, suspect))
     }
 }
 
@@ -579,7 +588,7 @@ impl World {
             truth: self.truth.clone(),
             stale: Mutex::new(Some(stale_rx)),
         };
-        let sidecar = Sidecar::new(Arc::new(node.geth.clone()), Arc::new(registry), settings);
+        let sidecar = crate::Sidecar::new(Arc::new(node.geth.clone()), Arc::new(registry), settings);
         let metrics = sidecar.metrics();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(sidecar.run_until(async {

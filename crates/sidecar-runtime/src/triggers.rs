@@ -226,7 +226,80 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// One round of probes: the members this geth is not connected to. True
     /// when a pass is due.
     pub(crate) async fn probe_round(&mut self) -> bool {
-        self.probe_members().await
+        let probed = self.probe_members().await;
+        let confirmed = self.confirm_suspects().await;
+        probed || confirmed
+    }
+
+    /// Indirect probes (as in SWIM): for each member the engine awaits
+    /// agreement on (unreachable from here for DEAD_AFTER, no pod evidence),
+    /// asks the sidecars of up to `confirmations_needed + 1` other members
+    /// this geth is connected to whether they reach it. The answers go to the
+    /// tracker; the engine removes the member only when enough answered and
+    /// all found it unreachable. True when a round was recorded.
+    async fn confirm_suspects(&mut self) -> bool {
+        let Some(snap) = self.tracker.snapshot() else {
+            return false;
+        };
+        if self.awaiting.is_empty() {
+            return false;
+        }
+        let want = self.s.engine.confirmations_needed + 1;
+        let connected = self.tracker.connected();
+        let me = self.last_me.as_ref().map(|m| m.node_id);
+        let helpers: Vec<geth_ipc::Enode> = snap
+            .members
+            .values()
+            .filter(|m| connected.contains_key(&m.node_id) && Some(m.node_id) != me)
+            .map(|m| m.enode.clone())
+            .collect();
+        let suspects: Vec<geth_ipc::Enode> = self
+            .awaiting
+            .iter()
+            .filter_map(|p| {
+                snap.member_by_node_id(&p.node_id)
+                    .map(|m| m.enode.clone())
+                    .or_else(|| snap.legacy.iter().find(|e| e.node_id() == p.node_id).cloned())
+            })
+            .collect();
+        let port = self.s.sidecar_port;
+        let prober = self.s.prober.clone();
+        let rounds = suspects.into_iter().map(|suspect| {
+            let asked: Vec<geth_ipc::Enode> = helpers
+                .iter()
+                .filter(|h| h.node_id() != suspect.node_id())
+                .take(want)
+                .cloned()
+                .collect();
+            let prober = prober.clone();
+            async move {
+                let answers = futures::future::join_all(
+                    asked.iter().map(|h| prober.ask(h, &suspect, port)),
+                )
+                .await;
+                (suspect, asked.len(), answers)
+            }
+        });
+        let rounds = futures::future::join_all(rounds).await;
+        let now = self.s.clock.now();
+        for (suspect, asked, answers) in &rounds {
+            let unreachable = answers.iter().filter(|a| **a == Some(false)).count();
+            let reachable = answers.iter().filter(|a| **a == Some(true)).count();
+            self.metrics.indirect_probes.inc_by(*asked as u64);
+            if reachable > 0 {
+                info!(
+                    member = %self.tracker.peer_name(&suspect.node_id()),
+                    reachable, unreachable, asked,
+                    "a member unreachable from here is reachable from other members: not removed \
+                     (the path between this pod and it is broken, not the member)"
+                );
+            } else {
+                debug!(member = %suspect.node_id().short(), unreachable, asked, "indirect probes");
+            }
+            self.tracker
+                .on_confirmation(suspect.node_id(), now, *asked, unreachable, reachable);
+        }
+        !rounds.is_empty()
     }
 
     /// Probes the members this geth is not connected to, except those the
