@@ -384,7 +384,8 @@ impl Tracker {
             if reachable {
                 due |= self.unreachable_since.remove(&id).is_some();
                 self.confirmations.remove(&id);
-            } else {
+            } else if !self.connected.contains_key(&id) {
+                // (A peer that connected while the round ran is reachable.)
                 self.unreachable_since.entry(id).or_insert(now);
                 due = true;
             }
