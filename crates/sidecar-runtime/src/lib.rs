@@ -17,23 +17,27 @@
 //! `http` (the probes, `/status`, `/metrics` and `/identity` server), `sim`
 //! (the deterministic simulation, [`sim::run`]).
 //!
+//! A whole embedding (three sidecars on in-memory geth and an in-memory
+//! registry) is `examples/embed.rs`; in short:
+//!
 //! ```
 //! use std::sync::Arc;
-//! use geth_ipc::fake::{FakeGeth, FakeNet};
+//! use geth_ipc::Host;
+//! use geth_ipc::fake::{FakeNet, test_enode};
 //! use peer_registry::{MemoryRegistry, MemoryStore};
 //! use sidecar_runtime::{AdvertiseMode, Settings, Sidecar};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! let net = FakeNet::new();
-//! let geth = FakeGeth::new(&net, [1; 32], "10.0.0.1".parse().unwrap());
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ip: std::net::IpAddr = "10.0.0.1".parse()?;
+//! let geth = FakeNet::new().join(test_enode(1, Host::Ip(ip), 30303)?);
 //! let store = MemoryStore::new();
-//! let settings = Settings::new("geth-0", AdvertiseMode::PodIp("10.0.0.1".parse().unwrap()));
+//! let settings = Settings::new("geth-0", AdvertiseMode::PodIp(ip));
 //! let sidecar = Sidecar::new(Arc::new(geth), Arc::new(MemoryRegistry::on(&store)), settings);
 //! // Runs until the future completes, then deregisters this pod.
 //! sidecar.run_until(async {}).await;
-//! # }
-//! ```
+//! # Ok(()) }
+//! //! ```
 #![forbid(unsafe_code)]
 
 mod error;
