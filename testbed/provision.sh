@@ -27,10 +27,11 @@ need gcc "apt-get install gcc libc6-dev (geth is built with cgo, as its releases
 
 log() { printf '[provision %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS] [VERSION_ARGS] [TAGS]
+# build NAME VERSION MODULE_DIR PACKAGE VERSION_REGEX [LDFLAGS] [VERSION_ARGS] [TAGS] [LINK]
 # VERSION_ARGS (default --version) is how the binary is asked for its version.
+# LINK (default NAME) is the name of its symlink in bin/.
 build() {
-  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-} vargs=${7:---version} tags=${8:-}
+  local name=$1 version=$2 mod=$3 pkg=$4 want=$5 ldflags=${6:-} vargs=${7:---version} tags=${8:-} link=${9:-$1}
   local dest="$cache/$name-$version"
   local stamp
   # The stamp covers the module, its own sources (if any), ldflags, tags and cgo.
@@ -63,7 +64,7 @@ build() {
     echo "$stamp" > "$dest/.stamp"
     log "$name $version: built in $((SECONDS - t0)) s"
   fi
-  ln -sfn "$dest/$name" "$cache/bin/$name"
+  ln -sfn "$dest/$name" "$cache/bin/$link"
 }
 
 k8s_minor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)
@@ -78,6 +79,21 @@ t_all=$SECONDS
 # at N=30 the mesh bench measured 2.2 s of geth CPU against 1.4 s with cgo.
 CGO_ENABLED=1 build geth "$GETH_VERSION" geth github.com/ethereum/go-ethereum/cmd/geth "^Version: ${GETH_VERSION#v}-stable$" \
   "-extldflags=-static" version "urfave_cli_no_docs,ckzg,osusergo,netgo"
+ln -sfn "$cache/geth-$GETH_VERSION/geth" "$cache/bin/geth-$GETH_VERSION"
+# The geth version matrix (tests/it/versions.rs), built the same way, each from
+# its own consumer module, linked as bin/geth-<version> and bin/op-geth-<version>
+# (bin/geth stays GETH_VERSION, the default of every other test).
+geth_tags="urfave_cli_no_docs,ckzg,osusergo,netgo"
+CGO_ENABLED=1 build geth "$GETH_1_16_VERSION" geth-1.16 github.com/ethereum/go-ethereum/cmd/geth \
+  "^Version: ${GETH_1_16_VERSION#v}-stable$" "-extldflags=-static" version "$geth_tags" "geth-$GETH_1_16_VERSION"
+CGO_ENABLED=1 build geth "$GETH_LATEST_VERSION" geth-latest github.com/ethereum/go-ethereum/cmd/geth \
+  "^Version: ${GETH_LATEST_VERSION#v}-stable$" "-extldflags=-static" version "$geth_tags" "geth-$GETH_LATEST_VERSION"
+# op-geth reports its own version only when told its tag (its build/ci.go sets
+# version.gitTag; without it it says 0.1.0-untagged); the upstream geth it is
+# based on is in its `version` output as "Upstream Version".
+CGO_ENABLED=1 build op-geth "$OP_GETH_VERSION" op-geth github.com/ethereum/go-ethereum/cmd/geth \
+  "^Version: ${OP_GETH_VERSION#v}-stable$" "-extldflags=-static -X github.com/ethereum/go-ethereum/version.gitTag=$OP_GETH_VERSION" \
+  version "$geth_tags" "op-geth-$OP_GETH_VERSION"
 build etcd "$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3 "Version: ${ETCD_VERSION#v}"
 build kube-apiserver "$KUBERNETES_VERSION" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBERNETES_VERSION\$" \
   "$k8s_ldflags -X k8s.io/component-base/version/verflag.programName=kube-apiserver"
@@ -109,6 +125,9 @@ build pause "$PAUSE_VERSION" pause gps-testbed/pause "^pause gps-testbed ${PAUSE
 
 cat > "$cache/versions.env" <<VERS
 GETH_VERSION=$GETH_VERSION
+GETH_1_16_VERSION=$GETH_1_16_VERSION
+GETH_LATEST_VERSION=$GETH_LATEST_VERSION
+OP_GETH_VERSION=$OP_GETH_VERSION
 ETCD_VERSION=$ETCD_VERSION
 KUBERNETES_VERSION=$KUBERNETES_VERSION
 KUSTOMIZE_VERSION=$KUSTOMIZE_VERSION

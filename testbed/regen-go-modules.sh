@@ -33,6 +33,27 @@ mkdir -p "$here/go/geth" && cd "$here/go/geth" && rm -f go.sum
 { header geth; printf 'module gps-testbed/geth\n\ngo 1.26.0\n\ntool github.com/ethereum/go-ethereum/cmd/geth\n\nrequire github.com/ethereum/go-ethereum %s\n' "$GETH_VERSION"; } > go.mod
 go mod tidy
 
+# The geth version matrix: one consumer module per version, each building
+# cmd/geth. op-geth keeps go-ethereum's module path, so its module is go-ethereum
+# replaced by op-geth (cmd/geth of that tree is op-geth).
+geth_matrix_module() { # DIR VERSION [REPLACE_WITH_MODULE]
+  local dir=$1 version=$2 fork=${3:-}
+  mkdir -p "$here/go/$dir" && cd "$here/go/$dir" && rm -f go.sum
+  { header "geth ${fork:-go-ethereum} $version (version matrix)"
+    printf 'module gps-testbed/%s\n\ngo 1.26.0\n\ntool github.com/ethereum/go-ethereum/cmd/geth\n\n' "$dir"
+    if [[ -n $fork ]]; then
+      printf 'require github.com/ethereum/go-ethereum v1.0.0\n\nreplace github.com/ethereum/go-ethereum => %s %s\n' "$fork" "$version"
+      copy_replaces "$(gomod_of "$fork@$version")"
+    else
+      printf 'require github.com/ethereum/go-ethereum %s\n' "$version"
+      copy_replaces "$(gomod_of "github.com/ethereum/go-ethereum@$version")"
+    fi; } > go.mod
+  go mod tidy
+}
+geth_matrix_module geth-1.16 "$GETH_1_16_VERSION"
+geth_matrix_module geth-latest "$GETH_LATEST_VERSION"
+geth_matrix_module op-geth "$OP_GETH_VERSION" github.com/ethereum-optimism/op-geth
+
 # etcd: server/v3 is itself a main package; its sibling modules must match.
 mkdir -p "$here/go/etcd" && cd "$here/go/etcd" && rm -f go.sum
 { header etcd; printf 'module gps-testbed/etcd\n\ngo 1.26.0\n\ntool go.etcd.io/etcd/server/v3\n\nrequire (\n'
