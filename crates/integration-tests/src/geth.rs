@@ -31,6 +31,24 @@ pub struct NodeSpec {
     pub maxpeers: u32,
     /// `--verbosity` (4 logs e.g. geth's refusals of inbound connections).
     pub verbosity: u8,
+    /// Which geth build runs the node: a name of [`crate::Testbed::geth_matrix`]
+    /// (`geth-v1.16.9`, `op-geth-v1.101702.3`), `None` for the default `geth`.
+    pub geth: Option<String>,
+}
+
+impl NodeSpec {
+    /// The default spec, run by the geth build `name` (see [`NodeSpec::geth`]).
+    pub fn with_geth(name: &str) -> Self {
+        Self {
+            geth: Some(name.to_owned()),
+            ..Self::default()
+        }
+    }
+
+    /// The geth binary this node runs (panics when it is not provisioned).
+    pub fn geth_bin(&self) -> PathBuf {
+        testbed().geth_bin(self.geth.as_deref().unwrap_or("geth"))
+    }
 }
 
 impl Default for NodeSpec {
@@ -40,6 +58,7 @@ impl Default for NodeSpec {
             http_ws: false,
             maxpeers: 50,
             verbosity: 3,
+            geth: None,
         }
     }
 }
@@ -82,6 +101,19 @@ impl GethNet {
     pub async fn start(ctx: &TestContext, bridge: Arc<Bridge>, n: usize) -> Result<Self> {
         let mut net = Self::new(ctx, bridge);
         net.add_nodes(vec![NodeSpec::default(); n]).await?;
+        Ok(net)
+    }
+
+    /// Starts one default node per geth build in `gethes` (names of
+    /// [`crate::Testbed::geth_matrix`]), concurrently, and waits until each IPC answers.
+    pub async fn start_with(
+        ctx: &TestContext,
+        bridge: Arc<Bridge>,
+        gethes: &[&str],
+    ) -> Result<Self> {
+        let mut net = Self::new(ctx, bridge);
+        net.add_nodes(gethes.iter().map(|g| NodeSpec::with_geth(g)).collect())
+            .await?;
         Ok(net)
     }
 
@@ -200,7 +232,7 @@ impl GethNode {
             std::fs::write(&genesis_path, genesis(spec.chain_id).to_string())
                 .map_err(io_err("write genesis"))?;
         }
-        let out = std::process::Command::new(testbed().bin("geth"))
+        let out = std::process::Command::new(spec.geth_bin())
             .arg("--datadir")
             .arg(&datadir)
             .arg("init")
@@ -282,7 +314,7 @@ impl GethNode {
             &self.ctx,
             &label,
             Some(self.netns.name()),
-            &testbed().bin("geth"),
+            &self.spec.geth_bin(),
             &args,
             &[],
         )?);

@@ -14,12 +14,32 @@ pub struct Testbed {
     pub etcd_version: String,
     /// Pinned Kubernetes version (e.g. `v1.37.2`).
     pub kubernetes_version: String,
+    /// The geth version matrix, as names of binaries in [`Testbed::bin_dir`]
+    /// (`geth-<version>`, `op-geth-<version>`): the last v1.16 patch, the
+    /// default [`Testbed::geth_version`], the current release, op-geth.
+    pub geth_matrix: Vec<String>,
 }
 
 impl Testbed {
     /// Full path of a test-bed binary.
     pub fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
+    }
+
+    /// Full path of a geth build of the matrix (`geth-v1.16.9`,
+    /// `op-geth-v1.101702.3`; `geth` is the default build).
+    ///
+    /// # Panics
+    /// When it is missing: a test that needs a version fails, it never skips.
+    pub fn geth_bin(&self, name: &str) -> PathBuf {
+        let p = self.bin(name);
+        assert!(
+            p.is_file(),
+            "geth build {} is missing: run `testbed/provision.sh` (it builds the version \
+             matrix of testbed/versions.env). Tests that need it fail without it; they never skip.",
+            p.display()
+        );
+        p
     }
 }
 
@@ -80,6 +100,12 @@ pub fn testbed() -> &'static Testbed {
             geth_version: pinned("GETH_VERSION"),
             etcd_version: pinned("ETCD_VERSION"),
             kubernetes_version: pinned("KUBERNETES_VERSION"),
+            geth_matrix: vec![
+                format!("geth-{}", pinned("GETH_1_16_VERSION")),
+                format!("geth-{}", pinned("GETH_VERSION")),
+                format!("geth-{}", pinned("GETH_LATEST_VERSION")),
+                format!("op-geth-{}", pinned("OP_GETH_VERSION")),
+            ],
         }
     })
 }

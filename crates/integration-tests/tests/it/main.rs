@@ -14,3 +14,4 @@ mod multiarch;
 mod registry;
 mod status;
 mod testbed;
+mod versions;
