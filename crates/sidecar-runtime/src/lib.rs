@@ -170,3 +170,5 @@ pub async fn shutdown_signal() {
     }
 }
 
+#[cfg(test)]
+mod tests;
