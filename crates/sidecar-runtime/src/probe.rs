@@ -78,18 +78,20 @@ impl Prober for TcpProber {
             },
         };
         let sidecar = SocketAddr::new(target.ip(), sidecar_port);
-        match tokio::time::timeout(self.timeout, identity(sidecar)).await {
+        let (addr, via) = probe_addr(target, source_for(target), sidecar_port);
+        // Both at once: an unreachable member costs one timeout, not two.
+        let (named, connected) = tokio::join!(
+            tokio::time::timeout(self.timeout, identity(sidecar)),
+            tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(addr)),
+        );
+        match named {
             Ok(Some(id)) if id.node_id == enode.node_id() => {
-                return ProbeOutcome::Reachable(ProbeVia::Identity(sidecar_port));
+                ProbeOutcome::Reachable(ProbeVia::Identity(sidecar_port))
             }
             // Another node answers at the member's address: not the member.
-            Ok(Some(_)) => return ProbeOutcome::Unreachable(ProbeVia::Identity(sidecar_port)),
-            _ => {}
-        }
-        let (addr, via) = probe_addr(target, source_for(target), sidecar_port);
-        let connect = tokio::net::TcpStream::connect(addr);
-        match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(_)) => ProbeOutcome::Reachable(via),
+            Ok(Some(_)) => ProbeOutcome::Unreachable(ProbeVia::Identity(sidecar_port)),
+            // No sidecar answers: geth's port (or the sidecar's) decides.
+            _ if matches!(connected, Ok(Ok(_))) => ProbeOutcome::Reachable(via),
             _ => ProbeOutcome::Unreachable(via),
         }
     }
@@ -97,7 +99,8 @@ impl Prober for TcpProber {
     async fn ask(&self, helper: &Enode, suspect: &Enode, sidecar_port: u16) -> Option<bool> {
         let target = resolve(helper).await?;
         let addr = SocketAddr::new(target.ip(), sidecar_port);
-        tokio::time::timeout(self.timeout * 2, ask_sidecar(addr, suspect.node_id()))
+        // The asked sidecar probes within one timeout of its own.
+        tokio::time::timeout(self.timeout * 3, ask_sidecar(addr, suspect.node_id()))
             .await
             .ok()
             .flatten()

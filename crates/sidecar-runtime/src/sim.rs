@@ -140,8 +140,11 @@ pub struct Outcome {
 /// replays it.
 #[derive(Debug)]
 pub struct Failure {
+    /// The seed that replays the run.
     pub seed: u64,
+    /// The invariants broken, each with what broke it.
     pub violations: Vec<String>,
+    /// The faults injected, in order.
     pub faults: Vec<String>,
 }
 
