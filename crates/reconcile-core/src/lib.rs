@@ -92,12 +92,10 @@ pub use cidr::{Cidr, CidrError};
 pub use config::{Config, ConfigError};
 pub use engine::{ProbeTarget, plan, probe_targets};
 pub use observation::{Confirmation, Observation, PeerObservation, PodObservation, SelfIdentity};
-pub use tracker::{
-    GenerationChange, PeerEventEffect, Tracker, WatchVerdict, is_incompatible,
-};
 pub use plan::{
     GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,
 };
+pub use tracker::{GenerationChange, PeerEventEffect, Tracker, WatchVerdict, is_incompatible};
 
 #[cfg(test)]
 mod property_tests;

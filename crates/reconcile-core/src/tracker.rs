@@ -152,7 +152,12 @@ impl Tracker {
 
     /// A snapshot from the registry watch, seen at `now`; `listed` when it is
     /// the list a new or restarted watch begins with.
-    pub fn on_watch_snapshot(&mut self, now: Timestamp, snap: Snapshot, listed: bool) -> WatchVerdict {
+    pub fn on_watch_snapshot(
+        &mut self,
+        now: Timestamp,
+        snap: Snapshot,
+        listed: bool,
+    ) -> WatchVerdict {
         let held = self.snapshot.as_ref();
         if snap.resource_version.is_none() && held.is_some_and(|h| h.resource_version.is_some()) {
             self.snapshot = None;
@@ -294,7 +299,14 @@ impl Tracker {
     /// members' sidecars were asked, `unreachable` found it unreachable too,
     /// `reachable` reach it. A "reachable" answer is remembered across later
     /// rounds (it restarts the member's `dead_after`).
-    pub fn on_confirmation(&mut self, id: NodeId, at: Timestamp, asked: usize, unreachable: usize, reachable: usize) {
+    pub fn on_confirmation(
+        &mut self,
+        id: NodeId,
+        at: Timestamp,
+        asked: usize,
+        unreachable: usize,
+        reachable: usize,
+    ) {
         let before = self.confirmations.get(&id).and_then(|c| {
             c.last_reachable
                 .into_iter()

@@ -32,10 +32,19 @@ fn a_watch_snapshot_older_than_the_one_held_is_stale_and_a_missing_registry_mean
     let mut older = newer.clone();
     older.resource_version = Some("10".into());
     assert_eq!(t.on_watch_snapshot(at(1), newer, true), WatchVerdict::Taken);
-    assert_eq!(t.on_watch_snapshot(at(2), older, false), WatchVerdict::Stale);
+    assert_eq!(
+        t.on_watch_snapshot(at(2), older, false),
+        WatchVerdict::Stale
+    );
     let gone = Snapshot::default();
-    assert_eq!(t.on_watch_snapshot(at(3), gone, false), WatchVerdict::Reread);
-    assert!(t.snapshot().is_none(), "the next pass reads the registry afresh");
+    assert_eq!(
+        t.on_watch_snapshot(at(3), gone, false),
+        WatchVerdict::Reread
+    );
+    assert!(
+        t.snapshot().is_none(),
+        "the next pass reads the registry afresh"
+    );
 }
 
 #[test]
@@ -59,9 +68,16 @@ fn registrations_of_a_watchs_list_are_landed_and_listed_later_ones_landed_only()
 fn a_departed_member_leaves_nothing_behind_in_the_per_member_maps() {
     let (a, b) = (enode(1, 1), enode(2, 2));
     let mut t = Tracker::new();
-    t.on_snapshot(at(0), snapshot([record("a", &a, at(0)), record("b", &b, at(0))]));
+    t.on_snapshot(
+        at(0),
+        snapshot([record("a", &a, at(0)), record("b", &b, at(0))]),
+    );
     t.on_probes(at(1), at(1), [(b.node_id(), false)]);
-    t.on_peer_event(&event(PeerEventKind::Drop, b.node_id(), Some("genesis mismatch")));
+    t.on_peer_event(&event(
+        PeerEventKind::Drop,
+        b.node_id(),
+        Some("genesis mismatch"),
+    ));
     assert!(t.unreachable_since().contains_key(&b.node_id()));
     assert!(t.unusable().contains_key(&b.node_id()));
     t.on_snapshot(at(2), snapshot([record("a", &a, at(0))]));
@@ -78,14 +94,20 @@ fn a_connected_member_loses_its_unreachability_clock() {
     assert!(t.on_probes(at(1), at(1), [(a.node_id(), false)]));
     t.on_peers([(a.node_id(), ready())]);
     assert!(t.unreachable_since().is_empty());
-    assert!(t.probe_targets(None, false, |_| false).is_empty(), "connected: not probed");
+    assert!(
+        t.probe_targets(None, false, |_| false).is_empty(),
+        "connected: not probed"
+    );
 }
 
 #[test]
 fn a_refused_record_is_never_a_probe_target() {
     let (a, b) = (enode(1, 1), enode(2, 2));
     let mut t = Tracker::new();
-    t.on_snapshot(at(0), snapshot([record("a", &a, at(0)), record("b", &b, at(0))]));
+    t.on_snapshot(
+        at(0),
+        snapshot([record("a", &a, at(0)), record("b", &b, at(0))]),
+    );
     let targets = t.probe_targets(None, false, |e| e.node_id() == b.node_id());
     assert_eq!(targets, vec![(a.node_id(), a.clone())]);
 }
@@ -96,7 +118,10 @@ fn a_reconnected_geth_forgets_what_was_applied_and_knows_its_static_set() {
     let mut t = Tracker::new();
     assert_eq!(t.on_geth_generation(1), GenerationChange::First);
     t.on_geth_action(&GethAction::AddPeer(a.clone()), at(0));
-    assert!(t.blind_adds.contains_key(&a.node_id()), "static set unknown: a blind add");
+    assert!(
+        t.blind_adds.contains_key(&a.node_id()),
+        "static set unknown: a blind add"
+    );
     assert_eq!(t.on_geth_generation(1), GenerationChange::Same);
     assert_eq!(
         t.on_geth_generation(2),
@@ -104,7 +129,10 @@ fn a_reconnected_geth_forgets_what_was_applied_and_knows_its_static_set() {
     );
     assert!(t.applied().is_empty() && t.blind_adds.is_empty());
     t.on_geth_action(&GethAction::AddPeer(a.clone()), at(1));
-    assert!(!t.blind_adds.contains_key(&a.node_id()), "static set known after a restart");
+    assert!(
+        !t.blind_adds.contains_key(&a.node_id()),
+        "static set known after a restart"
+    );
 }
 
 #[test]
@@ -120,7 +148,11 @@ fn only_mismatch_drops_mark_a_peer_unusable_and_only_once() {
         t.on_peer_event(&mismatch),
         PeerEventEffect::Unusable { first: false, .. }
     ));
-    let plain = event(PeerEventKind::Drop, a.node_id(), Some("disconnect requested"));
+    let plain = event(
+        PeerEventKind::Drop,
+        a.node_id(),
+        Some("disconnect requested"),
+    );
     assert_eq!(t.on_peer_event(&plain), PeerEventEffect::PassDue);
     t.on_peers([(a.node_id(), ready())]);
     assert!(t.unusable().is_empty(), "an eth handshake clears the mark");

@@ -30,7 +30,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         gethes.push(geth.clone());
         let mut settings = Settings::new(format!("geth-{i}"), AdvertiseMode::PodIp(ip));
         settings.pod_ip = Some(ip.to_string());
-        let sidecar = Sidecar::new(Arc::new(geth), Arc::new(MemoryRegistry::on(&store)), settings);
+        let sidecar = Sidecar::new(
+            Arc::new(geth),
+            Arc::new(MemoryRegistry::on(&store)),
+            settings,
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         stops.push(stop);
         tasks.push(tokio::spawn(sidecar.run_until(async {

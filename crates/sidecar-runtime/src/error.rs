@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// POD_IP is set but not an IP address.
-    #[error("POD_IP={0:?} is not an IP address: set it from the Downward API (fieldRef status.podIP)")]
+    #[error(
+        "POD_IP={0:?} is not an IP address: set it from the Downward API (fieldRef status.podIP)"
+    )]
     InvalidPodIp(String),
     /// ADVERTISE=pod-ip without POD_IP.
     #[error("ADVERTISE=pod-ip needs POD_IP: set it from the Downward API (fieldRef status.podIP)")]

@@ -142,7 +142,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 match recheck_at {
                     Some(at) => {
                         let wait = clock.now().duration_until(at);
-                        tokio::time::sleep(Duration::try_from(wait).unwrap_or(Duration::ZERO)).await;
+                        tokio::time::sleep(Duration::try_from(wait).unwrap_or(Duration::ZERO))
+                            .await;
                     }
                     None => std::future::pending().await,
                 }
@@ -177,7 +178,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     }
                 }
                 () = sleep_until(retry.at) => dirty = true,
-                () = recheck => dirty = true,
+                () = recheck => {
+                    // Consumed: a pass that fails before planning sets no new
+                    // one, and a stale one must not fire again (busy loop).
+                    self.recheck_at = None;
+                    dirty = true;
+                }
                 () = pod_change => dirty = true,
             }
         }

@@ -28,71 +28,73 @@ use tracing::{debug, warn};
 
 /// The Kubernetes Event of a notice.
 fn event(notice: &Notice) -> Event {
-        let (type_, reason, action, note) = match notice {
-            Notice::Registered { enode } => (
-                EventType::Normal,
-                "Registered",
-                "Register",
-                format!("registered this geth in the peer registry as {enode}"),
+    let (type_, reason, action, note) = match notice {
+        Notice::Registered { enode } => (
+            EventType::Normal,
+            "Registered",
+            "Register",
+            format!("registered this geth in the peer registry as {enode}"),
+        ),
+        Notice::AddressChanged { from, to } => (
+            EventType::Normal,
+            "AddressChanged",
+            "Register",
+            format!("this geth's advertised address changed from {from} to {to}"),
+        ),
+        Notice::Deregistered => (
+            EventType::Normal,
+            "Deregistered",
+            "Deregister",
+            "removed this geth from the peer registry on shutdown".to_owned(),
+        ),
+        Notice::MemberRemoved { pod, evidence } => (
+            EventType::Normal,
+            "MemberRemoved",
+            "RemoveMember",
+            format!("removed member {pod} from the peer registry: {evidence}"),
+        ),
+        Notice::PeerUnusable { peer, error } => (
+            EventType::Warning,
+            "PeerUnusable",
+            "Peer",
+            format!(
+                "peer {peer} is on another network or genesis ({error}): registered but unusable"
             ),
-            Notice::AddressChanged { from, to } => (
-                EventType::Normal,
-                "AddressChanged",
-                "Register",
-                format!("this geth's advertised address changed from {from} to {to}"),
+        ),
+        Notice::PeerLimitReached { detail } => (
+            EventType::Warning,
+            "PeerLimitReached",
+            "Peer",
+            detail.clone(),
+        ),
+        Notice::PartitionSuspected { detail } => (
+            EventType::Warning,
+            "PartitionSuspected",
+            "RemoveMember",
+            detail.clone(),
+        ),
+        Notice::PodEvidenceLost { reason } => (
+            EventType::Warning,
+            "PodEvidenceLost",
+            "Observe",
+            format!(
+                "pod evidence unavailable, removals fall back to agreement between members: {reason}"
             ),
-            Notice::Deregistered => (
-                EventType::Normal,
-                "Deregistered",
-                "Deregister",
-                "removed this geth from the peer registry on shutdown".to_owned(),
-            ),
-            Notice::MemberRemoved { pod, evidence } => (
-                EventType::Normal,
-                "MemberRemoved",
-                "RemoveMember",
-                format!("removed member {pod} from the peer registry: {evidence}"),
-            ),
-            Notice::PeerUnusable { peer, error } => (
-                EventType::Warning,
-                "PeerUnusable",
-                "Peer",
-                format!(
-                    "peer {peer} is on another network or genesis ({error}): registered but unusable"
-                ),
-            ),
-            Notice::PeerLimitReached { detail } => (
-                EventType::Warning,
-                "PeerLimitReached",
-                "Peer",
-                detail.clone(),
-            ),
-            Notice::PartitionSuspected { detail } => (
-                EventType::Warning,
-                "PartitionSuspected",
-                "RemoveMember",
-                detail.clone(),
-            ),
-            Notice::PodEvidenceLost { reason } => (
-                EventType::Warning,
-                "PodEvidenceLost",
-                "Observe",
-                format!("pod evidence unavailable, removals fall back to agreement between members: {reason}"),
-            ),
-            Notice::RegistryUnwritable { error } => (
-                EventType::Warning,
-                "RegistryUnwritable",
-                "WriteRegistry",
-                format!("cannot write the peer registry: {error}"),
-            ),
-        };
-        Event {
-            type_,
-            reason: reason.to_owned(),
-            note: Some(truncate(note, 1000)),
-            action: action.to_owned(),
-            secondary: None,
-        }
+        ),
+        Notice::RegistryUnwritable { error } => (
+            EventType::Warning,
+            "RegistryUnwritable",
+            "WriteRegistry",
+            format!("cannot write the peer registry: {error}"),
+        ),
+    };
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(truncate(note, 1000)),
+        action: action.to_owned(),
+        secondary: None,
+    }
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -222,7 +224,9 @@ mod tests {
             Notice::RegistryUnwritable {
                 error: "403".into(),
             },
-            Notice::PodEvidenceLost { reason: "watch failing".into() },
+            Notice::PodEvidenceLost {
+                reason: "watch failing".into(),
+            },
         ] {
             let e = event(&n);
             assert!(e.reason.chars().next().is_some_and(char::is_uppercase));

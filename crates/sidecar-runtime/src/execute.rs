@@ -67,7 +67,10 @@ async fn call_in_order<'a, G: AdminApi>(
             A::AddTrustedPeer(e) => geth.add_trusted_peer(e).await,
             A::RemoveTrustedPeer(e) => geth.remove_trusted_peer(e).await,
         };
-        if res.as_ref().is_err_and(geth_ipc::Error::is_connection_error) {
+        if res
+            .as_ref()
+            .is_err_and(geth_ipc::Error::is_connection_error)
+        {
             down.store(true, Ordering::Relaxed);
         }
         out.push((action, res));
@@ -90,7 +93,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// The registry's writes first, then geth's calls. Registry first: tried
     /// the other way round, a replaced pod's re-mesh got slower (it waited on
     /// its peers' writes), with no gain in a burst.
-    pub(crate) async fn execute(&mut self, plan: &core::Plan, now: jiff::Timestamp) -> Result<(), PassError> {
+    pub(crate) async fn execute(
+        &mut self,
+        plan: &core::Plan,
+        now: jiff::Timestamp,
+    ) -> Result<(), PassError> {
         let mut result = Ok(());
         for action in plan.registry.clone() {
             if let Err(e) = self.write_registry(action).await {
@@ -187,9 +194,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     .registry_errors
                     .get_or_create(&Metrics::kind(e.kind()))
                     .inc();
-                self.health
-                    .registry_synced
-                    .store(false, Ordering::Relaxed);
+                self.health.registry_synced.store(false, Ordering::Relaxed);
                 warn!(error = %e, "registry {op} failed; will retry");
                 if !matches!(e, peer_registry::Error::Conflict { .. }) {
                     self.s.hooks.notice(Notice::RegistryUnwritable {

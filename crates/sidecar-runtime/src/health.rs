@@ -72,7 +72,10 @@ impl Health {
     /// Who this sidecar is: its pod and its geth's node id.
     pub(crate) fn set_identity(&self, pod: &str, node_id: NodeId) {
         let mut held = lock(&self.identity);
-        if held.as_ref().is_none_or(|i| i.node_id != node_id || i.pod != pod) {
+        if held
+            .as_ref()
+            .is_none_or(|i| i.node_id != node_id || i.pod != pod)
+        {
             *held = Some(crate::probe::Identity {
                 pod: pod.to_owned(),
                 node_id,

@@ -116,7 +116,10 @@ async fn probe(
     let answer = crate::probe::IndirectAnswer {
         reachable: outcome.is_reachable(),
     };
-    (StatusCode::OK, serde_json::to_string(&answer).unwrap_or_default())
+    (
+        StatusCode::OK,
+        serde_json::to_string(&answer).unwrap_or_default(),
+    )
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
@@ -223,4 +226,3 @@ pub(crate) async fn serve(
     });
     Ok(())
 }
-

@@ -146,7 +146,13 @@ where
     /// and flushes the hooks.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let hooks = self.settings.hooks.clone();
-        let mut runner = runner::Runner::new(self.geth, self.registry, self.settings, self.metrics, self.health);
+        let mut runner = runner::Runner::new(
+            self.geth,
+            self.registry,
+            self.settings,
+            self.metrics,
+            self.health,
+        );
         runner.event_loop(shutdown).await;
         runner.deregister().await;
         hooks.flush(std::time::Duration::from_secs(2)).await;

@@ -24,4 +24,3 @@ pub enum Notice {
     /// A registry write failed for a reason other than a conflict.
     RegistryUnwritable { error: String },
 }
-

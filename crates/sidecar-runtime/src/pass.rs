@@ -142,7 +142,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             ..self.tracker.observation(now, me, pods.pods.as_ref())
         };
         let plan = core::plan(&self.s.engine, &obs);
-        let problems: Vec<String> = plan.report.problems.iter().map(ToString::to_string).collect();
+        let problems: Vec<String> = plan
+            .report
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         if let Some(before) = self.reported.engine_problems.update(problems.clone()) {
             let before = before.unwrap_or_default();
             for p in problems.iter().filter(|p| !before.contains(p)) {
@@ -183,16 +188,28 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .chain([self.s.pod.clone()])
             .collect();
         let (pods, error) = match source.evidence(members).await {
-            PodEvidence::Ready { pods, gone } => (Pods { pods: Some(pods), gone }, None),
+            PodEvidence::Ready { pods, gone } => (
+                Pods {
+                    pods: Some(pods),
+                    gone,
+                },
+                None,
+            ),
             PodEvidence::Syncing => (Pods::default(), None),
             PodEvidence::Failed(msg) => (Pods::default(), Some(msg)),
         };
-        self.metrics.pod_evidence.set(i64::from(pods.pods.is_some()));
+        self.metrics
+            .pod_evidence
+            .set(i64::from(pods.pods.is_some()));
         if let Some(before) = self.reported.pods_error.update(error.clone()) {
             match &error {
                 Some(msg) => {
-                    warn!("pod evidence unavailable, removals fall back to agreement between members: {msg}");
-                    self.s.hooks.notice(Notice::PodEvidenceLost { reason: msg.clone() });
+                    warn!(
+                        "pod evidence unavailable, removals fall back to agreement between members: {msg}"
+                    );
+                    self.s.hooks.notice(Notice::PodEvidenceLost {
+                        reason: msg.clone(),
+                    });
                 }
                 None if before.flatten().is_some() => info!("pod evidence is back"),
                 None => {}
@@ -233,7 +250,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             };
             (id, ips)
         });
-        let resolved = futures::future::join_all(lookups).await.into_iter().collect();
+        let resolved = futures::future::join_all(lookups)
+            .await
+            .into_iter()
+            .collect();
         self.tracker.on_resolved(resolved);
     }
 

@@ -85,14 +85,18 @@ fn matches_selector(pod: &Pod, selector: Option<&str>) -> bool {
         return true;
     };
     let labels = pod.metadata.labels.as_ref();
-    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
-        match term.split_once("==").or_else(|| term.split_once('=')) {
-            Some((k, v)) if !k.ends_with('!') => {
-                labels.and_then(|l| l.get(k.trim())).map(String::as_str) == Some(v.trim())
-            }
-            _ => true,
-        }
-    })
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(
+            |term| match term.split_once("==").or_else(|| term.split_once('=')) {
+                Some((k, v)) if !k.ends_with('!') => {
+                    labels.and_then(|l| l.get(k.trim())).map(String::as_str) == Some(v.trim())
+                }
+                _ => true,
+            },
+        )
 }
 
 /// A kube error as an operator-facing message.

@@ -62,7 +62,12 @@ pub trait Prober: Send + Sync {
     /// Probes the member `enode` at `addresses` (its IP, or what its DNS host
     /// resolved to when the engine checked it; empty: resolve it);
     /// `sidecar_port` is the port every sidecar listens on.
-    async fn probe(&self, enode: &Enode, addresses: &[SocketAddr], sidecar_port: u16) -> ProbeOutcome;
+    async fn probe(
+        &self,
+        enode: &Enode,
+        addresses: &[SocketAddr],
+        sidecar_port: u16,
+    ) -> ProbeOutcome;
 
     /// An indirect probe: asks the sidecar of the member `helper` whether it
     /// reaches the member `suspect` (as the helper's own registry records
@@ -118,4 +123,3 @@ pub struct NoHooks;
 impl Hooks for NoHooks {
     fn notice(&self, _: Notice) {}
 }
-

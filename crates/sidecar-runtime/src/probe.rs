@@ -69,7 +69,12 @@ impl Default for TcpProber {
 
 #[async_trait::async_trait]
 impl Prober for TcpProber {
-    async fn probe(&self, enode: &Enode, addresses: &[SocketAddr], sidecar_port: u16) -> ProbeOutcome {
+    async fn probe(
+        &self,
+        enode: &Enode,
+        addresses: &[SocketAddr],
+        sidecar_port: u16,
+    ) -> ProbeOutcome {
         let target = match addresses.first() {
             Some(a) => *a,
             None => match resolve(enode).await {
@@ -148,7 +153,8 @@ async fn identity(addr: SocketAddr) -> Option<Identity> {
 /// sidecar's answers are small; at most 4 KiB is read.
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut body = Vec::with_capacity(512);
     stream.take(4096).read_to_end(&mut body).await.ok()?;
@@ -164,7 +170,11 @@ async fn get(addr: SocketAddr, path: &str) -> Option<String> {
 /// within 30 s outside its LAN ranges (see
 /// [`geth_ipc::geth_throttles_inbound_from`]): a probe there would delay our
 /// geth's next dial by 30 s.
-pub(crate) fn probe_addr(target: SocketAddr, source: Option<IpAddr>, sidecar_port: u16) -> (SocketAddr, ProbeVia) {
+pub(crate) fn probe_addr(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    sidecar_port: u16,
+) -> (SocketAddr, ProbeVia) {
     match source {
         Some(ip) if geth_ipc::geth_throttles_inbound_from(ip) => (
             SocketAddr::new(target.ip(), sidecar_port),

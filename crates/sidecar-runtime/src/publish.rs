@@ -18,7 +18,13 @@ const MESH_LIMIT_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_secs(6
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// Publishes the pass's report: to /status, the metrics, the log (once
     /// per change) and, for an operator, notices.
-    pub(crate) fn publish(&mut self, report: &core::Report, now: jiff::Timestamp, started: Instant, ok: bool) {
+    pub(crate) fn publish(
+        &mut self,
+        report: &core::Report,
+        now: jiff::Timestamp,
+        started: Instant,
+        ok: bool,
+    ) {
         self.me = self
             .tracker
             .snapshot()

@@ -53,11 +53,11 @@ use rand::{Rng, SeedableRng};
 use reconcile_core as core;
 use tokio::time::Instant;
 
+use crate::Settings;
 use crate::identity::AdvertiseMode;
 use crate::metrics::Metrics;
 use crate::ports::{Clock, ProbeOutcome, Prober};
 use crate::probe::ProbeVia;
-use crate::Settings;
 
 /// The simulation's wall clock: `epoch` at `start` of tokio's (paused)
 /// clock, shifted by `skew`, so it can be wrong like a node's.
@@ -69,8 +69,8 @@ struct SimClock {
 
 impl Clock for SimClock {
     fn now(&self) -> jiff::Timestamp {
-        let elapsed =
-            jiff::SignedDuration::try_from(self.start.elapsed()).unwrap_or(jiff::SignedDuration::MAX);
+        let elapsed = jiff::SignedDuration::try_from(self.start.elapsed())
+            .unwrap_or(jiff::SignedDuration::MAX);
         self.epoch
             .saturating_add(elapsed)
             .and_then(|t| t.saturating_add(self.skew))
@@ -591,7 +591,8 @@ impl World {
             truth: self.truth.clone(),
             stale: Mutex::new(Some(stale_rx)),
         };
-        let sidecar = crate::Sidecar::new(Arc::new(node.geth.clone()), Arc::new(registry), settings);
+        let sidecar =
+            crate::Sidecar::new(Arc::new(node.geth.clone()), Arc::new(registry), settings);
         let metrics = sidecar.metrics();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(sidecar.run_until(async {
@@ -994,7 +995,18 @@ pub fn run(seed: u64) -> Result<Outcome, Failure> {
 mod tests {
     use super::*;
 
+    /// `SIM_TRACE=<filter>` logs the sidecars of the runs (e.g. `debug`).
+    fn trace() {
+        if let Ok(filter) = std::env::var("SIM_TRACE") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    }
+
     fn runs() -> std::ops::Range<u64> {
+        trace();
         if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
             return seed..seed + 1;
         }

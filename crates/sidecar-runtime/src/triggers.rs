@@ -65,7 +65,9 @@ impl WatchItems {
 }
 
 /// The next geth peer event, or never while there is no subscription.
-pub(crate) async fn next_event(events: &mut Option<PeerEventStream>) -> Option<geth_ipc::Result<PeerEvent>> {
+pub(crate) async fn next_event(
+    events: &mut Option<PeerEventStream>,
+) -> Option<geth_ipc::Result<PeerEvent>> {
     match events {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -124,7 +126,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         };
         let event_version = snap.resource_version.clone();
         let listed = !watch.listed;
-        match self.tracker.on_watch_snapshot(self.s.clock.now(), snap, listed) {
+        match self
+            .tracker
+            .on_watch_snapshot(self.s.clock.now(), snap, listed)
+        {
             core::WatchVerdict::Taken => {
                 watch.listed = true;
                 self.took_snapshot();
@@ -259,7 +264,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .filter_map(|p| {
                 snap.member_by_node_id(&p.node_id)
                     .map(|m| m.enode.clone())
-                    .or_else(|| snap.legacy.iter().find(|e| e.node_id() == p.node_id).cloned())
+                    .or_else(|| {
+                        snap.legacy
+                            .iter()
+                            .find(|e| e.node_id() == p.node_id)
+                            .cloned()
+                    })
             })
             .collect();
         let port = self.s.sidecar_port;
@@ -273,10 +283,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 .collect();
             let prober = prober.clone();
             async move {
-                let answers = futures::future::join_all(
-                    asked.iter().map(|h| prober.ask(h, &suspect, port)),
-                )
-                .await;
+                let answers =
+                    futures::future::join_all(asked.iter().map(|h| prober.ask(h, &suspect, port)))
+                        .await;
                 (suspect, asked.len(), answers)
             }
         });
