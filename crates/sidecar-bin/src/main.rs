@@ -11,9 +11,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use config::{Cli, Command, Common, LogFormat, RegistryLayout};
-use sidecar_runtime::{Events, Health, PodWatch, Sidecar};
 use geth_ipc::{ClientOptions, Endpoint, GethClient};
 use peer_registry::{ConfigMapRegistry, LeaseRegistry, PeerRegistry};
+use sidecar_runtime::{Events, Health, PodWatch, Sidecar};
 
 fn init_tracing(common: &Common) -> anyhow::Result<()> {
     let level = config::level_filter(&common.logging).map_err(anyhow::Error::msg)?;
@@ -180,8 +180,8 @@ async fn serve<R: PeerRegistry + 'static>(
                 .map_err(anyhow::Error::msg)?;
             let pod = settings.pod.clone();
             let advertise = format!("{:?}", settings.advertise);
-            let sidecar = Sidecar::new(geth, registry, settings)
-                .with_health(Arc::new(Health::new(liveness)));
+            let sidecar =
+                Sidecar::new(geth, registry, settings).with_health(Arc::new(Health::new(liveness)));
             sidecar.serve_http(cli.run.listen).await?;
             tracing::info!(
                 pod = %pod,
