@@ -30,6 +30,9 @@ step "build the sidecar binary (end-to-end tests run it as a pod would)"
 cargo build --locked -p sidecar-bin
 cargo build --locked -p geth-ipc --examples
 
+step "the runtime embedded as a library (examples/embed.rs)"
+cargo run --locked -q -p sidecar-runtime --example embed
+
 step "image checks: hadolint on the Dockerfile, static release binary, sizes"
 scripts/lint-image.sh
 
