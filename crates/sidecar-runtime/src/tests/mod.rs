@@ -27,6 +27,7 @@ use crate::triggers::{Watch, WatchItems};
 
 mod geth;
 mod peers;
+mod recheck;
 mod watch;
 
 const KEYS: [&str; 3] = [
