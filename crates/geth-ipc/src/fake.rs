@@ -89,8 +89,10 @@ impl Node {
 #[derive(Default)]
 struct NetState {
     nodes: BTreeMap<NodeId, Node>,
-    /// Pairs that cannot reach each other (smaller id first).
+    /// Pairs that cannot reach each other (smaller id first): partitions.
     blocked: BTreeSet<(NodeId, NodeId)>,
+    /// Pairs cut one by one ([`FakeNet::block`]), apart from partitions.
+    cut: BTreeSet<(NodeId, NodeId)>,
 }
 
 fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
@@ -99,7 +101,8 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
 
 impl NetState {
     fn reachable(&self, a: NodeId, b: NodeId) -> bool {
-        !self.blocked.contains(&pair(a, b))
+        let p = pair(a, b);
+        !self.blocked.contains(&p) && !self.cut.contains(&p)
     }
 
     fn connect(&mut self, dialler: NodeId, target: NodeId) {
@@ -226,7 +229,7 @@ fn event(
 /// node-id order; no timers, no background tasks):
 ///
 /// - A connection exists only while both nodes are up and can reach each other
-///   (not [partitioned](FakeNet::partition)).
+///   (not [partitioned](FakeNet::partition), not [blocked](FakeNet::block)).
 /// - A node dials each static peer (`admin_addPeer`) that is up, reachable **at the
 ///   address stored in the static set** (its current host and TCP port) and not
 ///   already connected, unless it is its own id. The dialling side sees the
@@ -295,6 +298,7 @@ impl std::fmt::Debug for FakeNet {
         f.debug_struct("FakeNet")
             .field("nodes", &s.nodes.len())
             .field("blocked", &s.blocked.len())
+            .field("cut", &s.cut.len())
             .finish()
     }
 }
@@ -366,10 +370,33 @@ impl FakeNet {
         s.settle();
     }
 
-    /// Removes every partition; static peers reconnect.
+    /// Removes every partition; static peers reconnect. Pairs cut with
+    /// [`FakeNet::block`] stay cut.
     pub fn heal(&self) {
         let mut s = self.lock();
         s.blocked.clear();
+        s.settle();
+    }
+
+    /// Cuts the path between `a` and `b` alone, both directions (their
+    /// connection drops, neither can dial the other), while each still reaches
+    /// every other node: a one-way broken path, a NetworkPolicy between two
+    /// pods. Independent of partitions: [`FakeNet::heal`] leaves it, and
+    /// [`FakeNet::unblock`] does not undo a partition.
+    pub fn block(&self, a: NodeId, b: NodeId) {
+        if a == b {
+            return;
+        }
+        let mut s = self.lock();
+        s.cut.insert(pair(a, b));
+        s.settle();
+    }
+
+    /// Restores the path between `a` and `b` cut by [`FakeNet::block`]; static
+    /// peers reconnect (unless a partition still separates them).
+    pub fn unblock(&self, a: NodeId, b: NodeId) {
+        let mut s = self.lock();
+        s.cut.remove(&pair(a, b));
         s.settle();
     }
 

@@ -256,6 +256,30 @@ async fn a_partition_drops_connections_and_healing_restores_them() {
 }
 
 #[tokio::test]
+async fn a_blocked_pair_drops_only_its_own_link_and_outlives_a_heal() {
+    let net = FakeNet::new();
+    let (a, b, c) = (node(&net, 1), node(&net, 2), node(&net, 3));
+    for (x, y) in [(&a, &b), (&a, &c), (&b, &c)] {
+        x.add_peer(&y.enode()).await.unwrap();
+    }
+    net.block(b.id(), a.id());
+    assert_eq!(peer_ids(&a).await, vec![c.id()], "a keeps c");
+    assert_eq!(peer_ids(&b).await, vec![c.id()], "b keeps c");
+    assert_eq!(peer_ids(&c).await.len(), 2, "c keeps both");
+    // A partition's heal leaves the cut pair cut...
+    net.partition(&[a.id()], &[c.id()]);
+    net.heal();
+    assert_eq!(peer_ids(&a).await, vec![c.id()]);
+    // ...and unblocking it does not undo a partition.
+    net.partition(&[a.id()], &[b.id(), c.id()]);
+    net.unblock(a.id(), b.id());
+    assert!(peer_ids(&a).await.is_empty());
+    net.heal();
+    assert_eq!(peer_ids(&a).await.len(), 2, "a redials both");
+    assert_eq!(peer_ids(&b).await.len(), 2);
+}
+
+#[tokio::test]
 async fn mutual_static_peers_make_one_connection() {
     let net = FakeNet::new();
     let (a, b) = (node(&net, 1), node(&net, 2));
