@@ -7,6 +7,8 @@
     unreachable_pub
 )]
 
+mod chaos;
+mod embedded;
 mod geth_ipc;
 mod manifests;
 mod mesh;
