@@ -866,7 +866,7 @@ impl<S: Store> Core<S> {
                 continue;
             };
             let snap = self.observer.observe(cm.as_ref());
-            if !snap.legacy.iter().any(|e| drop.contains(&e.node_id())) {
+            if !drops_any(&snap, drop) {
                 return Ok(snap);
             }
             let Some(data) = cm.as_ref().and_then(|cm| cm.data.as_ref()) else {
@@ -913,13 +913,19 @@ impl<S: Store> Core<S> {
             return self.patch_remove_legacy(&drop).await;
         }
         self.modify_dropping_legacy("remove_legacy", &drop, |snap| {
-            snap.legacy
-                .iter()
-                .any(|e| drop.contains(&e.node_id()))
-                .then(|| snap.members.clone())
+            drops_any(snap, &drop).then(|| snap.members.clone())
         })
         .await
     }
+}
+
+/// True when `snap` holds a legacy entry in `drop` that this layout may
+/// remove: not one the lease layout's publisher derived ([`Snapshot::derived`]),
+/// which it would put back at once.
+fn drops_any(snap: &Snapshot, drop: &BTreeSet<NodeId>) -> bool {
+    snap.legacy
+        .iter()
+        .any(|e| drop.contains(&e.node_id()) && !snap.derived.contains(&e.node_id()))
 }
 
 /// True when the stored record of `record.pod` is the same registration with

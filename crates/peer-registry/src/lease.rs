@@ -242,6 +242,9 @@ fn snapshot_of(configmap: &ConfigMapRegistry, view: &View) -> Snapshot {
         .collect();
     snap.legacy
         .retain(|e| !listed.contains(&e.node_id()) && !ids.contains(&e.node_id()));
+    // Here the derived entries are the Leases' members (or entries of Leases
+    // deleted since, which the publisher drops): none is a legacy entry.
+    snap.derived.clear();
     snap.members.extend(leases);
     snap.problems.extend(problems);
     snap.resource_version =

@@ -1,6 +1,6 @@
 //! The registry's data: one record per member, and a decoded snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use geth_ipc::{Enode, NodeId};
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,14 @@ pub struct Snapshot {
     /// original (Python) sidecar writes them: peered with, kept in
     /// `static-nodes.json`, removed only on the same evidence as a member.
     pub legacy: Vec<Enode>,
+    /// The node ids of the [`legacy`](Self::legacy) entries that the lease
+    /// layout's publisher derived from member Leases (listed in
+    /// [`LEASE_MEMBERS_KEY`](crate::schema::LEASE_MEMBERS_KEY)), as a
+    /// ConfigMap-layout sidecar of a fleet switching layouts sees them: peered
+    /// with and probed like legacy entries, but never removed by it (the
+    /// publisher owns them and would put them back at once: a write storm).
+    /// Always empty in the lease layout's own snapshots.
+    pub derived: BTreeSet<NodeId>,
     /// Human-readable problems found while decoding (malformed records skipped,
     /// garbage in the derived key, ...). Each names the key and what to do.
     pub problems: Vec<String>,

@@ -205,8 +205,12 @@ pub fn decode(data: &BTreeMap<String, String>, resource_version: Option<String>)
             .values()
             .flat_map(|m| [m.node_id, m.enode.node_id()])
             .collect();
+        let derived = lease_members_listed(data);
         for (_, enode) in legacy_entries(value, &members, &mut snap.problems) {
             if !snap.legacy.iter().any(|e| e.node_id() == enode.node_id()) {
+                if derived.contains(&enode.node_id()) {
+                    snap.derived.insert(enode.node_id());
+                }
                 snap.legacy.push(enode);
             }
         }
@@ -291,6 +295,10 @@ pub fn encode(
 /// member removed now is not legacy: it goes with its member). They are kept
 /// verbatim (text as stored, e.g. with `?discport=0`), so the original sidecar,
 /// which re-adds its own entry when it does not find it, never has to.
+///
+/// Entries listed in [`LEASE_MEMBERS_KEY`] (derived by the lease layout's
+/// publisher, [`Snapshot::derived`]) are never dropped here, even when in
+/// `drop_legacy`: the publisher owns them and would put them back at once.
 pub fn encode_dropping_legacy(
     existing: &BTreeMap<String, String>,
     members: &BTreeMap<String, MemberRecord>,
@@ -332,12 +340,17 @@ pub fn encode_dropping_legacy(
             })
             .flat_map(|m| [m.node_id, m.enode.node_id()]),
     );
+    let lease_derived = lease_members_listed(existing);
     let legacy: Vec<String> = existing
         .get(STATIC_NODES_KEY)
         .map(|value| legacy_entries(value, &known, &mut Vec::new()))
         .unwrap_or_default()
         .into_iter()
-        .filter(|(_, enode)| !drop_legacy.contains(&enode.node_id()))
+        // What the lease layout's publisher derived is its to drop, never ours
+        // (it would put it back at once).
+        .filter(|(_, enode)| {
+            !drop_legacy.contains(&enode.node_id()) || lease_derived.contains(&enode.node_id())
+        })
         .map(|(text, _)| text)
         .collect();
     let derived = with_legacy(&static_nodes(members), &legacy);

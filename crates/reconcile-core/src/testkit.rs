@@ -69,6 +69,7 @@ pub(crate) fn snapshot(records: impl IntoIterator<Item = MemberRecord>) -> Snaps
         members: records.into_iter().map(|r| (r.pod.clone(), r)).collect(),
         external: Vec::new(),
         legacy: Vec::new(),
+        derived: Default::default(),
         problems: Vec::new(),
     }
 }

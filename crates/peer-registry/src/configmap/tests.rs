@@ -879,3 +879,71 @@ async fn a_stale_own_entry_settle_cannot_bring_back_a_removed_member() {
     assert!(snap.legacy.is_empty(), "resurrected: {:?}", snap.legacy);
     assert!(static_nodes_current(&fake.data()));
 }
+
+/// Issue 21, defect 5: a fleet switching layouts. A ConfigMap-layout sidecar
+/// asked (by an engine that takes them for legacy entries) to remove the
+/// entries the lease layout's publisher derived, with the publisher putting
+/// them back each time (as it does ~100 ms later): a whole-object write storm.
+/// Those entries are reported as [`Snapshot::derived`] and never removed by
+/// this layout; the original sidecar's own legacy entry still goes.
+#[tokio::test]
+async fn a_configmap_layout_writer_never_removes_what_the_lease_publisher_derived() {
+    for protocol in [WriteProtocol::WholeObjectCas, WriteProtocol::KeyPatch] {
+        let fake = Fake::default();
+        let core = fake.core_with(fast(), protocol);
+        core.upsert(member("geth-0", 0)).await.unwrap();
+        let python = format!("{}?discport=0", schema::tests::enode(40, "10.9.0.40"));
+        append_legacy(&fake, &python);
+        // The lease members (geth-5's geth is down), as their publisher derives them.
+        let leases: BTreeMap<String, MemberRecord> = [member("geth-5", 5), member("geth-6", 6)]
+            .into_iter()
+            .map(|m| (m.pod.clone(), m))
+            .collect();
+        let publish = |fake: &Fake| -> bool {
+            let Some(new) = schema::encode_lease_members(&fake.data(), &leases) else {
+                return false;
+            };
+            fake.edit(|data| *data = new);
+            true
+        };
+        assert!(publish(&fake));
+        let snap = core.snapshot().await.unwrap();
+        let down = leases["geth-5"].enode.clone();
+        assert_eq!(snap.legacy.len(), 3, "{protocol:?}: {:?}", snap.legacy);
+        assert_eq!(
+            snap.derived,
+            leases.values().map(|m| m.node_id).collect::<BTreeSet<_>>(),
+            "{protocol:?}"
+        );
+        let writes = fake.writes();
+        let mut republished = 0;
+        for _ in 0..10 {
+            let snap = core.remove_legacy(vec![down.clone()]).await.unwrap();
+            assert!(
+                snap.legacy.iter().any(|e| e.node_id() == down.node_id()),
+                "{protocol:?}: removed a lease-derived entry"
+            );
+            republished += u32::from(publish(&fake));
+        }
+        assert_eq!(
+            (fake.writes() - writes, republished),
+            (0, 0),
+            "{protocol:?}: (registry writes, re-publications) in 10 rounds"
+        );
+        // The original sidecar's entry is a legacy one: it still goes.
+        let python_enode: Enode = python.parse().unwrap();
+        let snap = core
+            .remove_legacy(vec![python_enode.clone()])
+            .await
+            .unwrap();
+        assert!(
+            !snap
+                .legacy
+                .iter()
+                .any(|e| e.node_id() == python_enode.node_id()),
+            "{protocol:?}"
+        );
+        assert_eq!(snap.legacy.len(), 2, "{protocol:?}");
+        assert!(!publish(&fake), "{protocol:?}: the publisher keeps it gone");
+    }
+}

@@ -90,12 +90,16 @@ pub(super) fn rule(pass: &mut Pass<'_>) {
         }
     }
     // Legacy members have no pod evidence: only unreachability removes them.
+    // Never those the lease layout's publisher derived (a fleet switching
+    // layouts): it would put them back at once (issue 21, defect 5).
     for legacy in pass.legacy.iter().filter(|l| !l.connected) {
         let Some(&since) = obs.unreachable_since.get(&legacy.id) else {
             continue;
         };
         let for_ = elapsed(obs.now, since);
-        if for_ >= config.dead_after {
+        if for_ >= config.dead_after && pass.snapshot.derived.contains(&legacy.id) {
+            pass.report.unreachable.push(legacy.peer_ref());
+        } else if for_ >= config.dead_after {
             candidates.push(Candidate {
                 peer: legacy.peer_ref(),
                 record: None,
@@ -405,6 +409,29 @@ mod tests {
         assert_eq!(
             w.plan().registry,
             vec![RegistryAction::RemoveLegacy(vec![legacy])]
+        );
+    }
+
+    #[test]
+    fn an_entry_the_lease_publisher_derived_is_never_removed() {
+        let mut w = World::mesh(3);
+        let derived = node(7);
+        w.snap_mut().legacy.push(derived.clone());
+        w.snap_mut().derived.insert(derived.node_id());
+        w.unreachable_for(7, 3_600);
+        let p = w.plan();
+        assert!(p.registry.is_empty(), "{p:?}");
+        assert!(p.report.legacy_removals.is_empty());
+        assert_eq!(p.report.unreachable.len(), 1, "{p:?}");
+        assert!(
+            !p.geth
+                .contains(&crate::GethAction::RemovePeer(derived.clone()))
+        );
+        // A legacy entry of the original sidecar still goes.
+        w.snap_mut().derived.clear();
+        assert_eq!(
+            w.plan().registry,
+            vec![RegistryAction::RemoveLegacy(vec![derived])]
         );
     }
 
