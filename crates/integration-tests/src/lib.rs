@@ -32,8 +32,8 @@ pub use context::TestContext;
 pub use fixtures::{test_enode, test_member};
 pub use geth::{GethNet, GethNode, HTTP_PORT, NodeSpec, P2P_PORT, WS_PORT};
 pub use kube_node::{KubeNode, NODE_NAME, POD_UID};
-pub use mesh::{CONFIGMAP, Mesh, MeshOptions};
-pub use net::{Bridge, Netns, PodRange};
+pub use mesh::{CONFIGMAP, Mesh, MeshOptions, RegistryHistory};
+pub use net::{Bridge, Netns, NftTable, PodRange};
 pub use process::{Proc, cpu_time, processes_referring_to};
 pub use release::{
     CHART_CONFIGMAP, CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, PodView, Release,

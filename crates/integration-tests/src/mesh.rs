@@ -301,3 +301,155 @@ impl Mesh {
         })
     }
 }
+
+/// Every removal of a member record seen on the registry from the moment it
+/// was started, by watching as admin: a `member.<pod>` key gone from the
+/// ConfigMap (in any version the watch delivers, so a removal followed at
+/// once by a re-registration still shows), or a member Lease deleted. Stops
+/// when dropped.
+pub struct RegistryHistory {
+    removed: Arc<std::sync::Mutex<Vec<String>>>,
+    changes: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RegistryHistory {
+    /// The removals so far, one line each (`configmap: member.geth-1 gone
+    /// (resourceVersion 123)`, `lease geth-peer-...-geth-1 (geth-1) deleted`).
+    pub fn removed(&self) -> Vec<String> {
+        self.removed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Removals of `pod`'s record so far.
+    pub fn removed_pod(&self, pod: &str) -> Vec<String> {
+        let needle = format!("({pod})");
+        let key = format!("member.{pod} ");
+        self.removed()
+            .into_iter()
+            .filter(|r| r.contains(&needle) || r.contains(&key))
+            .collect()
+    }
+
+    /// How many watch events (object versions) were seen so far.
+    pub fn changes(&self) -> usize {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RegistryHistory {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Mesh {
+    /// Starts recording removals of member records ([`RegistryHistory`]) and
+    /// waits until both watches have listed the registry.
+    pub async fn registry_history(&self) -> Result<RegistryHistory> {
+        use futures::StreamExt as _;
+        use k8s_openapi::api::coordination::v1::Lease;
+        use kube::runtime::watcher;
+
+        let removed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let changes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let listed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let push = |removed: &Arc<std::sync::Mutex<Vec<String>>>, line: String| {
+            removed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line);
+        };
+        let cms: Api<ConfigMap> = Api::namespaced(self.cluster.admin(), &self.ns.name);
+        let cm_task = {
+            let (removed, changes, listed) = (removed.clone(), changes.clone(), listed.clone());
+            tokio::spawn(async move {
+                let config =
+                    watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP}"));
+                let mut stream = watcher(cms, config).boxed();
+                let mut keys: BTreeSet<String> = BTreeSet::new();
+                let mut first = true;
+                while let Some(ev) = stream.next().await {
+                    let (now, rv) = match ev {
+                        Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => (
+                            cm.data
+                                .unwrap_or_default()
+                                .into_keys()
+                                .filter(|k| k.starts_with("member."))
+                                .collect::<BTreeSet<_>>(),
+                            cm.metadata.resource_version.unwrap_or_default(),
+                        ),
+                        Ok(watcher::Event::Delete(cm)) => (
+                            BTreeSet::new(),
+                            cm.metadata.resource_version.unwrap_or_default(),
+                        ),
+                        Ok(watcher::Event::InitDone) => {
+                            if first {
+                                first = false;
+                                listed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        Ok(watcher::Event::Init) | Err(_) => continue,
+                    };
+                    changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    for gone in keys.difference(&now) {
+                        push(
+                            &removed,
+                            format!("configmap: {gone} gone (resourceVersion {rv})"),
+                        );
+                    }
+                    keys = now;
+                }
+            })
+        };
+        let leases: Api<Lease> = Api::namespaced(self.cluster.admin(), &self.ns.name);
+        let lease_task = {
+            let (removed, changes, listed) = (removed.clone(), changes.clone(), listed.clone());
+            tokio::spawn(async move {
+                let config =
+                    watcher::Config::default().labels(&peer_registry::lease_selector(CONFIGMAP));
+                let mut stream = watcher(leases, config).boxed();
+                let mut first = true;
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(watcher::Event::Delete(l)) => {
+                            changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+                            push(
+                                &removed,
+                                format!(
+                                    "lease {} ({holder}) deleted",
+                                    l.metadata.name.unwrap_or_default()
+                                ),
+                            );
+                        }
+                        Ok(watcher::Event::Apply(_)) => {
+                            changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(watcher::Event::InitDone) if first => {
+                            first = false;
+                            listed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
+        let history = RegistryHistory {
+            removed,
+            changes,
+            tasks: vec![cm_task, lease_task],
+        };
+        eventually("the registry watches to list", Duration::from_secs(15), || {
+            let listed = listed.clone();
+            async move { (listed.load(std::sync::atomic::Ordering::Relaxed) == 2).then_some(()) }
+        })
+        .await?;
+        Ok(history)
+    }
+}

@@ -425,6 +425,35 @@ impl Netns {
             .ok_or_else(|| Error::Setup(format!("no counter in: {text}")))
     }
 
+    /// Drops every packet between this namespace and `peer`, both directions
+    /// (an `inet` nftables table inside the namespace). Everything else,
+    /// including the apiserver and every other node, is still reachable. The
+    /// rules go when the returned [`NftTable`] is dropped (or removed).
+    pub fn block_peer(&self, peer: Ipv4Addr) -> Result<NftTable> {
+        let table = NftTable::create(&self.name)?;
+        table.rule("in", &format!("ip saddr {peer} counter drop"))?;
+        table.rule("out", &format!("ip daddr {peer} counter drop"))?;
+        Ok(table)
+    }
+
+    /// Drops the new TCP connections this namespace opens to `ports` of
+    /// `peers` (`ct state new`): established connections keep flowing, and
+    /// `peers` can still connect in. Undone when the [`NftTable`] is dropped.
+    pub fn block_new_outbound(&self, peers: &[Ipv4Addr], ports: &[u16]) -> Result<NftTable> {
+        let table = NftTable::create(&self.name)?;
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        for peer in peers {
+            table.rule(
+                "out",
+                &format!(
+                    "ip daddr {peer} tcp dport {{ {} }} ct state new counter drop",
+                    ports.join(", ")
+                ),
+            )?;
+        }
+        Ok(table)
+    }
+
     /// Restores a cut link.
     pub fn restore(&self) -> Result<()> {
         run(&["ip", "link", "set", &self.veth, "up"])
@@ -455,5 +484,60 @@ impl Drop for Netns {
         let _ = run(&["ip", "netns", "del", &self.name]);
         let _ = run(&["ip", "link", "del", &self.veth]);
         let _ = std::fs::remove_dir_all(self.etc_dir());
+    }
+}
+
+/// An nftables table (`inet` family, chains `in` and `out` hooked at input and
+/// output) inside a network namespace, made by [`Netns::block_peer`] or
+/// [`Netns::block_new_outbound`]. Deleted when dropped, so a test that fails
+/// or panics leaves no rule behind (the namespace itself goes with its fixture).
+pub struct NftTable {
+    ns: String,
+    table: String,
+}
+
+impl NftTable {
+    fn create(ns: &str) -> Result<NftTable> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let table = NftTable {
+            ns: ns.to_owned(),
+            table: format!("chaos{}", N.fetch_add(1, Ordering::Relaxed)),
+        };
+        // Constructed first: Drop deletes whatever part of it was made.
+        table.nft(&format!("add table inet {}", table.table))?;
+        for (chain, hook) in [("in", "input"), ("out", "output")] {
+            table.nft(&format!(
+                "add chain inet {} {chain} {{ type filter hook {hook} priority 0 ; policy accept ; }}",
+                table.table
+            ))?;
+        }
+        Ok(table)
+    }
+
+    fn nft(&self, cmd: &str) -> Result<()> {
+        run(&["ip", "netns", "exec", &self.ns, "nft", cmd])
+    }
+
+    fn rule(&self, chain: &str, rule: &str) -> Result<()> {
+        self.nft(&format!("add rule inet {} {chain} {rule}", self.table))
+    }
+
+    /// The packets each rule dropped so far, as `nft list table` prints them.
+    pub fn list(&self) -> String {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "list", "table", "inet"])
+            .arg(&self.table)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Removes the rules now (dropping does the same).
+    pub fn remove(self) {}
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = self.nft(&format!("delete table inet {}", self.table));
     }
 }

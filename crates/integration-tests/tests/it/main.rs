@@ -9,6 +9,7 @@
 
 mod chaos;
 mod embedded;
+mod chaos;
 mod geth_ipc;
 mod manifests;
 mod mesh;
