@@ -9,7 +9,6 @@
 
 mod chaos;
 mod embedded;
-mod chaos;
 mod geth_ipc;
 mod manifests;
 mod mesh;
