@@ -223,11 +223,15 @@ fn is_retryable(e: &kube::Error) -> bool {
 }
 
 /// Transient apiserver trouble: 429, or a 5xx (an etcd timeout, an
-/// overloaded apiserver). The request may or may not have been applied; every
-/// write loop re-reads and recomputes, and every write is guarded (a `test`,
-/// the resourceVersion, a create), so retrying it is safe.
-fn is_transient(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 429 || s.code >= 500)
+/// overloaded apiserver), or a refused connection (an apiserver restarting,
+/// its endpoint moving: nothing was sent). The request may or may not have
+/// been applied; every write loop re-reads and recomputes, and every write is
+/// guarded (a `test`, the resourceVersion, a create), so retrying it is safe.
+pub(crate) fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        e => crate::cause_of(e).kind == crate::CauseKind::Refused,
+    }
 }
 
 /// Transient errors ([`is_transient`]) one call retries, with the backoff of

@@ -17,7 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{debug, info, warn};
 
-use crate::configmap::{ConfigMapRegistry, RetryPolicy, validate};
+use crate::configmap::{ConfigMapRegistry, RetryPolicy, is_transient, validate};
 use crate::error::{Error, Result};
 use crate::record::{MemberRecord, Snapshot};
 use crate::registry::PeerRegistry;
@@ -34,8 +34,17 @@ const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(100);
 /// How much longer each publisher waits per member whose pod name sorts
 /// before its own: the first publishes, the others only if it did not.
 const PUBLISH_STEP: Duration = Duration::from_secs(2);
-/// Transient errors (429, 5xx) one call retries before it gives up.
+/// Transient errors (429, 5xx, a refused connection) one call retries
+/// before it gives up.
 const TRANSIENT_RETRIES: u32 = 8;
+/// The publisher's backoff between failed writes of `static-nodes.json`
+/// (full jitter, doubling from 1 s to 30 s; it retries until the write lands
+/// or a newer change replaces it).
+const PUBLISH_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: u32::MAX,
+    base_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(30),
+};
 
 /// The [`PeerRegistry`] kept as one `coordination.k8s.io/v1` Lease per
 /// member (the *lease layout*, opt-in): a registration is one create of the
@@ -389,30 +398,77 @@ impl WatchState {
 }
 
 /// Writes the derived `static-nodes.json` (and [`schema::LEASE_MEMBERS_KEY`])
-/// by compare-and-swap, from the Leases of the latest view.
+/// by compare-and-swap, from the Leases of the latest view, retrying (see
+/// [`until_published`]) until it lands: written, or found current.
 async fn publish(shared: &Shared, rank: usize) {
-    let result = shared
-        .configmap
-        .rewrite_data("publish", |data, exists| {
-            let (leases, _) = lock(&shared.view).members();
-            if !exists && leases.is_empty() {
-                return None;
-            }
-            schema::encode_lease_members(data, &leases)
-        })
-        .await;
     let (namespace, configmap) = (shared.configmap.namespace(), shared.configmap.name());
-    match result {
-        Ok(_) => debug!(
-            namespace,
-            configmap, rank, "published static-nodes.json from the member leases"
-        ),
-        Err(e) => warn!(
-            namespace,
-            configmap,
-            "could not write static-nodes.json derived from the member leases \
-                         (the next change retries): {e}"
-        ),
+    let attempts = until_published(PUBLISH_RETRY, configmap, || async {
+        shared
+            .configmap
+            .rewrite_data("publish", |data, exists| {
+                let (leases, _) = lock(&shared.view).members();
+                if !exists && leases.is_empty() {
+                    return None;
+                }
+                schema::encode_lease_members(data, &leases)
+            })
+            .await
+            .map(drop)
+    })
+    .await;
+    debug!(
+        namespace,
+        configmap, rank, attempts, "published static-nodes.json from the member leases"
+    );
+}
+
+/// Runs `attempt` (one publication: read, derive, compare-and-swap, itself
+/// retrying conflicts and transient errors per the registry's
+/// [`RetryPolicy`]) until it succeeds, sleeping `backoff`'s delay after each
+/// failure, whatever the error: `static-nodes.json` must not stay stale until
+/// the next change of the Leases (issue 21, defect 6). Ends only on success
+/// (or when its task is aborted: a newer change re-schedules the
+/// publication, a dropped watch ends it). Returns the attempts made.
+pub(crate) async fn until_published<F, Fut>(
+    backoff: RetryPolicy,
+    configmap: &str,
+    mut attempt: F,
+) -> u32
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut n: u32 = 0;
+    loop {
+        n = n.saturating_add(1);
+        match attempt().await {
+            Ok(()) => {
+                if n > 1 {
+                    info!(
+                        configmap,
+                        attempts = n,
+                        "static-nodes.json derived from the member leases written after retries"
+                    );
+                }
+                return n;
+            }
+            Err(e) => {
+                let delay = backoff.delay(n);
+                if n == 1 || n.is_multiple_of(10) {
+                    warn!(
+                        configmap,
+                        attempt = n,
+                        ?delay,
+                        "could not write static-nodes.json derived from the member leases; \
+                           retrying: {e}"
+                    );
+                } else {
+                    debug!(configmap, attempt = n, ?delay, error = %e,
+                           "static-nodes.json publication failed again; retrying");
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 }
 
@@ -666,11 +722,6 @@ impl LeaseRegistry {
 /// A concurrent write to the same Lease (409), or one deleted meanwhile.
 fn is_race(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists() || s.is_not_found())
-}
-
-/// 429, or a 5xx.
-fn is_transient(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 429 || s.code >= 500)
 }
 
 impl std::fmt::Debug for LeaseRegistry {

@@ -947,3 +947,86 @@ async fn a_configmap_layout_writer_never_removes_what_the_lease_publisher_derive
         assert!(!publish(&fake), "{protocol:?}: the publisher keeps it gone");
     }
 }
+
+/// A refused connection to the apiserver, as kube reports it.
+fn refused() -> kube::Error {
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Client(#[source] Connect);
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp connect error")]
+    struct Connect(#[source] std::io::Error);
+    let io = std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        "Connection refused (os error 111)",
+    );
+    kube::Error::Service(Box::new(Client(Connect(io))))
+}
+
+/// Issue 21, defect 6: a refused connection (an apiserver restarting) is
+/// transient: the write is retried, not given up at once.
+#[tokio::test]
+async fn a_refused_connection_is_retried_like_a_5xx() {
+    for protocol in [WriteProtocol::WholeObjectCas, WriteProtocol::KeyPatch] {
+        let fake = Fake::default();
+        let core = fake.core_with(fast(), protocol);
+        core.upsert(member("geth-0", 0)).await.unwrap();
+        fake.fail_next_write(refused());
+        fake.fail_next_get(refused());
+        fake.fail_next_write(refused());
+        let snap = core.upsert(member("geth-1", 1)).await;
+        assert_eq!(snap.map(|s| s.members.len()).ok(), Some(2), "{protocol:?}");
+    }
+}
+
+/// Issue 21, defect 6: the lease layout's publisher retries until
+/// `static-nodes.json` matches the Leases, through more failures than one
+/// call's own retries absorb (a conflict storm, an apiserver down a while).
+#[tokio::test]
+async fn the_lease_publisher_retries_until_static_nodes_matches_the_leases() {
+    let fake = Fake::default();
+    // One call: at most 3 attempts and 8 transient errors (as in production,
+    // where it is 60 attempts; the outage here outlasts them).
+    let core = fake.core_with(
+        RetryPolicy {
+            max_attempts: 3,
+            ..fast()
+        },
+        WriteProtocol::WholeObjectCas,
+    );
+    core.upsert(member("geth-0", 0)).await.unwrap();
+    let leases: BTreeMap<String, MemberRecord> = [member("geth-5", 5), member("geth-6", 6)]
+        .into_iter()
+        .map(|m| (m.pod.clone(), m))
+        .collect();
+    for i in 0..40 {
+        match i % 3 {
+            0 => fake.fail_next_write(refused()),
+            1 => fake.fail_next_write(api_err(503, "ServiceUnavailable")),
+            _ => fake.fail_next_write(api_err(409, "Conflict")),
+        }
+    }
+    let backoff = RetryPolicy {
+        max_attempts: u32::MAX,
+        base_delay: Duration::from_micros(100),
+        max_delay: Duration::from_millis(2),
+    };
+    let attempts = crate::lease::until_published(backoff, "test", || async {
+        core.rewrite_data("publish", |data, _| {
+            schema::encode_lease_members(data, &leases)
+        })
+        .await
+        .map(drop)
+    })
+    .await;
+    assert!(attempts > 1, "{attempts}");
+    assert_eq!(
+        schema::encode_lease_members(&fake.data(), &leases),
+        None,
+        "static-nodes.json matches the leases"
+    );
+    assert_eq!(
+        schema::lease_members_listed(&fake.data()),
+        leases.values().map(|m| m.node_id).collect::<BTreeSet<_>>()
+    );
+}
