@@ -859,6 +859,9 @@ async fn pod_evidence_mesh(
         .replace("geth-peer-sidecar", &PostParams::default(), &role)
         .await
         .unwrap();
+    if extra.contains(&("REGISTRY_LAYOUT", "leases")) {
+        m.cluster.grant_leases(&m.ns).await.unwrap();
+    }
     let pods: Api<Pod> = Api::namespaced(admin, &m.ns.name);
     for i in 0..n {
         let name = m.net.node(i).name().to_owned();
@@ -909,6 +912,42 @@ async fn with_pod_evidence_a_deleted_pods_member_is_removed_at_once() {
     m.wait_registered(&all(2), Duration::from_secs(45))
         .await
         .unwrap();
+}
+
+/// Issue 25: a pod the watch saw deleted leaves the registry at once, even
+/// within REGISTRATION_GRACE (default 60 s): measured from the Pod's deletion
+/// to the registry without its record, by the apiserver's own state.
+async fn a_deleted_pod_leaves_within_the_grace(layout: &str) {
+    let env = [("DEAD_AFTER", "600s"), ("REGISTRY_LAYOUT", layout)];
+    let (mut m, pods) = pod_evidence_mesh(&format!("gone-{layout}"), 3, &env).await;
+    m.take_sidecar(2).unwrap().kill().await;
+    m.net.node_mut(2).kill().await;
+    let deleted = std::time::Instant::now();
+    pods.delete("geth-2", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Well inside the 60 s grace: only the watch's sighting can do this.
+    m.wait_registered(&all(2), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let took = deleted.elapsed();
+    eprintln!("{layout}: record gone {took:?} after the pod's deletion");
+    let derived = m.registry_data().await;
+    let static_nodes = derived.get("static-nodes.json").cloned().unwrap_or_default();
+    assert!(
+        !static_nodes.contains(&m.net.node(2).node_id()),
+        "static-nodes.json still lists the deleted pod's node: {static_nodes}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pod_evidence_a_deleted_pod_leaves_within_the_grace_configmap_layout() {
+    a_deleted_pod_leaves_within_the_grace("configmap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pod_evidence_a_deleted_pod_leaves_within_the_grace_lease_layout() {
+    a_deleted_pod_leaves_within_the_grace("leases").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
