@@ -197,7 +197,9 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
                 ..PostParams::default()
             };
             match sa_leases.replace(&lease_b, &dry, &forged).await {
-                Err(kube::Error::Api(s)) if s.code == 422 => Some(()),
+                Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy") => {
+                    Some(())
+                }
                 _ => None,
             }
         },
@@ -394,7 +396,7 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
         let ok = match r.refused_by {
             Some(which) => {
                 let policy = policy_name(&ns, which);
-                r.seen.status == 422
+                r.seen.status == 403
                     && r.seen.message.contains(&format!(
                         "ValidatingAdmissionPolicy '{policy}' with binding '{policy}' denied request"
                     ))
