@@ -434,7 +434,8 @@ state = "{state}"
                 .join("volumes/kubernetes.io~projected")
                 .display()
         );
-        let entries = std::fs::read_dir(&volumes).map_err(io_err("read the pod's projected volumes"))?;
+        let entries =
+            std::fs::read_dir(&volumes).map_err(io_err("read the pod's projected volumes"))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
             if name.to_string_lossy().starts_with("kube-api-access-") {

@@ -145,7 +145,7 @@ async fn unbound_client(node: &KubeNode, ns: &str) -> Client {
         .create_token_request(RELEASE, &PostParams::default(), &request)
         .await
         .unwrap();
-    let token = answer.status.unwrap().token;
+    let token = answer.status.and_then(|s| s.token).unwrap();
     node.control_plane()
         .client_with_token(&token, ns)
         .await
@@ -191,13 +191,18 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
         Duration::from_secs(30),
         || async {
             let mut forged = leases.get(&lease_b).await.ok()?;
-            forged.spec.get_or_insert_with(Default::default).holder_identity = Some(a.name.clone());
+            forged
+                .spec
+                .get_or_insert_with(Default::default)
+                .holder_identity = Some(a.name.clone());
             let dry = PostParams {
                 dry_run: true,
                 ..PostParams::default()
             };
             match sa_leases.replace(&lease_b, &dry, &forged).await {
-                Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy") => {
+                Err(kube::Error::Api(s))
+                    if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy") =>
+                {
                     Some(())
                 }
                 _ => None,
@@ -216,7 +221,10 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
     // 1. Another pod's Lease.
     let b_before = leases.get(&lease_b).await.unwrap();
     let mut forged = b_before.clone();
-    forged.spec.get_or_insert_with(Default::default).holder_identity = Some(a.name.clone());
+    forged
+        .spec
+        .get_or_insert_with(Default::default)
+        .holder_identity = Some(a.name.clone());
     rows.push(Row {
         attempt: "update another pod's Lease (`<registry>.<pod B>`)",
         refused_by: Some("leases"),
@@ -304,9 +312,8 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
         ),
     });
     // 4. Another member's ConfigMap key (put there as admin: B's own record).
-    let b_record = b_before.metadata.annotations.as_ref().unwrap()
-        [peer_registry::MEMBER_ANNOTATION]
-        .clone();
+    let b_record =
+        b_before.metadata.annotations.as_ref().unwrap()[peer_registry::MEMBER_ANNOTATION].clone();
     let key_b = format!("member.{}", b.name);
     cms.patch(
         &release.configmap,
@@ -333,11 +340,8 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
         ),
     });
     // 5. external-peers.json.
-    let external = serde_json::to_string(&[format!(
-        "enode://{}@203.0.113.7:30303",
-        "ab".repeat(64)
-    )])
-    .unwrap();
+    let external =
+        serde_json::to_string(&[format!("enode://{}@203.0.113.7:30303", "ab".repeat(64))]).unwrap();
     rows.push(Row {
         attempt: "write `external-peers.json`",
         refused_by: Some("configmap"),
@@ -447,7 +451,10 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
         ])
         .unwrap()
         .replace(&ns, "<ns>");
-    let can_i = format!("```text\n$ kubectl -n <ns> auth can-i --list --as=system:serviceaccount:<ns>:{RELEASE}\n{}\n```\n", can_i.trim_end());
+    let can_i = format!(
+        "```text\n$ kubectl -n <ns> auth can-i --list --as=system:serviceaccount:<ns>:{RELEASE}\n{}\n```\n",
+        can_i.trim_end()
+    );
     eprintln!(
         "[trust] {} attempts checked in {:.1} s",
         rows.len(),
