@@ -452,6 +452,13 @@ pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departe
     )
     .await
     .unwrap();
+    // With the admission policy on (the default), the sidecars' own writes,
+    // their removal of another member's key included, met no refusal.
+    let refused = crate::trust::refused_requests(&node, &user);
+    assert!(
+        refused.is_empty(),
+        "the sidecars' own requests were refused: {refused:?}"
+    );
 }
 
 pub async fn pod_deletion_deregisters_the_member_within_the_grace_period(shared: Arc<Shared>) {

@@ -52,6 +52,25 @@ struct Row {
     seen: Outcome,
 }
 
+/// The requests of `user` the apiserver refused with 403 or 422 (audit log),
+/// as "verb resource/name code": the sidecars' own writes must never be.
+pub fn refused_requests(node: &KubeNode, user: &str) -> Vec<String> {
+    node.control_plane()
+        .audit_events(user)
+        .iter()
+        .filter(|e| matches!(e["responseStatus"]["code"].as_u64(), Some(403 | 422)))
+        .map(|e| {
+            format!(
+                "{} {}/{} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["objectRef"]["resource"].as_str().unwrap_or_default(),
+                e["objectRef"]["name"].as_str().unwrap_or_default(),
+                e["responseStatus"]["code"]
+            )
+        })
+        .collect()
+}
+
 fn policy_name(ns: &str, which: &str) -> String {
     format!("{ns}.{RELEASE}.{which}")
 }
@@ -169,6 +188,14 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
     let (pods, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
     let ns = release.ns.clone();
     let (a, b) = (&pods[0], &pods[1]);
+    // The sidecars' own writes to a full mesh (their Leases, the publisher's
+    // static-nodes.json) met no refusal.
+    let user = format!("system:serviceaccount:{ns}:{RELEASE}");
+    let refused = refused_requests(&node, &user);
+    assert!(
+        refused.is_empty(),
+        "the sidecars' own requests were refused: {refused:?}"
+    );
 
     // Pod A's own token, as its containers read it.
     let token = node.pod_service_account_token(&a.uid).unwrap();
