@@ -489,3 +489,89 @@ pub async fn one_pods_own_token_writes_only_its_own_record_and_the_admission_pol
     );
     check_doc(&[("trust-table", table(&ns, &rows)), ("can-i", can_i)]);
 }
+
+/// The policies' objects of one kind and suffix (`leases`, `configmap`),
+/// without what differs on purpose between the chart and the kustomize
+/// component: names, labels, how the caller and the registry are found.
+fn rules_of(docs: &[serde_yaml::Value], suffix: &str) -> serde_yaml::Value {
+    let policy = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ValidatingAdmissionPolicy"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(&format!(".{suffix}")))
+        })
+        .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy *.{suffix}"));
+    let spec = &policy["spec"];
+    let variables: Vec<serde_yaml::Value> = spec["variables"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] != "registry")
+        .cloned()
+        .collect();
+    serde_yaml::to_value((
+        &spec["failurePolicy"],
+        &spec["matchConstraints"],
+        variables,
+        &spec["validations"],
+    ))
+    .unwrap()
+}
+
+/// The chart's policies and the kustomize component's carry the same rules
+/// (the CEL is written twice: Helm cannot read files outside the chart).
+pub async fn the_chart_and_the_kustomize_component_carry_the_same_policy_rules(
+    _shared: Arc<Shared>,
+) {
+    let root = workspace_root();
+    let out = std::process::Command::new(integration_tests::testbed().bin("helm"))
+        .args(["template", RELEASE])
+        .arg(root.join("charts/geth-peer-sidecar"))
+        .args([
+            "-n",
+            "ns",
+            "--api-versions",
+            "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parse = |text: &str| -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &serde_yaml::Value| !v.is_null())
+            .collect()
+    };
+    let chart = parse(&String::from_utf8(out.stdout).unwrap());
+    let component = parse(
+        &std::fs::read_to_string(root.join("deploy/components/admission-policy/policy.yaml"))
+            .unwrap(),
+    );
+    for suffix in ["leases", "configmap"] {
+        assert_eq!(
+            rules_of(&chart, suffix),
+            rules_of(&component, suffix),
+            "the chart's and the kustomize component's {suffix} policies differ"
+        );
+    }
+    // Both bind their two policies with Deny.
+    for docs in [&chart, &component] {
+        let bindings: Vec<&serde_yaml::Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+            .collect();
+        assert_eq!(bindings.len(), 2);
+        for b in bindings {
+            assert_eq!(
+                b["spec"]["validationActions"],
+                serde_yaml::to_value(["Deny"]).unwrap()
+            );
+        }
+    }
+}
