@@ -100,38 +100,3 @@ pub async fn base_forms_a_full_mesh_and_the_pod_evidence_overlay_turns_pod_evide
         "the sidecars' own requests were refused: {refused:?}"
     );
 }
-
-pub async fn the_leases_overlay_meshes_with_the_admission_policy_refusing_none_of_its_writes(
-    shared: Arc<Shared>,
-) {
-    let node = shared.node().await;
-    let overlay = apply(&node, "kustomize-leases", "deploy/overlays/leases").await;
-    let (pods, took) = overlay.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
-    eprintln!(
-        "[kustomize] leases overlay: full mesh of 3 in {:.1} s",
-        took.as_secs_f64()
-    );
-    assert_eq!(
-        sidecar_env(&overlay, &pods[0].name, "REGISTRY_LAYOUT").as_deref(),
-        Some("leases")
-    );
-    // The component's policies apply here: its parameter ConfigMap exists.
-    overlay
-        .kubectl(&["get", "configmap", "geth-peer-sidecar-admission"])
-        .unwrap();
-    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(node.admin(), &overlay.ns);
-    for p in &pods {
-        let name = peer_registry::lease_name(CONFIGMAP, &p.name);
-        assert!(
-            leases.get_opt(&name).await.unwrap().is_some(),
-            "{name} registered"
-        );
-    }
-    let user = format!("system:serviceaccount:{}:geth-peer-sidecar", overlay.ns);
-    let refused = crate::trust::refused_requests(overlay.node(), &user);
-    assert!(
-        refused.is_empty(),
-        "the sidecars' own requests were refused: {refused:?}"
-    );
-}

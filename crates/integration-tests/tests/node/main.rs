@@ -95,7 +95,6 @@ fn main() -> std::process::ExitCode {
         trial!(trust::the_chart_and_the_kustomize_component_carry_the_same_policy_rules),
         trial!(trust::one_pods_own_token_writes_only_its_own_record_and_the_admission_policy_refuses_the_rest),
         trial!(kustomize::base_forms_a_full_mesh_and_the_pod_evidence_overlay_turns_pod_evidence_on),
-        trial!(kustomize::the_leases_overlay_meshes_with_the_admission_policy_refusing_none_of_its_writes),
     ];
     let trials = tests
         .into_iter()
