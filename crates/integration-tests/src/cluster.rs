@@ -412,6 +412,15 @@ impl Cluster {
         ))
     }
 
+    /// A client that authenticates with `token` (e.g. a pod's own projected
+    /// service-account token), `namespace` as its default.
+    ///
+    /// # Errors
+    /// When the CA certificate cannot be read or the client cannot be built.
+    pub async fn client_with_token(&self, token: &str, namespace: &str) -> Result<Client> {
+        self.client_for(token, namespace).await
+    }
+
     async fn client_for(&self, token: &str, namespace: &str) -> Result<Client> {
         client_from_kubeconfig(&self.kubeconfig_yaml(token, namespace)?).await
     }

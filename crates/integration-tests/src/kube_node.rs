@@ -416,6 +416,39 @@ state = "{state}"
         ))
     }
 
+    /// The projected service-account token the kubelet mounted for the pod
+    /// with UID `pod_uid` (`kube-api-access-*`, what its containers read at
+    /// /var/run/secrets/kubernetes.io/serviceaccount/token): read from the
+    /// kubelet's pod directory, through the node's mount namespace (the
+    /// volume is a tmpfs mounted there only).
+    ///
+    /// # Errors
+    /// When the pod has no such volume on this node (yet).
+    pub fn pod_service_account_token(&self, pod_uid: &str) -> Result<String> {
+        let holder = self.holder.as_ref().map(Proc::pid).unwrap_or_default();
+        let volumes = format!(
+            "/proc/{holder}/root{}",
+            self.dir
+                .join("kubelet/root/pods")
+                .join(pod_uid)
+                .join("volumes/kubernetes.io~projected")
+                .display()
+        );
+        let entries =
+            std::fs::read_dir(&volumes).map_err(io_err("read the pod's projected volumes"))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("kube-api-access-") {
+                let token = std::fs::read_to_string(entry.path().join("token"))
+                    .map_err(io_err("read the projected token"))?;
+                return Ok(token.trim().to_owned());
+            }
+        }
+        Err(Error::Setup(format!(
+            "no kube-api-access-* projected volume in {volumes}"
+        )))
+    }
+
     /// `ctr` against this node's containerd, in the CRI's `k8s.io` namespace.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(testbed().bin("ctr"));

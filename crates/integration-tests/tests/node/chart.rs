@@ -452,6 +452,13 @@ pub async fn scale_5_7_3_with_pod_evidence_joins_new_members_and_removes_departe
     )
     .await
     .unwrap();
+    // With the admission policy on (the default), the sidecars' own writes,
+    // their removal of another member's key included, met no refusal.
+    let refused = crate::trust::refused_requests(&node, &user);
+    assert!(
+        refused.is_empty(),
+        "the sidecars' own requests were refused: {refused:?}"
+    );
 }
 
 pub async fn pod_deletion_deregisters_the_member_within_the_grace_period(shared: Arc<Shared>) {
@@ -630,6 +637,9 @@ struct Rendered {
     /// `helm template` with the [`TEMPLATE_ONLY`] values: objects of kinds
     /// this cluster has no CRD for (PodMonitor, ServiceMonitor).
     template: String,
+    /// The release's ValidatingAdmissionPolicies and bindings (cluster-scoped,
+    /// named `<namespace>.<release>.*`).
+    policies: Vec<String>,
 }
 
 /// Values checked on `helm template` output rather than on an install: their
@@ -759,6 +769,11 @@ const VALUE_TABLE: &[ValueRow] = &[
         // Helm's --set splits on commas unless escaped.
         set: "10.244.0.0/16\\,fd00::/8",
         check: |r| r.env("MEMBER_CIDRS").as_deref() == Some("10.244.0.0/16,fd00::/8"),
+    },
+    ValueRow {
+        path: "admissionPolicy.enabled",
+        set: "false",
+        check: |r| r.policies.is_empty(),
     },
     ValueRow {
         path: "logLevel",
@@ -967,6 +982,7 @@ pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
                     | "uid"
                     | "trusted"
                     | "podEvidence"
+                    | "admissionPolicy.enabled"
                     | "terminationGracePeriodSeconds"
                     | "podDisruptionBudget.enabled"
                     | "podDisruptionBudget.maxUnavailable"
@@ -1037,6 +1053,18 @@ pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
             ])
             .unwrap(),
         template,
+        policies: node
+            .kubectl(&[
+                "get",
+                "validatingadmissionpolicies,validatingadmissionpolicybindings",
+                "-o",
+                "name",
+            ])
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&format!("/{ns}.")))
+            .map(str::to_owned)
+            .collect(),
     };
     let wrong: Vec<&str> = VALUE_TABLE
         .iter()

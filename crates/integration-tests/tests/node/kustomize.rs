@@ -91,4 +91,12 @@ pub async fn base_forms_a_full_mesh_and_the_pod_evidence_overlay_turns_pod_evide
     )
     .await
     .unwrap();
+    // The overlay brings the admission policy: the sidecars' own writes (the
+    // ConfigMap layout) met no refusal.
+    let user = format!("system:serviceaccount:{}:geth-peer-sidecar", overlay.ns);
+    let refused = crate::trust::refused_requests(overlay.node(), &user);
+    assert!(
+        refused.is_empty(),
+        "the sidecars' own requests were refused: {refused:?}"
+    );
 }

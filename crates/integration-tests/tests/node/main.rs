@@ -19,6 +19,7 @@ mod chart;
 mod image;
 mod kustomize;
 mod teardown;
+mod trust;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -91,6 +92,8 @@ fn main() -> std::process::ExitCode {
         trial!(chart::pod_deletion_deregisters_the_member_within_the_grace_period),
         trial!(chart::sidecar_runs_non_root_read_only_without_capabilities_and_opens_the_0600_socket),
         trial!(chart::every_chart_value_reaches_the_pod),
+        trial!(trust::the_chart_and_the_kustomize_component_carry_the_same_policy_rules),
+        trial!(trust::one_pods_own_token_writes_only_its_own_record_and_the_admission_policy_refuses_the_rest),
         trial!(kustomize::base_forms_a_full_mesh_and_the_pod_evidence_overlay_turns_pod_evidence_on),
     ];
     let trials = tests
