@@ -744,25 +744,17 @@ const VALUE_TABLE: &[ValueRow] = &[
         set: "true",
         check: |r| r.env("TRUSTED_PEERS").as_deref() == Some("true"),
     },
+    // On by default: the row turns it off.
     ValueRow {
         path: "podEvidence",
-        set: "true",
-        check: |r| {
-            r.env("READ_PODS").as_deref() == Some("true")
-                && r.env("POD_SELECTOR").is_some_and(|s| {
-                    s.starts_with("app.kubernetes.io/name=geth,app.kubernetes.io/instance=")
-                })
-                && r.role.to_string().contains("\"pods\"")
-                && r.role.to_string().contains("\"watch\"")
-        },
+        set: "false",
+        check: |r| r.env("READ_PODS").is_none() && !r.role.to_string().contains("\"pods\""),
     },
+    // The lease layout by default: the row chooses the ConfigMap layout.
     ValueRow {
         path: "registryLayout",
-        set: "leases",
-        check: |r| {
-            r.env("REGISTRY_LAYOUT").as_deref() == Some("leases")
-                && r.role.to_string().contains("\"leases\"")
-        },
+        set: "configmap",
+        check: |r| r.env("REGISTRY_LAYOUT").is_none() && !r.role.to_string().contains("\"leases\""),
     },
     ValueRow {
         path: "memberCidrs",
