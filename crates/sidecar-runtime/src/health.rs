@@ -109,24 +109,37 @@ impl Health {
         });
     }
 
-    /// `Err(reason)` when the loop has not completed a pass within the
-    /// liveness timeout (counted from start until the first pass).
-    pub(crate) fn liveness(&self, now: Instant) -> Result<(), String> {
+    /// `Err` when the loop has not completed a pass within the liveness
+    /// timeout (counted from start until the first pass).
+    pub(crate) fn liveness(&self, now: Instant) -> Result<(), Stalled> {
         let Some(timeout) = self.liveness_timeout else {
             return Ok(());
         };
         let since = lock(&self.last_pass).map_or(self.started, |p| p.instant);
         let stalled = now.saturating_duration_since(since);
         if stalled > timeout {
-            Err(format!(
-                "event loop stuck: no pass completed for {:.0} s (LIVENESS_TIMEOUT {:.0} s)",
-                stalled.as_secs_f64(),
-                timeout.as_secs_f64()
-            ))
+            Err(Stalled {
+                for_: stalled,
+                timeout,
+            })
         } else {
             Ok(())
         }
     }
+}
+
+/// The event loop completed no pass within the liveness timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "event loop stuck: no pass completed for {:.0} s (LIVENESS_TIMEOUT {:.0} s)",
+    for_.as_secs_f64(),
+    timeout.as_secs_f64()
+)]
+pub(crate) struct Stalled {
+    /// Since the last completed pass (or the start).
+    pub(crate) for_: Duration,
+    /// LIVENESS_TIMEOUT.
+    pub(crate) timeout: Duration,
 }
 
 #[cfg(test)]
@@ -139,7 +152,7 @@ mod tests {
         let t0 = h.started;
         assert!(h.liveness(t0 + Duration::from_secs(9)).is_ok());
         let err = h.liveness(t0 + Duration::from_secs(11)).unwrap_err();
-        assert!(err.contains("no pass completed"), "{err}");
+        assert!(err.to_string().contains("no pass completed"), "{err}");
         h.pass_completed();
         let done = lock(&h.last_pass).unwrap().instant;
         assert!(h.liveness(done + Duration::from_secs(9)).is_ok());
