@@ -435,6 +435,53 @@ mod tests {
         );
     }
 
+    /// Issue 21, defect 5 (its second half): a legacy entry removed, then put
+    /// back ~100 ms later (a Python writer re-adding its own entry), must not
+    /// be removed again at once on the old unreachability clock: the tracker
+    /// forgets the id when the snapshot the removal returned lacks it, so the
+    /// clock restarts at the next failed probe and the entry is removed again
+    /// only `dead_after` later (one write per `dead_after`, not per pass).
+    #[test]
+    fn a_removed_legacy_entry_put_back_starts_a_new_unreachability_clock() {
+        use crate::{Tracker, plan};
+        let w = World::mesh(3);
+        let legacy = node(7);
+        let secs = |s: i64| {
+            w.now
+                .checked_add(jiff::SignedDuration::from_secs(s))
+                .unwrap()
+        };
+        let with = |on: bool| {
+            let mut snap = w.snap.clone().unwrap();
+            if on {
+                snap.legacy.push(legacy.clone());
+            }
+            snap
+        };
+        let mut t = Tracker::new();
+        let dead_after = i64::try_from(w.config.dead_after.as_secs()).unwrap();
+        t.on_snapshot(secs(0), with(true));
+        t.on_probes(secs(1), secs(1), [(legacy.node_id(), false)]);
+        let removes = |t: &Tracker, at: i64| {
+            let p = plan(&w.config, &t.observation(secs(at), &w.me, None));
+            p.registry
+                .contains(&RegistryAction::RemoveLegacy(vec![legacy.clone()]))
+        };
+        assert!(!removes(&t, dead_after));
+        assert!(removes(&t, dead_after + 1));
+        // Removed (the write's snapshot), then put back.
+        t.on_snapshot(secs(dead_after + 1), with(false));
+        t.on_snapshot(secs(dead_after + 2), with(true));
+        assert!(!removes(&t, dead_after + 2), "removed again at once");
+        t.on_probes(
+            secs(dead_after + 3),
+            secs(dead_after + 3),
+            [(legacy.node_id(), false)],
+        );
+        assert!(!removes(&t, 2 * dead_after + 2));
+        assert!(removes(&t, 2 * dead_after + 3));
+    }
+
     #[test]
     fn fresh_legacy_entries_not_probed_yet_do_not_make_a_minority_a_majority() {
         // Self, geth-1..4 (geth-1 and geth-2 dead here), and two legacy
