@@ -8,6 +8,10 @@
 use std::time::Duration;
 
 use integration_tests::{Mesh, Proc, RegistryHistory, eventually};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::Role;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const MESH: Duration = Duration::from_secs(60);
@@ -286,7 +290,7 @@ async fn a_reused_ip_does_not_keep_a_dead_member(squatter: Squatter) {
             let dir = m.ctx.path("squatter-www");
             std::fs::create_dir_all(&dir).unwrap();
             // A well-formed identity of some other node.
-            let other = format!("{:0128x}", 7);
+            let other = format!("{:064x}", 7);
             std::fs::write(
                 dir.join("identity"),
                 json!({"pod": "not-a-member", "nodeId": other}).to_string(),
@@ -354,4 +358,168 @@ async fn a_reused_ip_with_a_silent_sidecar_port_does_not_keep_a_dead_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_ip_answering_another_identity_does_not_keep_a_dead_member() {
     a_reused_ip_does_not_keep_a_dead_member(Squatter::OtherIdentity).await;
+}
+
+const POD_SELECTOR: &str = "app.kubernetes.io/name=geth";
+
+/// Creates (or re-creates) node `i`'s Pod object, Running at the node's IP,
+/// as the kubelet would report it; returns its UID.
+async fn put_pod(m: &Mesh, pods: &Api<Pod>, i: usize) -> String {
+    let name = m.net.node(i).name().to_owned();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "geth"}},
+        "spec": {"containers": [{"name": "geth", "image": "ethereum/client-go:v1.17.5"}]}
+    }))
+    .unwrap();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let status = json!({"status": {"phase": "Running", "podIP": m.net.node(i).ip().to_string()}});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    created.metadata.uid.unwrap()
+}
+
+async fn pod_evidence(m: &Mesh, i: usize) -> Option<f64> {
+    m.metric(i, "geth_peer_sidecar_pod_evidence").await
+}
+
+async fn passes(m: &Mesh, i: usize) -> f64 {
+    m.metric(i, "geth_peer_sidecar_reconciles_total")
+        .await
+        .unwrap_or(0.0)
+}
+
+/// Pod evidence on (as deploy/overlays/pod-evidence sets it up), then the
+/// pods rule is taken out of the sidecars' Role. The sidecars must say pod
+/// evidence is off (metric 0), fall back to agreement, and remove nobody —
+/// not even a member whose pod was replaced meanwhile (new UID), which a pod
+/// cache kept as if current would take for gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_rbac_revoked_mid_run_turns_pod_evidence_off_and_removes_nobody() {
+    let n = 4;
+    let mut env = FAST.to_vec();
+    env.extend([("READ_PODS", "true"), ("POD_SELECTOR", POD_SELECTOR)]);
+    let mut m = Mesh::without_sidecars("chaos-pod-rbac", n, &env)
+        .await
+        .unwrap();
+    let admin = m.cluster.admin();
+    let roles: Api<Role> = Api::namespaced(admin.clone(), &m.ns.name);
+    let mut role = roles.get("geth-peer-sidecar").await.unwrap();
+    let without_pods = role.clone();
+    role.rules.get_or_insert_with(Vec::new).push(
+        serde_json::from_value(
+            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
+        )
+        .unwrap(),
+    );
+    roles
+        .replace("geth-peer-sidecar", &PostParams::default(), &role)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin, &m.ns.name);
+    for i in 0..n {
+        let uid = put_pod(&m, &pods, i).await;
+        m.pod_uids.insert(i, uid);
+    }
+    for i in 0..n {
+        m.start_sidecar(i).unwrap();
+    }
+    m.wait_full_mesh(&all(n), MESH).await.unwrap();
+    m.wait_registered(&all(n), MESH).await.unwrap();
+    eventually("every sidecar to use pod evidence", MESH, || async {
+        for i in 0..n {
+            if pod_evidence(&m, i).await != Some(1.0) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    let history = m.registry_history().await.unwrap();
+    let writes_before = registry_writes(&m).len();
+
+    // Revoke: the Role as it was before the pods rule.
+    let mut revoked = roles.get("geth-peer-sidecar").await.unwrap();
+    revoked.rules = without_pods.rules;
+    roles
+        .replace("geth-peer-sidecar", &PostParams::default(), &revoked)
+        .await
+        .unwrap();
+    let user = m.ns.service_account_user();
+    let refused_pods = || {
+        m.cluster
+            .audit_events(&user)
+            .iter()
+            .filter(|e| e["objectRef"]["resource"] == "pods" && e["responseStatus"]["code"] == 403)
+            .count()
+    };
+    let start = tokio::time::Instant::now();
+    let off = eventually(
+        "every sidecar to report pod evidence off",
+        Duration::from_secs(420),
+        || async {
+            for i in 0..n {
+                if pod_evidence(&m, i).await != Some(0.0) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    let took = start.elapsed();
+    eprintln!(
+        "pod evidence off everywhere after {took:?} ({}); pod requests refused so far: {}",
+        if off.is_ok() { "yes" } else { "NO" },
+        refused_pods()
+    );
+    off.unwrap();
+
+    // Pod geth-3 is replaced (new UID, same IP); its sidecar restarts as the
+    // new pod's. The sidecars can no longer read pods.
+    pods.delete("geth-3", &DeleteParams::default())
+        .await
+        .unwrap();
+    let uid = put_pod(&m, &pods, 3).await;
+    m.take_sidecar(3).unwrap().kill().await;
+    m.pod_uids.insert(3, uid.clone());
+    m.start_sidecar(3).unwrap();
+    eventually("geth-3 to register as the new pod", MESH, || async {
+        m.registry_data()
+            .await
+            .get("member.geth-3")
+            .is_some_and(|r| r.contains(&uid))
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    // The others decide: REGISTRATION_GRACE (2 s) passes, then three passes each.
+    let grace_over = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut from = Vec::new();
+    for i in 0..3 {
+        from.push(passes(&m, i).await);
+    }
+    for (i, from) in from.iter().enumerate() {
+        eventually(
+            &format!("geth-{i}'s sidecar to pass 3 more times"),
+            MESH,
+            || async {
+                (tokio::time::Instant::now() >= grace_over && passes(&m, i).await >= from + 3.0)
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..n {
+        assert_eq!(
+            pod_evidence(&m, i).await,
+            Some(0.0),
+            "geth-{i}: pod evidence back on?"
+        );
+    }
+    assert_nothing_removed(&m, &history, writes_before);
+    m.wait_full_mesh(&all(n), MESH).await.unwrap();
+    m.wait_registered(&all(n), MESH).await.unwrap();
 }
