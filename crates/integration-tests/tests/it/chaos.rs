@@ -398,7 +398,12 @@ async fn passes(m: &Mesh, i: usize) -> f64 {
 async fn pod_rbac_revoked_mid_run_turns_pod_evidence_off_and_removes_nobody() {
     let n = 4;
     let mut env = FAST.to_vec();
-    env.extend([("READ_PODS", "true"), ("POD_SELECTOR", POD_SELECTOR)]);
+    // A pass every second or so, so "three more passes" comes soon.
+    env.extend([
+        ("READ_PODS", "true"),
+        ("POD_SELECTOR", POD_SELECTOR),
+        ("RESYNC_INTERVAL", "1s"),
+    ]);
     let mut m = Mesh::without_sidecars("chaos-pod-rbac", n, &env)
         .await
         .unwrap();
