@@ -15,7 +15,8 @@
 //!
 //! Features: `kube` (pod evidence from a pod watch, Kubernetes Events),
 //! `http` (the probes, `/status`, `/metrics` and `/identity` server), `sim`
-//! (the deterministic simulation, [`sim::run`]).
+//! (the deterministic simulation: [`sim::run`], or [`sim::run_with`] and your own
+//! registry).
 //!
 //! A whole embedding (three sidecars on in-memory geth and an in-memory
 //! registry) is `examples/embed.rs`; in short:

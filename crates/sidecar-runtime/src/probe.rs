@@ -1,12 +1,15 @@
 //! Probing members: who answers at a member's address, and is it the member?
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use geth_ipc::{Enode, NodeId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use crate::health::lock;
 use crate::ports::{ProbeOutcome, Prober};
 
 /// Which port a liveness probe of a member targets.
@@ -52,19 +55,42 @@ pub(crate) struct IndirectAnswer {
 /// Probes a member: first its sidecar's `/identity` (an answer names the node
 /// id, so an IP now used by another pod is not taken for the member), else a
 /// TCP connect to geth's p2p port, or to the sidecar port where geth would
-/// throttle us (see [`probe_addr`]).
-#[derive(Debug, Clone, Copy)]
+/// throttle us (geth refuses a second inbound connection from one IP within
+/// 30 s outside its LAN ranges).
+///
+/// Once a member's sidecar has named itself, a bare TCP connect no longer
+/// counts for that member: whatever listens at its address later (a pod
+/// given its IP) must name it too. The TCP fallback stays for members whose
+/// sidecar never answered (an older sidecar without `/identity`).
+#[derive(Debug, Clone)]
 pub struct TcpProber {
     /// How long one connect or request may take.
     pub timeout: Duration,
+    /// Members whose sidecar has answered `/identity` with their node id.
+    identified: Arc<Mutex<BTreeSet<NodeId>>>,
 }
 
 impl Default for TcpProber {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(2),
+            identified: Arc::default(),
         }
     }
+}
+
+/// What a sidecar port answered to `GET /identity`.
+#[derive(Debug)]
+enum Answer {
+    /// A sidecar named itself.
+    Named(Identity),
+    /// Something answered 200 that is not a sidecar's identity.
+    NotASidecar,
+    /// An HTTP server without `/identity` (an older sidecar), or one that
+    /// cannot say yet (its geth has not answered).
+    NoIdentity,
+    /// Nothing answered (refused, closed, or silent until the timeout).
+    Silent,
 }
 
 #[async_trait::async_trait]
@@ -85,17 +111,24 @@ impl Prober for TcpProber {
         let sidecar = SocketAddr::new(target.ip(), sidecar_port);
         let (addr, via) = probe_addr(target, source_for(target), sidecar_port);
         // Both at once: an unreachable member costs one timeout, not two.
-        let (named, connected) = tokio::join!(
+        let (answer, connected) = tokio::join!(
             tokio::time::timeout(self.timeout, identity(sidecar)),
             tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(addr)),
         );
-        match named {
-            Ok(Some(id)) if id.node_id == enode.node_id() => {
-                ProbeOutcome::Reachable(ProbeVia::Identity(sidecar_port))
+        let answer = answer.unwrap_or(Answer::Silent);
+        let id = enode.node_id();
+        let known = lock(&self.identified).contains(&id);
+        let by_identity = ProbeVia::Identity(sidecar_port);
+        match answer {
+            Answer::Named(named) if named.node_id == id => {
+                lock(&self.identified).insert(id);
+                ProbeOutcome::Reachable(by_identity)
             }
-            // Another node answers at the member's address: not the member.
-            Ok(Some(_)) => ProbeOutcome::Unreachable(ProbeVia::Identity(sidecar_port)),
-            // No sidecar answers: geth's port (or the sidecar's) decides.
+            // Another node, or no sidecar at all, answers at the address.
+            Answer::Named(_) | Answer::NotASidecar => ProbeOutcome::Unreachable(by_identity),
+            // Its sidecar named it before: something else holds the address now.
+            Answer::Silent if known => ProbeOutcome::Unreachable(by_identity),
+            // No identity to be had: geth's port (or the sidecar's) decides.
             _ if matches!(connected, Ok(Ok(_))) => ProbeOutcome::Reachable(via),
             _ => ProbeOutcome::Unreachable(via),
         }
@@ -143,15 +176,27 @@ fn source_for(target: SocketAddr) -> Option<IpAddr> {
         .ok()
 }
 
-/// Asks the sidecar at `addr` who it is; `None` when nothing (or no sidecar)
-/// answers.
-async fn identity(addr: SocketAddr) -> Option<Identity> {
-    serde_json::from_str(&get(addr, "/identity").await?).ok()
+/// Asks the sidecar at `addr` who it is.
+async fn identity(addr: SocketAddr) -> Answer {
+    match request(addr, "/identity").await {
+        None => Answer::Silent,
+        Some((200, body)) => serde_json::from_str(&body).map_or(Answer::NotASidecar, Answer::Named),
+        Some(_) => Answer::NoIdentity,
+    }
 }
 
-/// A plain HTTP/1.0 GET of `path` at `addr`: the body of a 200 answer. The
-/// sidecar's answers are small; at most 4 KiB is read.
+/// The body of a 200 answer to `GET path` at `addr`.
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    match request(addr, path).await? {
+        (200, body) => Some(body),
+        _ => None,
+    }
+}
+
+/// A plain HTTP/1.0 GET of `path` at `addr`: the status and body, `None`
+/// when nothing answered HTTP. The sidecar's answers are small; at most 4 KiB
+/// is read.
+async fn request(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request =
         format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
@@ -160,8 +205,11 @@ async fn get(addr: SocketAddr, path: &str) -> Option<String> {
     stream.take(4096).read_to_end(&mut body).await.ok()?;
     let text = std::str::from_utf8(&body).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    let ok = head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200");
-    ok.then(|| body.to_owned())
+    if !head.starts_with("HTTP/1.") {
+        return None;
+    }
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// The TCP probe's target: geth's port at `target`, unless geth throttles

@@ -63,6 +63,9 @@ pub(crate) struct Runner<G, R> {
     /// passes ask the engine whom to probe with it).
     pub(crate) last_me: Option<core::SelfIdentity>,
     pub(crate) reported: Reported,
+    /// Members probed once while reachable (their sidecar had its chance to
+    /// name itself to the prober).
+    pub(crate) identity_checked: std::collections::BTreeSet<geth_ipc::NodeId>,
     /// The members the engine awaits agreement on (its last report).
     pub(crate) awaiting: Vec<core::PeerRef>,
     /// When the engine asked to be consulted again (a new pair's dial grace).
@@ -92,6 +95,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             me: None,
             last_me: None,
             reported: Reported::default(),
+            identity_checked: std::collections::BTreeSet::new(),
             awaiting: Vec::new(),
             recheck_at: None,
             stuck_since: None,

@@ -328,7 +328,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 .map(|t| (t.peer.node_id, t.addresses))
                 .collect()
         };
-        let targets: Vec<_> = self
+        let mut targets: Vec<_> = self
             .tracker
             .probe_targets(Some(me.node_id), self.s.engine.legacy_members, |e| {
                 !allowed.contains_key(&e.node_id())
@@ -339,6 +339,21 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 (id, enode, addresses)
             })
             .collect();
+        // Each member is also probed once while connected, so its sidecar
+        // names itself while it is surely there: from then on a bare TCP
+        // connect at its address no longer counts for it (see TcpProber).
+        self.identity_checked.retain(|id| allowed.contains_key(id));
+        if let Some(snap) = self.tracker.snapshot() {
+            let connected = self.tracker.connected();
+            for m in snap.members.values() {
+                if connected.contains_key(&m.node_id)
+                    && !self.identity_checked.contains(&m.node_id)
+                    && let Some(addresses) = allowed.get(&m.node_id)
+                {
+                    targets.push((m.node_id, m.enode.clone(), addresses.clone()));
+                }
+            }
+        }
         let started = self.s.clock.now();
         let port = self.s.sidecar_port;
         let prober = self.s.prober.clone();
@@ -347,6 +362,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             async move { (id, prober.probe(&enode, &addresses, port).await) }
         });
         let results = futures::future::join_all(probes).await;
+        for (id, outcome) in &results {
+            if outcome.is_reachable() {
+                self.identity_checked.insert(*id);
+            }
+        }
         if let Some(via) = results.iter().find_map(|(_, o)| o.via()) {
             self.note_probe_via(via);
         }

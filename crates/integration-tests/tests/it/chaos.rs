@@ -258,6 +258,22 @@ async fn a_reused_ip_does_not_keep_a_dead_member(squatter: Squatter) {
         &[],
     )
     .await;
+    // Every observer's prober has heard each member's sidecar name itself
+    // (one identity probe per member while connected, in its next round).
+    for i in 0..dead {
+        eventually(
+            "each member's sidecar to name itself to every observer",
+            MESH,
+            || async {
+                let named = m
+                    .metric(i, "geth_peer_sidecar_probes_total{kind=\"identity\"}")
+                    .await?;
+                (named >= 3.0).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    }
     m.take_sidecar(dead).unwrap().kill().await;
     m.net.node_mut(dead).stop().await;
     let netns = m.net.node(dead).netns().name().to_owned();
