@@ -918,7 +918,10 @@ async fn a_deleted_pod_leaves_within_the_grace(layout: &str) {
     let took = deleted.elapsed();
     eprintln!("{layout}: record gone {took:?} after the pod's deletion");
     let derived = m.registry_data().await;
-    let static_nodes = derived.get("static-nodes.json").cloned().unwrap_or_default();
+    let static_nodes = derived
+        .get("static-nodes.json")
+        .cloned()
+        .unwrap_or_default();
     assert!(
         !static_nodes.contains(&m.net.node(2).node_id()),
         "static-nodes.json still lists the deleted pod's node: {static_nodes}"
