@@ -930,12 +930,12 @@ async fn a_deleted_pod_leaves_within_the_grace(layout: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_pod_evidence_a_deleted_pod_leaves_within_the_grace_configmap_layout() {
-    a_deleted_pod_leaves_within_the_grace("configmap").await;
+    Box::pin(a_deleted_pod_leaves_within_the_grace("configmap")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_pod_evidence_a_deleted_pod_leaves_within_the_grace_lease_layout() {
-    a_deleted_pod_leaves_within_the_grace("leases").await;
+    Box::pin(a_deleted_pod_leaves_within_the_grace("leases")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
