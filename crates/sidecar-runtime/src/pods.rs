@@ -241,7 +241,11 @@ async fn follow(
     view: Arc<Mutex<View>>,
     changed: Arc<Notify>,
 ) {
-    let mut config = watcher::Config::default();
+    // The apiserver checks permissions when a watch opens: a 60 s server-side
+    // timeout bounds how long a revoked grant keeps an open watch streaming
+    // (the default, ~290 s, kept pod evidence on five minutes after the Role
+    // lost pods). Resuming a watch costs no list.
+    let mut config = watcher::Config::default().timeout(60);
     if let Some(s) = &selector {
         config = config.labels(s);
     }
