@@ -21,6 +21,9 @@ pub struct Health {
     /// Why this node cannot register itself (its advertised address is unusable),
     /// while it keeps peering with the others.
     pub(crate) advertise_problem: Mutex<Option<String>>,
+    /// Why pod evidence is not in use although asked for (the watch fails or
+    /// is stale): removals fall back to agreement between members.
+    pub(crate) pod_evidence_problem: Mutex<Option<String>>,
     /// Reachable members stay unconnected: geth's peer limits (dial-cap diagnosis).
     pub(crate) peer_limit: Mutex<Option<String>>,
     /// /healthz fails when no pass completed for this long (`None`: never).
@@ -60,6 +63,7 @@ impl Health {
             geth_ok: AtomicBool::new(false),
             registry_synced: AtomicBool::new(false),
             advertise_problem: Mutex::new(None),
+            pod_evidence_problem: Mutex::new(None),
             peer_limit: Mutex::new(None),
             liveness_timeout,
             started: Instant::now(),

@@ -164,6 +164,9 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
         problems.extend(snap.problems.iter().cloned());
     }
     problems.extend(lock(&h.peer_limit).clone());
+    problems.extend(lock(&h.pod_evidence_problem).as_ref().map(|p| {
+        format!("pod evidence unavailable, removals need agreement between members: {p}")
+    }));
     let body = StatusBody {
         pod: p.map(|p| p.pod.as_str()),
         geth_ipc_ok: h.geth_ok.load(Ordering::Relaxed),

@@ -202,6 +202,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             .pod_evidence
             .set(i64::from(pods.pods.is_some()));
         if let Some(before) = self.reported.pods_error.update(error.clone()) {
+            *crate::health::lock(&self.health.pod_evidence_problem) = error.clone();
             match &error {
                 Some(msg) => {
                     warn!(
