@@ -215,7 +215,8 @@ impl<'a> Release<'a> {
         }
     }
 
-    /// The registry's members (decoded as the sidecar decodes them).
+    /// The registry's members (decoded as the sidecar decodes them), from
+    /// the ConfigMap and, with the lease layout, the Leases.
     pub async fn members(&self) -> Result<BTreeMap<String, MemberRecord>> {
         let cms: Api<ConfigMap> = Api::namespaced(self.node.admin(), &self.ns);
         let data = cms
@@ -223,7 +224,17 @@ impl<'a> Release<'a> {
             .await?
             .and_then(|cm| cm.data)
             .unwrap_or_default();
-        Ok(schema::decode(&data, None).members)
+        let mut members = schema::decode(&data, None).members;
+        // The lease layout (the chart's default): one Lease per member.
+        let leases = peer_registry::LeaseRegistry::new(
+            self.node.admin(),
+            self.ns.clone(),
+            self.configmap.clone(),
+        );
+        if let Ok(snap) = peer_registry::PeerRegistry::snapshot(&leases).await {
+            members.extend(snap.members);
+        }
+        Ok(members)
     }
 
     /// The sidecar container's log in `pod`.

@@ -37,12 +37,14 @@ pub struct Health {
 
 /// When the last pass of the event loop completed (successfully or not).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "http"), allow(dead_code))] // read by the HTTP server
 pub(crate) struct CompletedPass {
     pub(crate) instant: Instant,
     pub(crate) at: jiff::Timestamp,
 }
 
 /// What the last planned pass saw and decided.
+#[cfg_attr(not(feature = "http"), allow(dead_code))] // read by the HTTP server
 pub(crate) struct Published {
     pub(crate) at: jiff::Timestamp,
     pub(crate) pod: String,
@@ -115,7 +117,7 @@ impl Health {
 
     /// `Err` when the loop has not completed a pass within the liveness
     /// timeout (counted from start until the first pass).
-    pub(crate) fn liveness(&self, now: Instant) -> Result<(), Stalled> {
+    pub fn liveness(&self, now: Instant) -> Result<(), Stalled> {
         let Some(timeout) = self.liveness_timeout else {
             return Ok(());
         };
@@ -139,11 +141,11 @@ impl Health {
     for_.as_secs_f64(),
     timeout.as_secs_f64()
 )]
-pub(crate) struct Stalled {
+pub struct Stalled {
     /// Since the last completed pass (or the start).
-    pub(crate) for_: Duration,
+    pub for_: Duration,
     /// LIVENESS_TIMEOUT.
-    pub(crate) timeout: Duration,
+    pub timeout: Duration,
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ use peer_registry::PeerRegistry;
 pub use error::{AdvertiseError, Error, PassError, Result};
 #[cfg(feature = "kube")]
 pub use events::Events;
-pub use health::Health;
+pub use health::{Health, Stalled};
 pub use identity::{Advertise, AdvertiseMode};
 pub use latch::OnChange;
 pub use metrics::Metrics;
