@@ -454,6 +454,28 @@ impl Netns {
         Ok(table)
     }
 
+    /// Counts (never drops) what this namespace sends to `dest`: one rule per
+    /// TCP port of `ports`, then one for every packet to `dest`. Read with
+    /// [`NftTable::packets`]; undone when the [`NftTable`] is dropped.
+    pub fn count_outbound_to(&self, dest: Ipv4Addr, ports: &[u16]) -> Result<NftTable> {
+        let table = NftTable::create(&self.name)?;
+        for port in ports {
+            table.rule("out", &format!("ip daddr {dest} tcp dport {port} counter"))?;
+        }
+        table.rule("out", &format!("ip daddr {dest} counter"))?;
+        Ok(table)
+    }
+
+    /// Routes `dest` (a /32) out of `eth0` as if on the link: packets to it
+    /// leave the namespace (and pass its output hook) though nobody answers.
+    /// Gone with the namespace.
+    pub fn route_on_link(&self, dest: Ipv4Addr) -> Result<()> {
+        let dest = format!("{dest}/32");
+        run(&[
+            "ip", "-n", &self.name, "route", "replace", &dest, "dev", "eth0",
+        ])
+    }
+
     /// Restores a cut link.
     pub fn restore(&self) -> Result<()> {
         run(&["ip", "link", "set", &self.veth, "up"])
@@ -530,6 +552,21 @@ impl NftTable {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The packets counted by the first rule whose text contains `rule`
+    /// (e.g. `tcp dport 9090`, or `ip daddr 10.0.0.1 counter` for the catch-all
+    /// of [`Netns::count_outbound_to`]); `None` when no such rule is listed.
+    pub fn packets(&self, rule: &str) -> Option<u64> {
+        self.list()
+            .lines()
+            .find(|l| l.contains(rule) && l.contains("packets"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .skip_while(|w| *w != "packets")
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+            })
     }
 
     /// Removes the rules now (dropping does the same).
