@@ -494,7 +494,8 @@ pub async fn pod_deletion_deregisters_the_member_within_the_grace_period(shared:
         "[chart] deregistered {:.2} s after `kubectl delete pod` (grace period 30 s)",
         t0.elapsed().as_secs_f64()
     );
-    // The write came from the deleted pod itself (its bound token names it).
+    // The write came from the deleted pod itself (its bound token names it):
+    // a ConfigMap update or, with the lease layout, its Lease's deletion.
     let user = format!("system:serviceaccount:{}:{RELEASE}", release.ns);
     let by_victim = release
         .node()
@@ -503,7 +504,7 @@ pub async fn pod_deletion_deregisters_the_member_within_the_grace_period(shared:
         .into_iter()
         .filter(|e| {
             e["user"]["extra"]["authentication.kubernetes.io/pod-uid"][0] == victim.uid.as_str()
-                && matches!(e["verb"].as_str(), Some("update" | "patch"))
+                && matches!(e["verb"].as_str(), Some("update" | "patch" | "delete"))
         })
         .count();
     assert!(by_victim > 0, "the deleted pod wrote the registry");
