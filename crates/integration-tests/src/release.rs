@@ -218,13 +218,7 @@ impl<'a> Release<'a> {
     /// The registry's members (decoded as the sidecar decodes them), from
     /// the ConfigMap and, with the lease layout, the Leases.
     pub async fn members(&self) -> Result<BTreeMap<String, MemberRecord>> {
-        let cms: Api<ConfigMap> = Api::namespaced(self.node.admin(), &self.ns);
-        let data = cms
-            .get_opt(&self.configmap)
-            .await?
-            .and_then(|cm| cm.data)
-            .unwrap_or_default();
-        let mut members = schema::decode(&data, None).members;
+        let mut members = self.configmap_members().await?;
         // The lease layout (the chart's default): one Lease per member.
         let leases = peer_registry::LeaseRegistry::new(
             self.node.admin(),
@@ -235,6 +229,17 @@ impl<'a> Release<'a> {
             members.extend(snap.members);
         }
         Ok(members)
+    }
+
+    /// The member records in the registry ConfigMap's `member.*` keys alone.
+    pub async fn configmap_members(&self) -> Result<BTreeMap<String, MemberRecord>> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.node.admin(), &self.ns);
+        let data = cms
+            .get_opt(&self.configmap)
+            .await?
+            .and_then(|cm| cm.data)
+            .unwrap_or_default();
+        Ok(schema::decode(&data, None).members)
     }
 
     /// The sidecar container's log in `pod`.

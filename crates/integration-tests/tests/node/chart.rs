@@ -136,7 +136,7 @@ pub async fn with_registry_layout_leases_each_pod_registers_a_lease_it_owns_and_
     let leases: Api<Lease> = Api::namespaced(node.admin(), &release.ns);
     wait_leases_owned_by(&release, &leases, &pods).await;
     // No member keys in the ConfigMap: the members are the Leases.
-    assert!(release.members().await.unwrap().is_empty());
+    assert!(release.configmap_members().await.unwrap().is_empty());
     // static-nodes.json, derived from the Leases, lists the three pod IPs.
     let cms: Api<ConfigMap> = Api::namespaced(node.admin(), &release.ns);
     let listed = |pods: Vec<PodView>| {
