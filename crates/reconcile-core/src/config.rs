@@ -61,6 +61,12 @@ pub struct Config {
     /// the partition guard), which a one-way cut between two pods turns into
     /// repeated wrong removals. Default: 2.
     pub confirmations_needed: usize,
+    /// How old a round of confirmations may be and still count: an older one
+    /// (from before a partition healed, or taken while the registry could
+    /// not be written) is asked again, so a removal always rests on what the
+    /// other members see now. The runtime asks every probe round; set it to a
+    /// few probe intervals. Default: 15 s.
+    pub confirmation_max_age: Duration,
 }
 
 /// A configuration the engine refuses.
@@ -117,6 +123,7 @@ impl Default for Config {
             member_cidrs: Vec::new(),
             legacy_members: true,
             confirmations_needed: 2,
+            confirmation_max_age: Duration::from_secs(15),
         }
     }
 }

@@ -207,6 +207,7 @@ prop_compose! {
                 stale_entry_after: Duration::from_secs(10),
                 legacy_members: true,
                 confirmations_needed,
+                confirmation_max_age: Duration::from_secs(15),
             },
             now,
             me,

@@ -286,6 +286,7 @@ impl RunArgs {
             legacy_members: self.legacy_members,
             member_cidrs: self.member_cidrs.0.clone(),
             confirmations_needed: self.removal_confirmations,
+            confirmation_max_age: (self.probe_interval * 3).max(std::time::Duration::from_secs(10)),
             ..reconcile_core::Config::default()
         };
         s.resync = self.resync_interval;

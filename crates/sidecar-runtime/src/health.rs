@@ -1,12 +1,13 @@
 //! What the probes and `/status` report: written by the event loop, read by
 //! the HTTP server (or by an embedding program).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use geth_ipc::NodeId;
+use geth_ipc::{Enode, NodeId};
 use peer_registry::Snapshot;
 use reconcile_core::Report;
 
@@ -31,6 +32,9 @@ pub struct Health {
     pub(crate) started: Instant,
     pub(crate) last_pass: Mutex<Option<CompletedPass>>,
     pub(crate) published: Mutex<Option<Published>>,
+    /// What this sidecar may probe, and where (the engine's probe targets as
+    /// of the last probe round): the only members `/v1/probe` answers for.
+    pub(crate) probe_targets: Mutex<BTreeMap<NodeId, (Enode, Vec<SocketAddr>)>>,
     /// Who this sidecar is, once geth answered (`/identity`).
     pub(crate) identity: Mutex<Option<crate::probe::Identity>>,
 }
@@ -72,7 +76,14 @@ impl Health {
             last_pass: Mutex::new(None),
             published: Mutex::new(None),
             identity: Mutex::new(None),
+            probe_targets: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// geth stopped answering: `/identity` says so (503) until it answers
+    /// again, so other members' probes fall back to geth's port.
+    pub(crate) fn clear_identity(&self) {
+        *lock(&self.identity) = None;
     }
 
     /// Who this sidecar is: its pod and its geth's node id.

@@ -53,7 +53,13 @@ struct AppState {
     metrics: Arc<Metrics>,
     prober: Arc<dyn Prober>,
     sidecar_port: u16,
+    /// Indirect probes in flight at once; more are refused (429).
+    probes_in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many indirect probes this sidecar answers at once (each is at most two
+/// connects of one probe timeout).
+const PROBES_IN_FLIGHT: usize = 8;
 
 pub(crate) fn router(
     health: Arc<Health>,
@@ -73,6 +79,7 @@ pub(crate) fn router(
             metrics,
             prober,
             sidecar_port,
+            probes_in_flight: Arc::new(tokio::sync::Semaphore::new(PROBES_IN_FLIGHT)),
         })
 }
 
@@ -94,9 +101,10 @@ async fn identity(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 /// An indirect probe: another member's sidecar asks whether this one reaches
-/// the member `node_id`. Only a member of the registry this sidecar holds is
-/// probed, at the address its record gives (never an address the asker
-/// names), so this is no relay to anywhere.
+/// the member `node_id`. Only a member (or legacy entry) this sidecar's own
+/// engine would probe is probed, at the addresses it checked (never an
+/// address the asker names), at most [`PROBES_IN_FLIGHT`] at once: no relay
+/// to anywhere, and no scanner.
 async fn probe(
     State(s): State<AppState>,
     axum::extract::Path(node_id): axum::extract::Path<String>,
@@ -104,15 +112,20 @@ async fn probe(
     let Ok(id) = node_id.parse::<NodeId>() else {
         return (StatusCode::BAD_REQUEST, "not a node id\n".to_owned());
     };
-    let enode = lock(&s.health.published)
-        .as_ref()
-        .and_then(|p| p.snapshot.as_ref())
-        .and_then(|snap| snap.member_by_node_id(&id))
-        .map(|m| m.enode.clone());
-    let Some(enode) = enode else {
-        return (StatusCode::NOT_FOUND, "not a member here\n".to_owned());
+    // Only what this sidecar's own engine would probe, at the addresses it
+    // checked: a refused record (loopback, outside MEMBER_CIDRS, a DNS name
+    // resolving elsewhere, not matching its pod) gets no packet from here.
+    let target = lock(&s.health.probe_targets).get(&id).cloned();
+    let Some((enode, addresses)) = target else {
+        return (
+            StatusCode::NOT_FOUND,
+            "not a member probed here\n".to_owned(),
+        );
     };
-    let outcome = s.prober.probe(&enode, &[], s.sidecar_port).await;
+    let Ok(_permit) = s.probes_in_flight.try_acquire() else {
+        return (StatusCode::TOO_MANY_REQUESTS, "busy probing\n".to_owned());
+    };
+    let outcome = s.prober.probe(&enode, &addresses, s.sidecar_port).await;
     let answer = crate::probe::IndirectAnswer {
         reachable: outcome.is_reachable(),
     };

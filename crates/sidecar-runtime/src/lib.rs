@@ -38,7 +38,7 @@
 //! // Runs until the future completes, then deregisters this pod.
 //! sidecar.run_until(async {}).await;
 //! # Ok(()) }
-//! //! ```
+//! ```
 #![forbid(unsafe_code)]
 
 mod error;

@@ -21,6 +21,8 @@ pub(crate) struct Observed {
     pub(crate) peers: Vec<PeerInfo>,
     /// The registry, read because none was held.
     pub(crate) read: Option<Snapshot>,
+    /// Why the registry could not be read (geth's part is taken in first).
+    pub(crate) read_error: Option<peer_registry::Error>,
 }
 
 /// Pod evidence for a pass, when available.
@@ -36,13 +38,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let started = Instant::now();
         self.metrics.reconciles.inc();
         let observed = self.observe().await?;
-        let advertised = self.track(&observed)?;
+        let (advertised, node_id) = self.track(observed)?;
         let pods = self.pod_evidence().await;
         self.resolve_members().await;
         let now = self.s.clock.now();
         let me = core::SelfIdentity {
             pod: self.s.pod.clone(),
-            node_id: observed.info.id,
+            node_id,
             advertised,
             pod_uid: self.s.pod_uid.clone(),
             pod_ip: self.s.pod_ip.clone(),
@@ -50,6 +52,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         };
         let plan = self.plan(now, &me, &pods);
         self.last_me = Some(me);
+        self.last_pods = pods;
         let result = self.execute(&plan, now).await;
         self.publish(&plan.report, now, started, result.is_ok());
         result
@@ -67,17 +70,17 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             Ok(p) => p,
             Err(e) => return Err(self.geth_down(e)),
         };
-        let read = match self.tracker.snapshot() {
-            Some(_) => None,
+        let (read, read_error) = match self.tracker.snapshot() {
+            Some(_) => (None, None),
             None => match self.registry.snapshot().await {
-                Ok(s) => Some(s),
+                Ok(s) => (Some(s), None),
                 Err(e) => {
                     self.metrics
                         .registry_errors
                         .get_or_create(&Metrics::kind(e.kind()))
                         .inc();
                     warn!(error = %e, "cannot read the registry; geth's peers stay as they are");
-                    return Err(PassError::RegistryRead(e));
+                    (None, Some(e))
                 }
             },
         };
@@ -86,13 +89,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             generation,
             peers,
             read,
+            read_error,
         })
     }
 
     /// Takes what was observed into the tracker; returns the enode to
     /// publish (an unspecified host when this node cannot register: the
     /// engine then skips our own record and peers with the others).
-    fn track(&mut self, observed: &Observed) -> Result<Enode, PassError> {
+    fn track(&mut self, observed: Observed) -> Result<(Enode, geth_ipc::NodeId), PassError> {
         match self.tracker.on_geth_generation(observed.generation) {
             core::GenerationChange::Reconnected { applied_before } => {
                 info!(
@@ -117,18 +121,24 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 },
             )
         }));
-        if let Some(snap) = observed.read.clone() {
+        if let Some(e) = observed.read_error {
+            return Err(PassError::RegistryRead(e));
+        }
+        if let Some(snap) = observed.read {
             self.on_snapshot(snap);
         }
         match self.s.advertise.advertised(&observed.info, self.s.p2p_port) {
             Ok(e) => {
                 self.set_advertise_problem(None);
-                Ok(e)
+                Ok((e, observed.info.id))
             }
             Err(problem) => {
                 self.set_advertise_problem(Some(problem.clone()));
                 match observed.info.parsed_enode() {
-                    Ok(e) => Ok(e.with_host(Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into()))),
+                    Ok(e) => Ok((
+                        e.with_host(Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into())),
+                        observed.info.id,
+                    )),
                     Err(_) => Err(PassError::Advertise(problem)),
                 }
             }
@@ -261,6 +271,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// geth did not answer: its connections are unknown from now on.
     pub(crate) fn geth_down(&mut self, e: geth_ipc::Error) -> PassError {
         self.tracker.on_geth_down();
+        self.health.clear_identity();
         self.metrics
             .geth_rpc_errors
             .get_or_create(&Metrics::kind(e.kind()))

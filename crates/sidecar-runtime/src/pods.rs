@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use reconcile_core::PodObservation;
 
 use crate::ports::{PodEvidence, PodSource};
@@ -249,7 +249,31 @@ async fn follow(
     if let Some(s) = &selector {
         config = config.labels(s);
     }
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    // After an error the watcher is made anew (after a backoff), so that its
+    // recovery is a fresh list: a resumed watch may send nothing in a quiet
+    // namespace, and the error would then stand for good.
+    let mut retry = std::time::Duration::from_secs(1);
+    loop {
+        let failed = follow_once(&api, config.clone(), selector.as_deref(), &view, &changed).await;
+        if failed {
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(std::time::Duration::from_secs(30));
+        } else {
+            retry = std::time::Duration::from_secs(1);
+        }
+    }
+}
+
+/// Follows one watcher until its first error (true) or its end (false).
+async fn follow_once(
+    api: &Api<Pod>,
+    config: watcher::Config,
+    selector: Option<&str>,
+    view: &Arc<Mutex<View>>,
+    changed: &Arc<Notify>,
+) -> bool {
+    let selector = selector.map(str::to_owned);
+    let mut stream = watcher(api.clone(), config).boxed();
     let mut building: BTreeMap<String, PodObservation> = BTreeMap::new();
     while let Some(event) = stream.next().await {
         let set = |f: &mut dyn FnMut(&mut View) -> bool| {
@@ -325,9 +349,11 @@ async fn follow(
                 if new {
                     warn!("{msg}");
                 }
+                return true;
             }
         }
     }
+    false
 }
 
 #[cfg(test)]

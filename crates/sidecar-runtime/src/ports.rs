@@ -69,10 +69,18 @@ pub trait Prober: Send + Sync {
         sidecar_port: u16,
     ) -> ProbeOutcome;
 
-    /// An indirect probe: asks the sidecar of the member `helper` whether it
-    /// reaches the member `suspect` (as the helper's own registry records
-    /// it). `Some(reachable)`, or `None` when the helper did not answer.
-    async fn ask(&self, helper: &Enode, suspect: &Enode, sidecar_port: u16) -> Option<bool>;
+    /// An indirect probe: asks the sidecar of the member `helper` (at
+    /// `helper_addresses`, as the engine checked them; empty: resolve it)
+    /// whether it reaches the member `suspect` (as the helper's own registry
+    /// records it). `Some(reachable)`, or `None` when the helper did not
+    /// answer.
+    async fn ask(
+        &self,
+        helper: &Enode,
+        helper_addresses: &[SocketAddr],
+        suspect: &Enode,
+        sidecar_port: u16,
+    ) -> Option<bool>;
 }
 
 /// What a pod source can say right now.

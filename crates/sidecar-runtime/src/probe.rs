@@ -103,9 +103,9 @@ impl Prober for TcpProber {
     ) -> ProbeOutcome {
         let target = match addresses.first() {
             Some(a) => *a,
-            None => match resolve(enode).await {
-                Some(a) => a,
-                None => return ProbeOutcome::Unresolved,
+            None => match tokio::time::timeout(self.timeout, resolve(enode)).await {
+                Ok(Some(a)) => a,
+                _ => return ProbeOutcome::Unresolved,
             },
         };
         let sidecar = SocketAddr::new(target.ip(), sidecar_port);
@@ -134,8 +134,19 @@ impl Prober for TcpProber {
         }
     }
 
-    async fn ask(&self, helper: &Enode, suspect: &Enode, sidecar_port: u16) -> Option<bool> {
-        let target = resolve(helper).await?;
+    async fn ask(
+        &self,
+        helper: &Enode,
+        helper_addresses: &[SocketAddr],
+        suspect: &Enode,
+        sidecar_port: u16,
+    ) -> Option<bool> {
+        let target = match helper_addresses.first() {
+            Some(a) => *a,
+            None => tokio::time::timeout(self.timeout, resolve(helper))
+                .await
+                .ok()??,
+        };
         let addr = SocketAddr::new(target.ip(), sidecar_port);
         // The asked sidecar probes within one timeout of its own.
         tokio::time::timeout(self.timeout * 3, ask_sidecar(addr, suspect.node_id()))

@@ -66,6 +66,8 @@ pub(crate) struct Runner<G, R> {
     /// Members probed once while reachable (their sidecar had its chance to
     /// name itself to the prober).
     pub(crate) identity_checked: std::collections::BTreeSet<geth_ipc::NodeId>,
+    /// The last pass's pod evidence (probe rounds between passes use it).
+    pub(crate) last_pods: crate::pass::Pods,
     /// The members the engine awaits agreement on (its last report).
     pub(crate) awaiting: Vec<core::PeerRef>,
     /// When the engine asked to be consulted again (a new pair's dial grace).
@@ -96,6 +98,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             last_me: None,
             reported: Reported::default(),
             identity_checked: std::collections::BTreeSet::new(),
+            last_pods: crate::pass::Pods::default(),
             awaiting: Vec::new(),
             recheck_at: None,
             stuck_since: None,

@@ -252,12 +252,19 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let want = self.s.engine.confirmations_needed + 1;
         let connected = self.tracker.connected();
         let me = self.last_me.as_ref().map(|m| m.node_id);
-        let helpers: Vec<geth_ipc::Enode> = snap
+        let checked = crate::health::lock(&self.health.probe_targets).clone();
+        let mut helpers: Vec<(geth_ipc::Enode, Vec<std::net::SocketAddr>)> = snap
             .members
             .values()
             .filter(|m| connected.contains_key(&m.node_id) && Some(m.node_id) != me)
-            .map(|m| m.enode.clone())
+            .filter_map(|m| {
+                let (_, addresses) = checked.get(&m.node_id)?;
+                Some((m.enode.clone(), addresses.clone()))
+            })
             .collect();
+        // Other helpers each round: a few that never answer (an older sidecar,
+        // a blocked port) must not stall agreement for good.
+        rand::seq::SliceRandom::shuffle(helpers.as_mut_slice(), &mut self.rng);
         let suspects: Vec<geth_ipc::Enode> = self
             .awaiting
             .iter()
@@ -275,17 +282,20 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let port = self.s.sidecar_port;
         let prober = self.s.prober.clone();
         let rounds = suspects.into_iter().map(|suspect| {
-            let asked: Vec<geth_ipc::Enode> = helpers
+            let asked: Vec<(geth_ipc::Enode, Vec<std::net::SocketAddr>)> = helpers
                 .iter()
-                .filter(|h| h.node_id() != suspect.node_id())
+                .filter(|(h, _)| h.node_id() != suspect.node_id())
                 .take(want)
                 .cloned()
                 .collect();
             let prober = prober.clone();
             async move {
-                let answers =
-                    futures::future::join_all(asked.iter().map(|h| prober.ask(h, &suspect, port)))
-                        .await;
+                let answers = futures::future::join_all(
+                    asked
+                        .iter()
+                        .map(|(h, addresses)| prober.ask(h, addresses, &suspect, port)),
+                )
+                .await;
                 (suspect, asked.len(), answers)
             }
         });
@@ -322,12 +332,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         // The engine says whom it would dial, and at which addresses (a DNS
         // host as resolved and checked): nothing else is probed.
         let allowed: std::collections::BTreeMap<geth_ipc::NodeId, Vec<std::net::SocketAddr>> = {
-            let obs = self.tracker.observation(now, &me, None);
+            let obs = core::Observation {
+                pods_gone: &self.last_pods.gone,
+                ..self
+                    .tracker
+                    .observation(now, &me, self.last_pods.pods.as_ref())
+            };
             core::probe_targets(&self.s.engine, &obs)
                 .into_iter()
                 .map(|t| (t.peer.node_id, t.addresses))
                 .collect()
         };
+        self.publish_probe_targets(&allowed);
         let mut targets: Vec<_> = self
             .tracker
             .probe_targets(Some(me.node_id), self.s.engine.legacy_members, |e| {
@@ -387,6 +403,25 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             now,
             results.into_iter().map(|(id, o)| (id, o.is_reachable())),
         )
+    }
+
+    /// What `/v1/probe` may answer for: the engine's probe targets, with the
+    /// addresses it checked.
+    fn publish_probe_targets(
+        &self,
+        allowed: &std::collections::BTreeMap<geth_ipc::NodeId, Vec<std::net::SocketAddr>>,
+    ) {
+        let Some(snap) = self.tracker.snapshot() else {
+            return;
+        };
+        let enodes = snap.members.values().map(|m| &m.enode).chain(&snap.legacy);
+        let targets = enodes
+            .filter_map(|e| {
+                let addresses = allowed.get(&e.node_id())?;
+                Some((e.node_id(), (e.clone(), addresses.clone())))
+            })
+            .collect();
+        *crate::health::lock(&self.health.probe_targets) = targets;
     }
 
     /// Logs where members are probed, when that changes.

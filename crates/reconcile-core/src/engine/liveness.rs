@@ -218,6 +218,11 @@ fn agreement(pass: &Pass<'_>, candidate: &Candidate<'_>, reachable: usize) -> Ag
     if elapsed(obs.now, start) < config.dead_after {
         return Agreement::Withheld;
     }
+    if elapsed(obs.now, round.at) > config.confirmation_max_age {
+        // Stale: what the others saw then (a partition since healed, a write
+        // delayed by a registry outage) is asked again.
+        return Agreement::Awaiting;
+    }
     if round.at >= start && round.reachable == 0 && round.unreachable >= needed {
         Agreement::Agreed {
             confirmed: round.unreachable,
@@ -365,6 +370,25 @@ mod tests {
             c.last_reachable = Some(veto);
         }
         assert_eq!(removed_pods(&w.plan()), ["geth-1"]);
+    }
+
+    #[test]
+    fn a_stale_round_is_asked_again_and_removes_nobody() {
+        // Agreement reached during a partition since healed (or while the
+        // registry could not be written) must not remove the member later.
+        let mut w = agreeing_mesh(4);
+        w.unreachable_for(1, 1_000);
+        let now = w.now;
+        let then = now
+            .checked_sub(w.config.confirmation_max_age + std::time::Duration::from_secs(1))
+            .expect("in range");
+        round(&mut w, 1, then, 2, 0);
+        let p = w.plan();
+        assert!(
+            removed_pods(&p).is_empty(),
+            "removed on a stale round: {p:?}"
+        );
+        assert_eq!(p.report.awaiting_confirmation.len(), 1, "asked again");
     }
 
     #[test]

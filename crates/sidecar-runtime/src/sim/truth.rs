@@ -49,7 +49,13 @@ impl Prober for SimProber {
         }
     }
 
-    async fn ask(&self, helper: &Enode, suspect: &Enode, _: u16) -> Option<bool> {
+    async fn ask(
+        &self,
+        helper: &Enode,
+        _: &[std::net::SocketAddr],
+        suspect: &Enode,
+        _: u16,
+    ) -> Option<bool> {
         let truth = lock(&self.truth);
         let j = truth.index_of(&helper.node_id())?;
         // The helper's sidecar answers when its pod is reachable from here;
