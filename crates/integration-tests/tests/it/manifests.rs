@@ -253,16 +253,31 @@ const EXPECTED_KINDS: [&str; 5] = [
     "StatefulSet",
 ];
 
+/// The overlays add the admission-policy component: its parameters
+/// ConfigMap and two policies with their bindings.
+const POLICY_KINDS: [&str; 5] = [
+    "ConfigMap",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "ValidatingAdmissionPolicyBinding",
+];
+
 #[tokio::test]
 async fn kustomize_builds_pass_server_side_dry_run() {
     let mut dr = DryRun::start("manifests_kustomize").await;
-    for dir in [
-        "deploy/base",
-        "deploy/overlays/pod-evidence",
-        "deploy/overlays/leases",
+    for (dir, policy) in [
+        ("deploy/base", false),
+        ("deploy/overlays/pod-evidence", true),
+        ("deploy/overlays/leases", true),
     ] {
         let yaml = run(&dr.ctx, "kustomize", &["build", dir], None);
-        assert_eq!(kinds(&yaml), EXPECTED_KINDS, "{dir}");
+        let mut expected: Vec<&str> = EXPECTED_KINDS.to_vec();
+        if policy {
+            expected.extend(POLICY_KINDS);
+        }
+        expected.sort_unstable();
+        assert_eq!(kinds(&yaml), expected, "{dir}");
         let ns = dr.fresh_namespace().await;
         dr.apply(dir, &ns, &yaml);
     }
@@ -382,14 +397,28 @@ fn chart_grants_the_same_rbac_as_deploy() {
         None,
     );
     let deploy_name = format!("configmapName={DEPLOY_CONFIGMAP}");
-    let chart = helm_template(&ctx, "default", &[&deploy_name]);
-    let chart_pods = helm_template(&ctx, "default", &[&deploy_name, "podEvidence=true"]);
+    // The chart's defaults are the lease layout with pod evidence; turned
+    // off, it grants what deploy/base does.
+    let plain = ["podEvidence=false", "registryLayout=configmap"];
+    let chart = helm_template(&ctx, "default", &[&deploy_name, plain[0], plain[1]]);
+    let chart_pods = helm_template(
+        &ctx,
+        "default",
+        &[&deploy_name, "podEvidence=true", "registryLayout=configmap"],
+    );
+    let chart_defaults = helm_template(&ctx, "default", &[&deploy_name]);
 
     assert_eq!(role_rules(&base_file), role_rules(&base));
     assert_eq!(
         role_rules(&chart),
         role_rules(&base_file),
-        "chart (defaults) vs deploy/base/rbac.yaml"
+        "chart (podEvidence=false, registryLayout=configmap) vs deploy/base/rbac.yaml"
+    );
+    // Its defaults: the base plus the pods rule plus the leases rule.
+    assert_eq!(
+        role_rules(&chart_defaults).len(),
+        role_rules(&base).len() + 2,
+        "chart (defaults) vs deploy/base plus pods and leases"
     );
     assert_eq!(
         role_rules(&chart_pods),
@@ -406,7 +435,11 @@ fn chart_grants_the_same_rbac_as_deploy() {
         &["build", "deploy/overlays/leases"],
         None,
     );
-    let chart_leases = helm_template(&ctx, "default", &[&deploy_name, "registryLayout=leases"]);
+    let chart_leases = helm_template(
+        &ctx,
+        "default",
+        &[&deploy_name, "registryLayout=leases", "podEvidence=false"],
+    );
     assert_eq!(
         role_rules(&chart_leases),
         role_rules(&leases),
