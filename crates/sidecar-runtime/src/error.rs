@@ -31,17 +31,10 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// DEAD_AFTER too short for the probe interval.
-    #[error(
-        "DEAD_AFTER={dead_after:?} is shorter than 2 x PROBE_INTERVAL ({probe_interval:?}): a member \
-         would count as dead after a single failed probe; raise DEAD_AFTER or lower PROBE_INTERVAL"
-    )]
-    DeadAfterTooShort {
-        /// The configured DEAD_AFTER.
-        dead_after: std::time::Duration,
-        /// The configured PROBE_INTERVAL.
-        probe_interval: std::time::Duration,
-    },
+    /// The engine refuses the configuration (e.g. DEAD_AFTER shorter than
+    /// two probe intervals).
+    #[error("{0}: raise DEAD_AFTER or lower PROBE_INTERVAL")]
+    Engine(#[from] reconcile_core::ConfigError),
 }
 
 impl Error {
@@ -49,7 +42,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::InvalidPodIp(_) | Self::PodIpMissing | Self::InvalidDnsName { .. } => "settings",
-            Self::DeadAfterTooShort { .. } => "settings",
+            Self::Engine(_) => "settings",
             Self::Listen { .. } => "listen",
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reconcile_core as core;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::identity::AdvertiseMode;
 use crate::ports::{Clock, Hooks, NoHooks, PodSource, Prober, SystemClock};
 use crate::probe::TcpProber;
@@ -75,13 +75,7 @@ impl Settings {
     /// Checks the settings against each other: DEAD_AFTER must be at least
     /// two probe intervals, or one failed probe would count as a dead member.
     pub fn validate(&self) -> Result<()> {
-        if self.engine.dead_after < self.probe_interval * 2 {
-            return Err(Error::DeadAfterTooShort {
-                dead_after: self.engine.dead_after,
-                probe_interval: self.probe_interval,
-            });
-        }
-        Ok(())
+        Ok(self.engine.validate(self.probe_interval)?)
     }
 }
 
