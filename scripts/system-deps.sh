@@ -2,13 +2,13 @@
 # Installs the few system tools the test bed and demo use, if missing (Debian):
 # gcc and libc6-dev build geth with cgo; the real node needs runc, the CNI
 # plugins, nftables (kube-proxy) and a static busybox (the shell of the locally
-# assembled geth image). The image checks
+# assembled geth image); graphviz renders `status -o dot` in a node test. The image checks
 # cross-compile the arm64 binary (Debian's cross gcc and arm64 libc) and run it
 # under qemu-user; file and readelf prove both binaries static.
 set -euo pipefail
 missing=()
 for pair in ip:iproute2 setpriv:util-linux openssl:openssl ps:procps \
-  runc:runc nft:nftables file:file readelf:binutils gcc:gcc \
+  runc:runc nft:nftables dot:graphviz file:file readelf:binutils gcc:gcc \
   aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
