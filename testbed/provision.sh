@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test bed (geth, etcd, kube-apiserver, and the manifest tools kubectl,
-# kustomize, helm) from the Go module proxy at the
+# Builds the test bed (geth, etcd, kube-apiserver, the manifest tools kubectl,
+# kustomize, helm, and prometheus with promtool) from the Go module proxy at the
 # versions pinned in versions.env, through the consumer modules in go/, and caches
 # the binaries outside the repo. Idempotent: a second run with a warm cache only
 # checks stamps and takes about a second.
@@ -105,6 +105,17 @@ build kustomize "$KUSTOMIZE_VERSION" kustomize sigs.k8s.io/kustomize/kustomize/v
 build helm "$HELM_VERSION" helm helm.sh/helm/v4/cmd/helm "^$HELM_VERSION(\\+|\$)" \
   "-X helm.sh/helm/v4/internal/version.version=$HELM_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean" \
   "version --short"
+# Prometheus and promtool from one module. Module v0.3XX.Y is release 3.XX.Y; the
+# release is stamped in as Prometheus' own builds do (promu). Only the Kubernetes
+# service discovery is built in and no web UI assets: the tests use the HTTP API.
+prom_minor=${PROMETHEUS_VERSION#v0.}
+prom_release="3.$((${prom_minor%%.*} - 300)).${prom_minor#*.}"
+prom_ldflags="-X github.com/prometheus/common/version.Version=$prom_release \
+-X github.com/prometheus/common/version.Branch=$PROMETHEUS_VERSION"
+for tool in prometheus promtool; do
+  build "$tool" "$PROMETHEUS_VERSION" prometheus "github.com/prometheus/prometheus/cmd/$tool" \
+    "^$tool, version ${prom_release//./\\.} " "$prom_ldflags" --version "remove_all_sd,enable_kubernetes_sd"
+done
 
 # The real node (kubelet + containerd): the node components from their own
 # consumer module of the same Kubernetes release, containerd v2 (the CRI plugin
@@ -134,6 +145,7 @@ KUSTOMIZE_VERSION=$KUSTOMIZE_VERSION
 HELM_VERSION=$HELM_VERSION
 CONTAINERD_VERSION=$CONTAINERD_VERSION
 PAUSE_VERSION=$PAUSE_VERSION
+PROMETHEUS_VERSION=$PROMETHEUS_VERSION
 VERS
 log "test bed ready in $((SECONDS - t_all)) s: $cache/bin"
 echo "$cache/bin"

@@ -104,4 +104,12 @@ mkdir -p "$here/go/helm" && cd "$here/go/helm" && rm -f go.sum
   copy_replaces "$(gomod_of "helm.sh/helm/v4@$HELM_VERSION")"; } > go.mod
 go mod tidy
 
+# prometheus and promtool (the monitoring tests): one module, two tools. Its go.mod
+# asks for go 1.26.7, so tidy raises the go line.
+mkdir -p "$here/go/prometheus" && cd "$here/go/prometheus" && rm -f go.sum
+{ header "prometheus and promtool"
+  printf 'module gps-testbed/prometheus\n\ngo 1.26.0\n\ntool (\n\tgithub.com/prometheus/prometheus/cmd/prometheus\n\tgithub.com/prometheus/prometheus/cmd/promtool\n)\n\nrequire github.com/prometheus/prometheus %s\n' "$PROMETHEUS_VERSION"
+  copy_replaces "$(gomod_of "github.com/prometheus/prometheus@$PROMETHEUS_VERSION")"; } > go.mod
+go mod tidy
+
 echo "regenerated; now run provision.sh and commit go/*/go.mod go/*/go.sum"
