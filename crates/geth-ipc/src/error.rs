@@ -113,6 +113,22 @@ fn rpc_hint(code: i32) -> &'static str {
 }
 
 impl Error {
+    /// Every label [`Error::kind`] gives, so that a metric can export each one
+    /// at zero before the first error.
+    pub const KINDS: [&'static str; 11] = [
+        "socket_missing",
+        "permission_denied",
+        "connection_lost",
+        "timeout",
+        "rpc",
+        "invalid_response",
+        "connect",
+        "invalid_endpoint",
+        "unsupported",
+        "subscription_lagged",
+        "enode",
+    ];
+
     /// A short snake_case label for metrics, one per variant.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -254,8 +270,11 @@ mod tests {
             Error::SubscriptionLagged,
             Error::Enode(EnodeError::NotOnCurve),
         ];
+        let kinds: std::collections::BTreeSet<_> = all.iter().map(Error::kind).collect();
+        assert_eq!(kinds.len(), Error::KINDS.len(), "one kind per variant");
         for e in all {
             let k = e.kind();
+            assert!(Error::KINDS.contains(&k), "{k} is not in Error::KINDS");
             assert!(k.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{k}");
             assert!(!e.to_string().is_empty());
         }

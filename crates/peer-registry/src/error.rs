@@ -135,6 +135,17 @@ fn verb_scope(resource: &str, verb: &str) -> &'static str {
 }
 
 impl Error {
+    /// Every label [`Error::kind`] gives, so that a metric can export each one
+    /// at zero before the first error.
+    pub const KINDS: [&'static str; 6] = [
+        "forbidden",
+        "conflict",
+        "unavailable",
+        "too_large",
+        "invalid_record",
+        "kube",
+    ];
+
     /// A short, stable label for metrics: `forbidden`, `conflict`, `unavailable`,
     /// `too_large`, `invalid_record` or `kube`.
     pub fn kind(&self) -> &'static str {
@@ -271,6 +282,27 @@ mod tests {
         };
         assert!(c.to_string().contains("20 attempts"));
         assert_eq!(c.kind(), "conflict");
+    }
+
+    #[test]
+    fn kinds_lists_the_kind_of_every_variant() {
+        let all = [
+            Error::from_kube(api(403, "Forbidden"), "get", "ns", "cm"),
+            Error::Conflict {
+                attempts: 1,
+                name: "cm".into(),
+                namespace: "ns".into(),
+            },
+            Error::from_kube(api(503, ""), "get", "ns", "cm"),
+            Error::TooLarge { bytes: 1 },
+            Error::InvalidRecord {
+                pod: "p".into(),
+                reason: "r".into(),
+            },
+            Error::from_kube(api(422, "Invalid"), "update", "ns", "cm"),
+        ];
+        let kinds: Vec<&str> = all.iter().map(Error::kind).collect();
+        assert_eq!(kinds, Error::KINDS);
     }
 
     #[test]

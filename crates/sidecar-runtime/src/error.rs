@@ -97,6 +97,10 @@ pub enum PassError {
 }
 
 impl PassError {
+    /// Every label [`PassError::kind`] gives, so that the metric exports each
+    /// one at zero before the first failed pass.
+    pub const KINDS: [&'static str; 4] = ["geth", "geth_action", "registry", "advertise"];
+
     /// A short label for metrics (`reconcile_errors_total{kind}`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -115,3 +119,26 @@ impl PassError {
 
 /// This crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_lists_the_kind_of_every_pass_error() {
+        let registry = || peer_registry::Error::TooLarge { bytes: 1 };
+        let all = [
+            PassError::Geth(geth_ipc::Error::ConnectionLost),
+            PassError::GethRefused { failed: 1 },
+            PassError::RegistryRead(registry()),
+            PassError::RegistryWrite {
+                op: "upsert",
+                source: registry(),
+            },
+            PassError::Advertise(AdvertiseError::InvalidEnode("x".into())),
+        ];
+        let kinds: std::collections::BTreeSet<&str> = all.iter().map(PassError::kind).collect();
+        let listed: std::collections::BTreeSet<&str> = PassError::KINDS.into_iter().collect();
+        assert_eq!(kinds, listed);
+    }
+}

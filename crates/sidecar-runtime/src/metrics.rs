@@ -73,6 +73,17 @@ impl Metrics {
             indirect_probes: Counter::default(),
             registry: Registry::with_prefix("geth_peer_sidecar"),
         };
+        // Error counters start at zero for every kind: a query or alert sees
+        // the series before the first error, and rate() counts that error.
+        let zero = |family: &Family<KindLabel, Counter>, kinds: &[&str]| {
+            for k in kinds {
+                // The child is created and stays; the guard is not needed.
+                drop(family.get_or_create(&Self::kind(k)));
+            }
+        };
+        zero(&m.reconcile_errors, &crate::error::PassError::KINDS);
+        zero(&m.registry_errors, &peer_registry::Error::KINDS);
+        zero(&m.geth_rpc_errors, &geth_ipc::Error::KINDS);
         m.registry.register(
             "members",
             "Members in the shared registry",
@@ -223,6 +234,20 @@ mod tests {
             "geth_peer_sidecar_last_successful_sync_timestamp_seconds",
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn error_counters_are_exported_at_zero_for_every_kind_before_any_error() {
+        let text = Metrics::new().encode();
+        for series in [
+            "geth_peer_sidecar_reconcile_errors_total{kind=\"geth\"} 0",
+            "geth_peer_sidecar_reconcile_errors_total{kind=\"registry\"} 0",
+            "geth_peer_sidecar_registry_errors_total{kind=\"forbidden\"} 0",
+            "geth_peer_sidecar_registry_errors_total{kind=\"unavailable\"} 0",
+            "geth_peer_sidecar_geth_rpc_errors_total{kind=\"socket_missing\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
         }
     }
 
