@@ -13,6 +13,7 @@ mod embedded;
 mod geth_ipc;
 mod manifests;
 mod mesh;
+mod monitoring;
 mod multiarch;
 mod registry;
 mod status;

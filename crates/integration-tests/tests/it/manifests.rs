@@ -37,7 +37,7 @@ const DNS_VALUES: &[&str] = &[
 /// The registry name of deploy/ (the chart derives its default from the release).
 const DEPLOY_CONFIGMAP: &str = "geth-shared-static-nodes";
 
-fn tool(name: &str) -> PathBuf {
+pub(crate) fn tool(name: &str) -> PathBuf {
     let p = testbed().bin(name);
     assert!(
         p.is_file(),
@@ -49,7 +49,7 @@ fn tool(name: &str) -> PathBuf {
 }
 
 /// Runs a tool from the repository root; panics with its stderr on failure.
-fn run(ctx: &TestContext, name: &str, args: &[&str], stdin: Option<&str>) -> String {
+pub(crate) fn run(ctx: &TestContext, name: &str, args: &[&str], stdin: Option<&str>) -> String {
     let home = ctx.path("tool-home");
     std::fs::create_dir_all(&home).unwrap();
     let mut cmd = Command::new(tool(name));
@@ -89,7 +89,7 @@ fn run(ctx: &TestContext, name: &str, args: &[&str], stdin: Option<&str>) -> Str
     stdout
 }
 
-fn helm_template(ctx: &TestContext, namespace: &str, set: &[&str]) -> String {
+pub(crate) fn helm_template(ctx: &TestContext, namespace: &str, set: &[&str]) -> String {
     helm_template_release(ctx, "gps", namespace, set)
 }
 
@@ -116,7 +116,7 @@ fn helm_template_release(
 }
 
 /// The non-empty documents of a multi-document YAML stream.
-fn documents(yaml: &str) -> Vec<serde_yaml::Value> {
+pub(crate) fn documents(yaml: &str) -> Vec<serde_yaml::Value> {
     yaml.split("\n---")
         .map(|d| {
             serde_yaml::from_str::<serde_yaml::Value>(d)

@@ -646,13 +646,16 @@ struct Rendered {
 /// Values checked on `helm template` output rather than on an install: their
 /// objects' kinds need CRDs (Prometheus operator) this cluster does not have, or
 /// they only show while another value keeps its default.
-const TEMPLATE_ONLY: [&str; 8] = [
+const TEMPLATE_ONLY: [&str; 11] = [
     "metrics.podMonitor.enabled",
     "metrics.podMonitor.interval",
     "metrics.podMonitor.labels",
     "metrics.serviceMonitor.enabled",
     "metrics.serviceMonitor.interval",
     "metrics.serviceMonitor.labels",
+    "metrics.prometheusRule.enabled",
+    "metrics.prometheusRule.labels",
+    "metrics.prometheusRule.for",
     "podDisruptionBudget.maxUnavailable",
     "grafanaDashboard.namespace",
 ];
@@ -890,6 +893,21 @@ const VALUE_TABLE: &[ValueRow] = &[
         check: |r| r.template.contains("team: sm-x"),
     },
     ValueRow {
+        path: "metrics.prometheusRule.enabled",
+        set: "true",
+        check: |r| r.template.contains("kind: PrometheusRule"),
+    },
+    ValueRow {
+        path: "metrics.prometheusRule.labels",
+        set: "{\"team\":\"pr-x\"}",
+        check: |r| r.template.contains("team: pr-x"),
+    },
+    ValueRow {
+        path: "metrics.prometheusRule.for",
+        set: "{\"GethPeerSidecarNotPassing\":\"17m\"}",
+        check: |r| r.template.contains("for: 17m"),
+    },
+    ValueRow {
         path: "grafanaDashboard.enabled",
         set: "true",
         check: |r| r.objects.contains("geth-peer-sidecar.json"),
@@ -981,6 +999,7 @@ pub async fn every_chart_value_reaches_the_pod(shared: Arc<Shared>) {
                     | "podDisruptionBudget.maxUnavailable"
                     | "metrics.podMonitor.enabled"
                     | "metrics.serviceMonitor.enabled"
+                    | "metrics.prometheusRule.enabled"
                     | "grafanaDashboard.enabled"
                     | "networkPolicy.enabled"
             ) {
