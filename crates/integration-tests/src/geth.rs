@@ -259,7 +259,9 @@ impl GethNode {
         })
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    /// Starts geth without waiting for its IPC (a benchmark times the socket
+    /// itself); [`GethNode::wait_ready`] then reads its node info again.
+    pub fn spawn(&mut self) -> Result<()> {
         let ip = self.netns.ip();
         let mut args: Vec<String> = vec![
             "--datadir".into(),
@@ -322,7 +324,9 @@ impl GethNode {
         Ok(())
     }
 
-    async fn wait_ready(&mut self) -> Result<()> {
+    /// Waits until geth's IPC answers `admin_nodeInfo` and keeps that info
+    /// (its enode and node id).
+    pub async fn wait_ready(&mut self) -> Result<()> {
         let ipc = self.ipc.clone();
         let info = eventually(
             &format!("{} IPC to answer", self.name),

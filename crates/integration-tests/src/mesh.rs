@@ -38,6 +38,9 @@ pub struct Mesh {
     pub env: Vec<(String, String)>,
     /// POD_UID per node index, when a test created real Pod objects.
     pub pod_uids: BTreeMap<usize, String>,
+    /// Another build of the sidecar to start (a benchmark's baseline); `None`
+    /// is [`crate::sidecar_bin`].
+    pub sidecar_bin: Option<std::path::PathBuf>,
     starts: usize,
     /// The test context (logs).
     pub ctx: TestContext,
@@ -95,6 +98,7 @@ impl Mesh {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             pod_uids: BTreeMap::new(),
+            sidecar_bin: None,
             starts: 0,
             ctx,
         })
@@ -146,17 +150,25 @@ impl Mesh {
 
     /// Starts (or restarts) node `i`'s sidecar.
     pub fn start_sidecar(&mut self, i: usize) -> Result<()> {
+        self.start_sidecar_with(i, &[])
+    }
+
+    /// Starts (or restarts) node `i`'s sidecar with `extra` env on top of the
+    /// mesh's (e.g. another `REGISTRY_LAYOUT` for this one pod).
+    pub fn start_sidecar_with(&mut self, i: usize, extra: &[(&str, &str)]) -> Result<()> {
         self.starts += 1;
         let mut env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        env.extend_from_slice(extra);
         if let Some(uid) = self.pod_uids.get(&i) {
             env.push(("POD_UID", uid));
         }
-        let sc = Sidecar::start(
+        let sc = Sidecar::start_bin(
             &self.ctx,
+            &self.sidecar_bin.clone().unwrap_or_else(crate::sidecar_bin),
             self.net.node(i),
             &self.ns,
             &format!("{}", self.starts),
@@ -167,6 +179,30 @@ impl Mesh {
         }
         self.sidecars[i] = Some(sc);
         Ok(())
+    }
+
+    /// Creates (or re-creates) node `i`'s Pod object, labelled
+    /// `app.kubernetes.io/name=geth` and Running at the node's IP as the
+    /// kubelet would report it (nothing runs it), as admin; its UID becomes
+    /// the sidecar's POD_UID from the next start on. Returns the UID.
+    pub async fn put_pod(&mut self, i: usize) -> Result<String> {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Patch, PatchParams, PostParams};
+        let pods: Api<Pod> = Api::namespaced(self.cluster.admin(), &self.ns.name);
+        let name = self.net.node(i).name().to_owned();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "geth"}},
+            "spec": {"containers": [{"name": "geth", "image": "ethereum/client-go:v1.17.5"}]}
+        }))
+        .map_err(|e| crate::Error::Setup(format!("pod {name}: {e}")))?;
+        let created = pods.create(&PostParams::default(), &pod).await?;
+        let ip = self.net.node(i).ip().to_string();
+        let status = serde_json::json!({"status": {"phase": "Running", "podIP": ip}});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        let uid = created.metadata.uid.unwrap_or_default();
+        self.pod_uids.insert(i, uid.clone());
+        Ok(uid)
     }
 
     /// Adds nodes with sidecars; returns their indices.
@@ -242,6 +278,20 @@ impl Mesh {
             .unwrap_or_default()
     }
 
+    /// The node ids (as geth reports them) of the registry's
+    /// `static-nodes.json` entries (none when missing), as admin.
+    pub async fn static_node_ids(&self) -> BTreeSet<String> {
+        self.registry_data()
+            .await
+            .get("static-nodes.json")
+            .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e.parse::<geth_ipc::Enode>().ok())
+            .map(|e| e.node_id().to_string())
+            .collect()
+    }
+
     /// Pod names registered: keys `member.<pod>` of the ConfigMap, and the
     /// member Leases of the lease layout (`REGISTRY_LAYOUT=leases`).
     pub async fn registered_pods(&self) -> BTreeSet<String> {
@@ -299,6 +349,23 @@ impl Mesh {
             let (key, value) = l.rsplit_once(' ')?;
             (key == name).then(|| value.parse().ok()).flatten()
         })
+    }
+
+    /// The sum of every series of metric `name` from node `i`'s sidecar,
+    /// whatever their labels (e.g. `geth_peer_sidecar_registry_errors_total`
+    /// over every error kind); `None` when the sidecar does not answer.
+    pub async fn metric_sum(&self, i: usize, name: &str) -> Option<f64> {
+        let sc = self.sidecars.get(i)?.as_ref()?;
+        let (_, body) = sc.get("/metrics").await.ok()?;
+        let labelled = format!("{name}{{");
+        Some(
+            body.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.rsplit_once(' '))
+                .filter(|(key, _)| *key == name || key.starts_with(&labelled))
+                .filter_map(|(_, value)| value.parse::<f64>().ok())
+                .sum(),
+        )
     }
 }
 

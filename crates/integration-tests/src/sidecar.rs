@@ -43,6 +43,19 @@ impl Sidecar {
         label: &str,
         extra: &[(&str, &str)],
     ) -> Result<Sidecar> {
+        Self::start_bin(ctx, &sidecar_bin(), node, ns, label, extra)
+    }
+
+    /// Like [`Sidecar::start`], with another build of the sidecar (a
+    /// benchmark's baseline).
+    pub fn start_bin(
+        ctx: &TestContext,
+        bin: &std::path::Path,
+        node: &GethNode,
+        ns: &TestNamespace,
+        label: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Sidecar> {
         let ip = node.ip().to_string();
         let ipc = node.ipc_path().to_string_lossy().into_owned();
         let kubeconfig = ns.kubeconfig.to_string_lossy().into_owned();
@@ -68,7 +81,7 @@ impl Sidecar {
             ctx,
             &format!("sidecar-{}-{label}", node.name()),
             Some(node.netns().name()),
-            &sidecar_bin(),
+            bin,
             std::iter::empty::<&str>(),
             &env,
         )?;

@@ -1,0 +1,203 @@
+//! What the mesh benchmark reads: geth's own view of its links, the stages of
+//! a mesh forming, and the CPU each part of the test bed used.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use geth_ipc::{AdminApi, ClientOptions, Endpoint, Enode, GethClient, NodeId, PeerEventKind};
+use integration_tests::{Mesh, cpu_time};
+use tokio::task::JoinHandle;
+
+/// How long any one stage may take before the run fails.
+pub(crate) const POLL_LIMIT: Duration = Duration::from_secs(120);
+/// A stage slower than this prints the links still missing (once).
+const SLOW: Duration = Duration::from_secs(5);
+
+/// The stages' poll interval: `MESH_POLL_MS`, 10 ms unless set.
+fn poll_every() -> Duration {
+    Duration::from_millis(std::env::var("MESH_POLL_MS").map_or(10, |v| v.parse().unwrap()))
+}
+
+/// A process's resident memory (KiB) and the CPU it has used so far.
+pub(crate) fn proc_stat(pid: u32) -> (u64, Duration) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (rss_kib, cpu_time(pid).unwrap_or_default())
+}
+
+/// CPU seconds used by a set of processes so far.
+pub(crate) fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|&p| cpu_time(p))
+        .sum::<Duration>()
+        .as_secs_f64()
+}
+
+/// The pids of the running sidecars.
+pub(crate) fn sidecar_pids(m: &mut Mesh) -> Vec<u32> {
+    m.sidecars
+        .iter_mut()
+        .filter_map(|s| s.as_mut().map(|s| s.proc_mut().pid()))
+        .collect()
+}
+
+/// The moment geth's IPC socket first accepts a connection, polled every
+/// 2 ms (the earliest moment anything could hand geth its peers).
+pub(crate) async fn ipc_answers(ipc: PathBuf) -> Instant {
+    let deadline = Instant::now() + POLL_LIMIT;
+    loop {
+        if tokio::net::UnixStream::connect(&ipc).await.is_ok() {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never answered",
+            ipc.display()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The floor's one step: geth is told every enode in `enodes` over its IPC,
+/// all at once on one connection (what nothing could do faster).
+pub(crate) async fn hand_over(ipc: &Path, enodes: &[String]) {
+    let geth = GethClient::connect(Endpoint::Ipc(ipc.to_owned()), ClientOptions::default())
+        .await
+        .unwrap();
+    let enodes: Vec<Enode> = enodes.iter().map(|e| e.parse().unwrap()).collect();
+    let calls = enodes.iter().map(|e| geth.add_peer(e));
+    for added in futures::future::join_all(calls).await {
+        assert!(added.unwrap(), "geth refused an enode");
+    }
+}
+
+/// geth's own view of one node's links, from its peer events: resolves to
+/// when the node first had every peer of `want`, confirmed by `admin_peers`.
+/// Opened before the mesh forms, it costs geth nothing while it does
+/// (polling `admin_peers` of 30 nodes every 10 ms did: geth decodes each
+/// peer's public key for each answer).
+pub(crate) fn track_links(ipc: PathBuf, want: BTreeSet<NodeId>) -> JoinHandle<Instant> {
+    tokio::spawn(async move {
+        let geth = GethClient::connect(Endpoint::Ipc(ipc), ClientOptions::default())
+            .await
+            .unwrap();
+        let mut events = geth.peer_events().await.unwrap();
+        let ids = |peers: Vec<geth_ipc::PeerInfo>| -> BTreeSet<NodeId> {
+            peers.into_iter().map(|p| p.id).collect()
+        };
+        let mut linked = ids(geth.peers().await.unwrap());
+        loop {
+            if linked.is_superset(&want) {
+                let at = Instant::now();
+                let confirmed = ids(geth.peers().await.unwrap());
+                if confirmed.is_superset(&want) {
+                    return at;
+                }
+                linked = confirmed;
+            }
+            let ev = events.next().await.unwrap().unwrap();
+            match ev.kind {
+                PeerEventKind::Add => linked.insert(ev.peer),
+                PeerEventKind::Drop => linked.remove(&ev.peer),
+                _ => false,
+            };
+        }
+    })
+}
+
+/// Node `i`'s peers in a full mesh of `all`.
+pub(crate) fn others(m: &Mesh, all: &[usize], i: usize) -> BTreeSet<NodeId> {
+    all.iter()
+        .filter(|&&j| j != i)
+        .map(|&j| m.net.node(j).node_id().parse().unwrap())
+        .collect()
+}
+
+/// When the last of `links` resolved.
+pub(crate) async fn last_link(links: Vec<JoinHandle<Instant>>, t0: Instant) -> Instant {
+    let mut last = t0;
+    for h in links {
+        last = last.max(
+            tokio::time::timeout(POLL_LIMIT, h)
+                .await
+                .expect("full mesh")
+                .unwrap(),
+        );
+    }
+    last
+}
+
+/// When each stage of a mesh forming was first seen, from the run's start.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Stages {
+    /// Every member in the registry (sidecars only).
+    pub(crate) registered: Option<Duration>,
+    /// Every sidecar's desired set full (sidecars only).
+    pub(crate) desired: Option<Duration>,
+    /// geth's own view full on every node.
+    pub(crate) mesh: Duration,
+    /// Sidecar CPU per pod from its start to the full mesh.
+    pub(crate) sidecar_cpu: Option<Duration>,
+}
+
+/// Polls (every 10 ms, only what is not done yet) until every member of `all`
+/// is registered and every sidecar's desired set holds the N-1 others, while
+/// `links` (one [`track_links`] per member) resolve. `t0` is the run's start.
+pub(crate) async fn stages(
+    m: &Mesh,
+    all: &[usize],
+    t0: Instant,
+    links: Vec<JoinHandle<Instant>>,
+) -> Stages {
+    let n = all.len();
+    let want_pods: BTreeSet<String> = all
+        .iter()
+        .map(|&i| m.net.node(i).name().to_owned())
+        .collect();
+    let want = (n - 1) as f64;
+    let (mut registered, mut desired) = (None, None);
+    let mut desired_left: BTreeSet<usize> = all.iter().copied().collect();
+    let deadline = t0 + POLL_LIMIT;
+    let mut slow_reported = false;
+    while registered.is_none() || desired.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no full mesh of {n} within {POLL_LIMIT:?}"
+        );
+        if registered.is_none() && m.registered_pods().await.is_superset(&want_pods) {
+            registered = Some(t0.elapsed());
+        }
+        if desired.is_none() {
+            // All at once: polled one after the other, the 30 reads under load
+            // took about a second, which the figure then included.
+            let reads = desired_left.iter().map(|&i| async move {
+                (m.metric(i, "geth_peer_sidecar_desired_peers").await == Some(want)).then_some(i)
+            });
+            for i in futures::future::join_all(reads).await.into_iter().flatten() {
+                desired_left.remove(&i);
+            }
+            if desired_left.is_empty() {
+                desired = Some(t0.elapsed());
+            }
+        }
+        if !slow_reported && t0.elapsed() > SLOW {
+            slow_reported = true;
+            println!("  (after {SLOW:?}, N={n}: desired sets not full yet: {desired_left:?})");
+        }
+        tokio::time::sleep(poll_every()).await;
+    }
+    let mesh = last_link(links, t0).await - t0;
+    Stages {
+        registered,
+        desired,
+        mesh,
+        sidecar_cpu: None,
+    }
+}
