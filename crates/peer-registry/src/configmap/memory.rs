@@ -5,9 +5,11 @@
 use std::collections::VecDeque;
 use std::sync::PoisonError;
 
+use futures::StreamExt;
 use kube::core::Status;
 use tokio::sync::watch;
 
+use super::store::Store;
 use super::*;
 
 /// A third party's action on the stored object before a write; true when it

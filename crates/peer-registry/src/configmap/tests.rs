@@ -2,11 +2,18 @@
 
 use std::collections::BTreeSet;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ObjectMeta;
+use kube::runtime::watcher;
 
+use super::cas::TRANSIENT_RETRIES;
+use super::key_patch::derived_static_nodes;
 use super::memory::MemoryStore;
+use super::watch::WatchState;
 use super::*;
 use crate::registry::MockPeerRegistry;
+use crate::schema;
 use crate::schema::tests::member;
 
 /// The in-memory ConfigMap API (apiserver semantics), now public as `MemoryStore`.
