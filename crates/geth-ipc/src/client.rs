@@ -56,6 +56,23 @@ pub trait AdminApi: Send + Sync {
     fn connection_generation(&self) -> u64;
 }
 
+/// How often [`socket_accepts_again`] tries geth's IPC socket.
+pub const REACHABLE_POLL: Duration = Duration::from_millis(10);
+
+/// Resolves once geth's IPC socket at `path`, refusing connections (or absent)
+/// when called, accepts one: a caller waiting on a geth that is down notices
+/// its start within [`REACHABLE_POLL`] (one local connect each) instead of at
+/// its next retry. A socket that already accepts (geth up but failing calls)
+/// never resolves it: the caller's own retry timer covers that.
+pub async fn socket_accepts_again(path: &std::path::Path) {
+    if ipc::accepts(path).await {
+        return std::future::pending::<()>().await;
+    }
+    while !ipc::accepts(path).await {
+        tokio::time::sleep(REACHABLE_POLL).await;
+    }
+}
+
 /// Time limits for [`GethClient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientOptions {

@@ -108,6 +108,11 @@ pub(crate) async fn connect(path: &Path) -> io::Result<(IpcSender, IpcReceiver)>
     Ok(split(stream))
 }
 
+/// Whether the socket accepts a connection now (closed at once).
+pub(crate) async fn accepts(path: &Path) -> bool {
+    UnixStream::connect(path).await.is_ok()
+}
+
 /// Splits a connected stream into a sender and a receiver.
 pub(crate) fn split(stream: UnixStream) -> (IpcSender, IpcReceiver) {
     let (read, write) = stream.into_split();

@@ -48,7 +48,9 @@ pub use types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports
 #[cfg(all(feature = "client", any(test, feature = "test-utils")))]
 pub use client::MockAdminApi;
 #[cfg(feature = "client")]
-pub use client::{AdminApi, ClientOptions, GethClient, PeerEventStream};
+pub use client::{
+    AdminApi, ClientOptions, GethClient, PeerEventStream, REACHABLE_POLL, socket_accepts_again,
+};
 #[cfg(feature = "client")]
 pub use endpoint::Endpoint;
 #[cfg(feature = "client")]

@@ -148,6 +148,17 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     None => std::future::pending().await,
                 }
             };
+            // While geth is down, its IPC socket accepting is a trigger of its
+            // own: a pod's sidecar starts before geth, and the retry timer
+            // alone would see geth up to GETH_RETRY_CAP late.
+            let geth_down = matches!(self.reported.geth.get(), Some(GethState::Down(_)));
+            let socket = self.s.geth_socket.clone().filter(|_| geth_down);
+            let geth_back = async move {
+                match socket {
+                    Some(path) => geth_ipc::socket_accepts_again(&path).await,
+                    None => std::future::pending().await,
+                }
+            };
             let pods = self.s.pods.clone();
             let pod_change = async move {
                 match pods {
@@ -185,6 +196,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     dirty = true;
                 }
                 () = pod_change => dirty = true,
+                () = geth_back => {
+                    debug!("geth's socket accepts again");
+                    dirty = true;
+                }
             }
         }
     }

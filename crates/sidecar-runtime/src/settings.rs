@@ -46,13 +46,18 @@ pub struct Settings {
     pub pods: Option<Arc<dyn PodSource>>,
     /// Who hears the loop's notices (Kubernetes Events in the binary).
     pub hooks: Arc<dyn Hooks>,
+    /// geth's IPC socket, when geth is reached over IPC: while geth is down the
+    /// loop runs a pass as soon as the socket accepts again
+    /// ([`geth_ipc::socket_accepts_again`]), not at its next retry (a pod's
+    /// sidecar starts before its geth).
+    pub geth_socket: Option<std::path::PathBuf>,
 }
 
 impl Settings {
     /// Settings for the pod `pod` publishing per `advertise`, with the
     /// defaults of the binary: the engine's default rules, a 30 s resync, a
     /// 5 s probe interval, sidecar port 9090, the system clock, TCP probes,
-    /// no pod evidence and no hooks.
+    /// no pod evidence, no hooks and no geth socket to watch.
     pub fn new(pod: impl Into<String>, advertise: AdvertiseMode) -> Self {
         Self {
             pod: pod.into(),
@@ -69,6 +74,7 @@ impl Settings {
             prober: Arc::new(TcpProber::default()),
             pods: None,
             hooks: Arc::new(NoHooks),
+            geth_socket: None,
         }
     }
 

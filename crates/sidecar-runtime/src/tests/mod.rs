@@ -28,6 +28,7 @@ use crate::triggers::{Watch, WatchItems};
 mod geth;
 mod peers;
 mod recheck;
+mod socket;
 mod watch;
 
 const KEYS: [&str; 3] = [
