@@ -158,6 +158,9 @@ async fn serve<R: PeerRegistry + 'static>(
         }
         None => {
             let mut settings = cli.run.settings(&ns)?;
+            if let Endpoint::Ipc(path) = geth.endpoint() {
+                settings.geth_socket = Some(path.clone());
+            }
             if cli.run.events {
                 settings.hooks = Arc::new(Events::spawn(
                     client.clone(),
