@@ -1,16 +1,24 @@
 //! [`FakeGeth`]: an in-memory [`AdminApi`] that models geth's peer handling, on a
 //! shared in-memory network ([`FakeNet`]).
+//!
+//! The network's state and the rules that settle its connections are in
+//! `net`; the [`AdminApi`] calls of a node, answered from that state, in
+//! `admin`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use futures::StreamExt;
-use tokio::sync::mpsc;
-
-use crate::client::{AdminApi, PeerEventStream};
 use crate::enode::{Enode, EnodeError, Host, NodeId};
 use crate::error::{Error, Result};
-use crate::types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports};
+
+// Names the doc links use.
+#[cfg(doc)]
+use crate::client::AdminApi;
+
+mod admin;
+mod net;
+
+use net::{NetState, Node, pair};
 
 /// geth's default `--maxpeers`.
 pub const DEFAULT_MAX_PEERS: usize = 50;
@@ -29,194 +37,6 @@ pub fn test_enode(seed: u64, host: Host, tcp_port: u16) -> std::result::Result<E
         pubkey.copy_from_slice(xy);
     }
     Enode::new(pubkey, host, tcp_port, None)
-}
-
-/// One connection as one side sees it.
-#[derive(Clone, Copy, Debug)]
-struct Link {
-    /// The other side dialled us.
-    inbound: bool,
-    /// We dialled it as a static peer.
-    static_dialled: bool,
-}
-
-struct Node {
-    /// The node's key and its current address (host and TCP port).
-    enode: Enode,
-    up: bool,
-    max_peers: usize,
-    /// The static dial set (`admin_addPeer`), keyed by node id.
-    statics: BTreeMap<NodeId, Enode>,
-    /// Trusted ids (`admin_addTrustedPeer`).
-    trusted: BTreeSet<NodeId>,
-    links: BTreeMap<NodeId, Link>,
-    subscribers: Vec<mpsc::UnboundedSender<Result<PeerEvent>>>,
-    generation: u64,
-}
-
-impl Node {
-    fn dial_cap(&self) -> usize {
-        (self.max_peers / 3).max(1)
-    }
-
-    fn outbound(&self) -> usize {
-        self.links.values().filter(|l| !l.inbound).count()
-    }
-
-    /// geth's admission check: non-trusted connections are refused at maxpeers.
-    fn admits(&self, from: &NodeId) -> bool {
-        self.trusted.contains(from) || self.links.len() < self.max_peers
-    }
-
-    fn emit(&mut self, event: &PeerEvent) {
-        self.subscribers
-            .retain(|s| s.send(Ok(event.clone())).is_ok());
-    }
-
-    /// Ends every subscription with `ConnectionLost`, as a restart does.
-    fn end_subscriptions(&mut self) {
-        for s in self.subscribers.drain(..) {
-            // A reader that went away needs no notice.
-            let _ = s.send(Err(Error::ConnectionLost));
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("{}:{}", self.enode.host(), self.enode.tcp_port())
-    }
-}
-
-#[derive(Default)]
-struct NetState {
-    nodes: BTreeMap<NodeId, Node>,
-    /// Pairs that cannot reach each other (smaller id first): partitions.
-    blocked: BTreeSet<(NodeId, NodeId)>,
-    /// Pairs cut one by one ([`FakeNet::block`]), apart from partitions.
-    cut: BTreeSet<(NodeId, NodeId)>,
-}
-
-fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
-    if a <= b { (a, b) } else { (b, a) }
-}
-
-impl NetState {
-    fn reachable(&self, a: NodeId, b: NodeId) -> bool {
-        let p = pair(a, b);
-        !self.blocked.contains(&p) && !self.cut.contains(&p)
-    }
-
-    fn connect(&mut self, dialler: NodeId, target: NodeId) {
-        let (Some(d_addr), Some(t_addr)) = (
-            self.nodes.get(&dialler).map(Node::addr),
-            self.nodes.get(&target).map(Node::addr),
-        ) else {
-            return;
-        };
-        if let Some(d) = self.nodes.get_mut(&dialler) {
-            d.links.insert(
-                target,
-                Link {
-                    inbound: false,
-                    static_dialled: true,
-                },
-            );
-            d.emit(&event(PeerEventKind::Add, target, None, &d_addr, &t_addr));
-        }
-        if let Some(t) = self.nodes.get_mut(&target) {
-            t.links.insert(
-                dialler,
-                Link {
-                    inbound: true,
-                    static_dialled: false,
-                },
-            );
-            t.emit(&event(PeerEventKind::Add, dialler, None, &t_addr, &d_addr));
-        }
-    }
-
-    /// Drops the connection between `a` and `b` (if any), with `why` on both sides.
-    fn disconnect(&mut self, a: NodeId, b: NodeId, why: &str) {
-        for (me, other) in [(a, b), (b, a)] {
-            let other_addr = self.nodes.get(&other).map(Node::addr).unwrap_or_default();
-            if let Some(n) = self.nodes.get_mut(&me)
-                && n.links.remove(&other).is_some()
-            {
-                let local = n.addr();
-                n.emit(&event(
-                    PeerEventKind::Drop,
-                    other,
-                    Some(why),
-                    &local,
-                    &other_addr,
-                ));
-            }
-        }
-    }
-
-    /// Brings the connections to the fixed point of the rules (see [`FakeNet`]).
-    fn settle(&mut self) {
-        // Drop what can no longer exist: a side down, or the pair partitioned.
-        let mut dead = Vec::new();
-        for (id, n) in &self.nodes {
-            for other in n.links.keys() {
-                let other_up = self.nodes.get(other).is_some_and(|o| o.up);
-                if id < other && (!n.up || !other_up || !self.reachable(*id, *other)) {
-                    dead.push((*id, *other));
-                }
-            }
-        }
-        for (a, b) in dead {
-            self.disconnect(a, b, "connection reset by peer");
-        }
-        // Dial static peers until nothing changes: in id order, each node its
-        // static set in id order.
-        loop {
-            let mut dial = None;
-            'search: for (id, n) in &self.nodes {
-                if !n.up || n.outbound() >= n.dial_cap() {
-                    continue;
-                }
-                for (target, at) in &n.statics {
-                    if target == id || n.links.contains_key(target) {
-                        continue;
-                    }
-                    let Some(t) = self.nodes.get(target) else {
-                        continue;
-                    };
-                    if t.up
-                        && t.enode.same_address(at)
-                        && self.reachable(*id, *target)
-                        && n.admits(target)
-                        && t.admits(id)
-                    {
-                        dial = Some((*id, *target));
-                        break 'search;
-                    }
-                }
-            }
-            match dial {
-                Some((a, b)) => self.connect(a, b),
-                None => break,
-            }
-        }
-    }
-}
-
-fn event(
-    kind: PeerEventKind,
-    peer: NodeId,
-    error: Option<&str>,
-    local: &str,
-    remote: &str,
-) -> PeerEvent {
-    PeerEvent {
-        kind,
-        peer,
-        error: error.map(str::to_owned),
-        protocol: None,
-        local: Some(local.to_owned()),
-        remote: Some(remote.to_owned()),
-    }
 }
 
 /// A shared in-memory network that [`FakeGeth`] nodes join.
@@ -545,115 +365,6 @@ impl FakeGeth {
         let r = f(&mut s);
         s.settle();
         Ok(r)
-    }
-}
-
-#[async_trait::async_trait]
-impl AdminApi for FakeGeth {
-    async fn node_info(&self) -> Result<NodeInfo> {
-        self.call(|s| {
-            let n = s.nodes.get(&self.id)?;
-            Some(NodeInfo {
-                id: self.id,
-                name: "FakeGeth/v1.17.5".into(),
-                enode: format!("{}?discport=0", n.enode),
-                enr: None,
-                ip: Some(n.enode.host().to_string()),
-                ports: Ports {
-                    discovery: 0,
-                    listener: n.enode.tcp_port(),
-                },
-                listen_addr: Some(format!("[::]:{}", n.enode.tcp_port())),
-                protocols: serde_json::json!({"eth": {"network": 1337}}),
-            })
-        })?
-        .ok_or_else(|| self.down_error())
-    }
-
-    async fn peers(&self) -> Result<Vec<PeerInfo>> {
-        self.call(|s| {
-            let Some(n) = s.nodes.get(&self.id) else {
-                return Vec::new();
-            };
-            let local = n.addr();
-            n.links
-                .iter()
-                .filter_map(|(id, link)| {
-                    let other = s.nodes.get(id)?;
-                    let remote = other.addr();
-                    Some(PeerInfo {
-                        id: *id,
-                        name: "FakeGeth/v1.17.5".into(),
-                        enode: other.enode.to_string(),
-                        enr: None,
-                        caps: vec!["eth/68".into(), "eth/69".into()],
-                        network: PeerNetwork {
-                            local_address: local.clone(),
-                            remote_address: remote,
-                            inbound: link.inbound,
-                            trusted: n.trusted.contains(id),
-                            static_: link.static_dialled,
-                        },
-                        protocols: serde_json::json!({"eth": {"version": 68}}),
-                    })
-                })
-                .collect()
-        })
-    }
-
-    async fn add_peer(&self, enode: &Enode) -> Result<bool> {
-        self.call(|s| {
-            if let Some(n) = s.nodes.get_mut(&self.id) {
-                n.statics
-                    .entry(enode.node_id())
-                    .or_insert_with(|| enode.clone());
-            }
-            true
-        })
-    }
-
-    async fn remove_peer(&self, enode: &Enode) -> Result<bool> {
-        self.call(|s| {
-            let other = enode.node_id();
-            if let Some(n) = s.nodes.get_mut(&self.id) {
-                n.statics.remove(&other);
-            }
-            s.disconnect(self.id, other, "disconnect requested");
-            true
-        })
-    }
-
-    async fn add_trusted_peer(&self, enode: &Enode) -> Result<bool> {
-        self.call(|s| {
-            if let Some(n) = s.nodes.get_mut(&self.id) {
-                n.trusted.insert(enode.node_id());
-            }
-            true
-        })
-    }
-
-    async fn remove_trusted_peer(&self, enode: &Enode) -> Result<bool> {
-        self.call(|s| {
-            if let Some(n) = s.nodes.get_mut(&self.id) {
-                n.trusted.remove(&enode.node_id());
-            }
-            true
-        })
-    }
-
-    async fn peer_events(&self) -> Result<PeerEventStream> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        self.call(|s| {
-            if let Some(n) = s.nodes.get_mut(&self.id) {
-                n.subscribers.push(tx);
-            }
-        })?;
-        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(stream.boxed())
-    }
-
-    fn connection_generation(&self) -> u64 {
-        self.with_node(|n, _| n.generation).unwrap_or(0)
     }
 }
 

@@ -1,6 +1,10 @@
 //! One test per rule of the model.
 
+use futures::StreamExt;
+
 use super::*;
+use crate::client::{AdminApi, PeerEventStream};
+use crate::types::{PeerEvent, PeerEventKind};
 
 fn node(net: &FakeNet, seed: u64) -> FakeGeth {
     net.join(enode(seed))
