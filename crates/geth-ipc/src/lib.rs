@@ -4,8 +4,8 @@
 //! ([`Enode`], [`NodeId`], [`Host`], [`NodeInfo`], [`PeerInfo`], [`PeerEvent`]): no
 //! tokio, no I/O. With it, [`GethClient`] implements [`AdminApi`] over an
 //! [`Endpoint`]: geth's IPC socket (framing implemented here), HTTP or WebSocket.
-//! The `fake` feature adds [`fake::FakeGeth`], an in-memory `AdminApi` that models
-//! geth's peer handling on a shared in-memory network ([`fake::FakeNet`]); the
+//! The `fake` feature adds `fake::FakeGeth`, an in-memory `AdminApi` that models
+//! geth's peer handling on a shared in-memory network (`fake::FakeNet`); the
 //! `test-utils` feature adds it and `MockAdminApi` (mockall).
 #![cfg_attr(
     feature = "client",
