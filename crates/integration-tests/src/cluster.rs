@@ -54,6 +54,44 @@ fn run_cmd(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Starts etcd with its data in `dir/etcd`, on `ports` (client, peer).
+fn spawn_etcd(
+    ctx: &TestContext,
+    dir: &std::path::Path,
+    netns: Option<&str>,
+    (client, peer): (u16, u16),
+) -> Result<Proc> {
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let data = dir.join("etcd").to_string_lossy().into_owned();
+    Proc::spawn(
+        ctx,
+        "etcd",
+        netns,
+        &testbed().bin("etcd"),
+        [
+            "--name",
+            "gps",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("gps={peer_url}"),
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ],
+        &[],
+    )
+}
+
 /// A throwaway Kubernetes control plane: etcd and kube-apiserver with RBAC,
 /// token authentication and service-account tokens. No controller-manager: no
 /// default ServiceAccounts, no namespace deletion, no garbage collection.
@@ -63,7 +101,8 @@ pub struct Cluster {
     address: Ipv4Addr,
     node: Option<NodeControlPlane>,
     port: u16,
-    etcd_port: u16,
+    /// etcd's client and peer ports.
+    etcd_ports: (u16, u16),
     admin_token: String,
     apiserver: Option<Proc>,
     etcd: Proc,
@@ -104,7 +143,6 @@ impl Cluster {
         address: Ipv4Addr,
         node: Option<NodeControlPlane>,
     ) -> Result<Cluster> {
-        let tb = testbed();
         let dir = ctx.path("cluster");
         std::fs::create_dir_all(&dir).map_err(io_err("create cluster dir"))?;
         let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
@@ -141,43 +179,15 @@ impl Cluster {
         std::fs::write(dir.join("tokens.csv"), tokens).map_err(io_err("write tokens.csv"))?;
         let netns = node.as_ref().map(|n| n.netns.clone());
 
-        let etcd_port = free_port()?;
-        let etcd_peer = free_port()?;
-        let client_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-        let etcd = Proc::spawn(
-            ctx,
-            "etcd",
-            netns.as_deref(),
-            &tb.bin("etcd"),
-            [
-                "--name",
-                "gps",
-                "--data-dir",
-                &d("etcd"),
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("gps={peer_url}"),
-                "--unsafe-no-fsync",
-                "--log-level",
-                "warn",
-            ],
-            &[],
-        )?;
+        let etcd_ports = (free_port()?, free_port()?);
+        let etcd = spawn_etcd(ctx, &dir, netns.as_deref(), etcd_ports)?;
         let mut cluster = Cluster {
             ctx: ctx.clone(),
             dir,
             address,
             node,
             port: free_port()?,
-            etcd_port,
+            etcd_ports,
             admin_token,
             apiserver: None,
             etcd,
@@ -194,7 +204,7 @@ impl Cluster {
         let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
         let addr = self.address.to_string();
         let mut args: Vec<String> = vec![
-            format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
+            format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_ports.0),
             format!("--bind-address={addr}"),
             format!("--advertise-address={addr}"),
             format!("--secure-port={}", self.port),
@@ -284,6 +294,19 @@ impl Cluster {
         if let Some(mut p) = self.apiserver.take() {
             p.terminate(Duration::from_secs(10)).await;
         }
+    }
+
+    /// Wipes etcd's data as a lost etcd member would: stops kube-apiserver and
+    /// etcd, deletes etcd's data directory, and starts both again on the same
+    /// ports, certificates and keys (so tokens signed before still verify,
+    /// while every object, namespaces and ServiceAccounts included, is gone).
+    pub async fn wipe_etcd(&mut self) -> Result<()> {
+        self.stop_apiserver().await;
+        self.etcd.terminate(Duration::from_secs(10)).await;
+        std::fs::remove_dir_all(self.dir.join("etcd")).map_err(io_err("delete etcd's data"))?;
+        let netns = self.node.as_ref().map(|n| n.netns.clone());
+        self.etcd = spawn_etcd(&self.ctx, &self.dir, netns.as_deref(), self.etcd_ports)?;
+        self.start_apiserver().await
     }
 
     /// Requests the apiserver completed for `user` (e.g.
@@ -403,11 +426,16 @@ impl Cluster {
     }
 
     fn kubeconfig_yaml(&self, token: &str, namespace: &str) -> Result<String> {
+        self.kubeconfig_yaml_for(&format!("token: {token}"), namespace)
+    }
+
+    /// A kubeconfig whose user is `user` (`token: ...` or `tokenFile: ...`).
+    fn kubeconfig_yaml_for(&self, user: &str, namespace: &str) -> Result<String> {
         let ca = std::fs::read(self.dir.join("certs/apiserver.crt"))
             .map_err(io_err("read apiserver.crt"))?;
         let ca = base64::engine::general_purpose::STANDARD.encode(ca);
         Ok(format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n    namespace: {namespace}\ncurrent-context: test\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: user\n  user:\n    {user}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n    namespace: {namespace}\ncurrent-context: test\n",
             self.server_url()
         ))
     }
@@ -427,9 +455,10 @@ impl Cluster {
 
     /// A fresh namespace with the project's ServiceAccount, Role and RoleBinding
     /// applied from `deploy/base/rbac.yaml`, a token minted for that account with
-    /// the TokenRequest API, and a kubeconfig for it.
+    /// the TokenRequest API, and a kubeconfig for it that reads the token from
+    /// a file (as a pod's projected token is read: kube-rs re-reads it within a
+    /// minute, so a re-minted token reaches running sidecars).
     pub async fn namespace(&self, hint: &str) -> Result<TestNamespace> {
-        let admin = self.admin();
         let short: String = hint
             .to_ascii_lowercase()
             .chars()
@@ -437,9 +466,41 @@ impl Cluster {
             .take(30)
             .collect();
         let name = format!("{}-{}", short.trim_matches('-'), &random_token()[..6]);
+        self.create_namespace(&name).await?;
+        let token_file = self.ctx.path(&format!("token-{name}"));
+        let (token, client) = self.mint_token(&name, &token_file).await?;
+        let kubeconfig = self.ctx.path(&format!("kubeconfig-{name}"));
+        let user = format!("tokenFile: {}", token_file.display());
+        std::fs::write(&kubeconfig, self.kubeconfig_yaml_for(&user, &name)?)
+            .map_err(io_err("write kubeconfig"))?;
+        Ok(TestNamespace {
+            name,
+            kubeconfig,
+            token,
+            client,
+            server_url: self.server_url(),
+        })
+    }
+
+    /// Puts `ns` back as an operator restoring a cluster would, after the
+    /// control plane lost it ([`Cluster::wipe_etcd`]): the namespace, the
+    /// ServiceAccount, Role and RoleBinding again, and a new token (the
+    /// ServiceAccount is a new object, so the old token no longer validates)
+    /// in the kubeconfig's token file.
+    pub async fn restore_namespace(&self, ns: &mut TestNamespace) -> Result<()> {
+        self.create_namespace(&ns.name).await?;
+        let token_file = self.ctx.path(&format!("token-{}", ns.name));
+        let (token, client) = self.mint_token(&ns.name, &token_file).await?;
+        ns.token = token;
+        ns.client = client;
+        Ok(())
+    }
+
+    async fn create_namespace(&self, name: &str) -> Result<()> {
+        let admin = self.admin();
         let ns = Namespace {
             metadata: ObjectMeta {
-                name: Some(name.clone()),
+                name: Some(name.to_owned()),
                 ..Default::default()
             },
             ..Default::default()
@@ -447,8 +508,17 @@ impl Cluster {
         Api::<Namespace>::all(admin.clone())
             .create(&PostParams::default(), &ns)
             .await?;
-        apply_rbac(&admin, &name).await?;
-        let sa = Api::<ServiceAccount>::namespaced(admin.clone(), &name);
+        apply_rbac(&admin, name).await
+    }
+
+    /// Mints a token for the ServiceAccount of `name`, writes it to
+    /// `token_file`, and waits until the RoleBinding is in force for it.
+    async fn mint_token(
+        &self,
+        name: &str,
+        token_file: &std::path::Path,
+    ) -> Result<(String, Client)> {
+        let sa = Api::<ServiceAccount>::namespaced(self.admin(), name);
         let tr = sa
             .create_token_request(
                 SERVICE_ACCOUNT,
@@ -466,12 +536,10 @@ impl Cluster {
             .status
             .and_then(|s| s.token)
             .ok_or_else(|| Error::Setup("TokenRequest returned no token".into()))?;
-        let kubeconfig = self.ctx.path(&format!("kubeconfig-{name}"));
-        std::fs::write(&kubeconfig, self.kubeconfig_yaml(&token, &name)?)
-            .map_err(io_err("write kubeconfig"))?;
-        let client = self.client_for(&token, &name).await?;
+        std::fs::write(token_file, &token).map_err(io_err("write token file"))?;
+        let client = self.client_for(&token, name).await?;
         // The RBAC authorizer caches: wait until the new binding is in force.
-        let cms = Api::<ConfigMap>::namespaced(client.clone(), &name);
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), name);
         eventually("RoleBinding in force", Duration::from_secs(15), || {
             let cms = cms.clone();
             async move {
@@ -482,13 +550,7 @@ impl Cluster {
             }
         })
         .await?;
-        Ok(TestNamespace {
-            name,
-            kubeconfig,
-            token,
-            client,
-            server_url: self.server_url(),
-        })
+        Ok((token, client))
     }
 }
 
@@ -497,18 +559,15 @@ impl Cluster {
     /// update, delete on leases: the lease layout) to the sidecar's Role in
     /// `ns`, and waits until the service account may list leases.
     pub async fn grant_leases(&self, ns: &TestNamespace) -> Result<()> {
-        let roles: Api<Role> = Api::namespaced(self.admin(), &ns.name);
-        let mut role = roles.get(SERVICE_ACCOUNT).await?;
-        let rule = serde_json::from_value(serde_json::json!({
-            "apiGroups": ["coordination.k8s.io"],
-            "resources": ["leases"],
-            "verbs": ["get", "list", "watch", "create", "update", "delete"],
-        }))
-        .map_err(|e| Error::Setup(format!("leases rule: {e}")))?;
-        role.rules.get_or_insert_with(Vec::new).push(rule);
-        roles
-            .replace(SERVICE_ACCOUNT, &PostParams::default(), &role)
-            .await?;
+        self.add_role_rule(
+            ns,
+            serde_json::json!({
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "verbs": ["get", "list", "watch", "create", "update", "delete"],
+            }),
+        )
+        .await?;
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(ns.client.clone(), &ns.name);
         eventually("the leases rule in force", Duration::from_secs(15), || {
@@ -516,6 +575,36 @@ impl Cluster {
             async move { leases.list(&Default::default()).await.ok().map(|_| ()) }
         })
         .await
+    }
+
+    /// Adds the rule deploy/overlays/pod-evidence adds (get, list, watch on
+    /// pods: pod evidence) to the sidecar's Role in `ns`, and waits until the
+    /// service account may list pods.
+    pub async fn grant_pods(&self, ns: &TestNamespace) -> Result<()> {
+        self.add_role_rule(
+            ns,
+            serde_json::json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
+        )
+        .await?;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(ns.client.clone(), &ns.name);
+        eventually("the pods rule in force", Duration::from_secs(15), || {
+            let pods = pods.clone();
+            async move { pods.list(&Default::default()).await.ok().map(|_| ()) }
+        })
+        .await
+    }
+
+    async fn add_role_rule(&self, ns: &TestNamespace, rule: serde_json::Value) -> Result<()> {
+        let roles: Api<Role> = Api::namespaced(self.admin(), &ns.name);
+        let mut role = roles.get(SERVICE_ACCOUNT).await?;
+        let rule =
+            serde_json::from_value(rule).map_err(|e| Error::Setup(format!("a Role rule: {e}")))?;
+        role.rules.get_or_insert_with(Vec::new).push(rule);
+        roles
+            .replace(SERVICE_ACCOUNT, &PostParams::default(), &role)
+            .await?;
+        Ok(())
     }
 }
 

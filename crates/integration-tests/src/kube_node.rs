@@ -591,6 +591,53 @@ state = "{state}"
         Ok(())
     }
 
+    /// Restarts the kubelet as a node upgrade or an operator would: SIGTERM,
+    /// `down` without a kubelet (containers run on under containerd), then the
+    /// same binary with the same configuration and directories. Waits until
+    /// the new kubelet has renewed the node's Lease (its heartbeat) and the
+    /// Node reports Ready; returns how long that took from the start.
+    pub async fn restart_kubelet(&mut self, down: Duration) -> Result<Duration> {
+        use k8s_openapi::api::coordination::v1::Lease;
+        let node_ip = self
+            .bridge
+            .as_ref()
+            .map(|b| b.ip(2))
+            .ok_or_else(|| Error::Setup("the node is torn down".into()))?;
+        if let Some(mut kubelet) = self.kubelet.take() {
+            kubelet.terminate(Duration::from_secs(30)).await;
+        }
+        let leases: Api<Lease> = Api::namespaced(self.admin(), "kube-node-lease");
+        let renew = |lease: Option<Lease>| lease.and_then(|l| l.spec?.renew_time);
+        let last = renew(leases.get_opt(NODE_NAME).await?);
+        // The outage is the scenario, not a synchronisation.
+        tokio::time::sleep(down).await;
+        let started = std::time::Instant::now();
+        self.start_kubelet(node_ip)?;
+        let nodes: Api<Node> = Api::all(self.admin());
+        eventually(
+            "the restarted kubelet's heartbeat and Ready",
+            Duration::from_secs(120),
+            || {
+                let (leases, nodes, last) = (leases.clone(), nodes.clone(), last.clone());
+                async move {
+                    let now = renew(leases.get_opt(NODE_NAME).await.ok()?);
+                    if now.is_none() || now == last {
+                        return None;
+                    }
+                    let node = nodes.get_opt(NODE_NAME).await.ok()??;
+                    node.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await
+        .map_err(|e| self.exited("kubelet", e))?;
+        Ok(started.elapsed())
+    }
+
     fn start_kube_proxy(&mut self, node_ip: Ipv4Addr) -> Result<()> {
         let kubeconfig = self.cluster().component_kubeconfig("kube-proxy")?;
         let ns = self.netns_name().to_owned();

@@ -205,6 +205,17 @@ impl Mesh {
         Ok(uid)
     }
 
+    /// Starts every node's sidecar, then waits until the mesh is full and
+    /// registered, each within `timeout`.
+    pub async fn start_sidecars_and_wait(&mut self, timeout: Duration) -> Result<()> {
+        let all: Vec<usize> = (0..self.net.nodes().len()).collect();
+        for &i in &all {
+            self.start_sidecar(i)?;
+        }
+        self.wait_full_mesh(&all, timeout).await?;
+        self.wait_registered(&all, timeout).await
+    }
+
     /// Adds nodes with sidecars; returns their indices.
     pub async fn add_nodes(&mut self, specs: Vec<NodeSpec>) -> Result<Vec<usize>> {
         let idx = self.net.add_nodes(specs).await?;
@@ -276,6 +287,43 @@ impl Mesh {
             .flatten()
             .and_then(|c| c.data)
             .unwrap_or_default()
+    }
+
+    /// The registry writes (create, update, patch, delete of the ConfigMap
+    /// or of Leases) the sidecars' service account made, from the audit log,
+    /// as `verb resource/name`.
+    pub fn registry_writes(&self) -> Vec<String> {
+        self.cluster
+            .audited_requests(&self.ns.service_account_user())
+            .into_iter()
+            .filter(|(verb, resource, _)| {
+                matches!(resource.as_str(), "configmaps" | "leases")
+                    && matches!(verb.as_str(), "create" | "update" | "patch" | "delete")
+            })
+            .map(|(verb, resource, name)| format!("{verb} {resource}/{name}"))
+            .collect()
+    }
+
+    /// Asserts nothing was removed since `writes_before` (a count of
+    /// [`Mesh::registry_writes`]): no member key gone from the ConfigMap and
+    /// no Lease deleted (`history`, the admin watch), no delete by the
+    /// sidecars in the audit log.
+    ///
+    /// # Panics
+    /// When something was removed.
+    pub fn assert_nothing_removed(&self, history: &RegistryHistory, writes_before: usize) {
+        let removed = history.removed();
+        let writes = self.registry_writes();
+        let during = &writes[writes_before.min(writes.len())..];
+        assert!(
+            removed.is_empty(),
+            "member records removed: {removed:?}; the sidecars' registry writes meanwhile: {during:?}"
+        );
+        let deletes: Vec<&String> = during.iter().filter(|w| w.starts_with("delete")).collect();
+        assert!(
+            deletes.is_empty(),
+            "registry deletes in the audit log: {deletes:?}"
+        );
     }
 
     /// The node ids (as geth reports them) of the registry's

@@ -9,9 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use geth_ipc::Host;
-use integration_tests::{
-    Mesh, NftTable, P2P_PORT, RegistryHistory, SIDECAR_HTTP_PORT, eventually, test_member,
-};
+use integration_tests::{Mesh, NftTable, P2P_PORT, SIDECAR_HTTP_PORT, eventually, test_member};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -71,34 +69,6 @@ async fn put_dns_member(m: &Mesh, pod: &str, seed: u32, name: &str, ip: Ipv4Addr
     .await
     .unwrap();
     record.node_id.to_string()
-}
-
-/// The registry writes the sidecars' service account made (audit log).
-fn registry_writes(m: &Mesh) -> Vec<String> {
-    m.cluster
-        .audited_requests(&m.ns.service_account_user())
-        .into_iter()
-        .filter(|(verb, resource, _)| {
-            matches!(resource.as_str(), "configmaps" | "leases")
-                && matches!(verb.as_str(), "create" | "update" | "patch" | "delete")
-        })
-        .map(|(verb, resource, name)| format!("{verb} {resource}/{name}"))
-        .collect()
-}
-
-fn assert_nothing_removed(m: &Mesh, history: &RegistryHistory, writes_before: usize) {
-    let removed = history.removed();
-    let writes = registry_writes(m);
-    let during = &writes[writes_before.min(writes.len())..];
-    assert!(
-        removed.is_empty(),
-        "member records removed: {removed:?}; the sidecars' registry writes meanwhile: {during:?}"
-    );
-    let deletes: Vec<&String> = during.iter().filter(|w| w.starts_with("delete")).collect();
-    assert!(
-        deletes.is_empty(),
-        "registry deletes in the audit log: {deletes:?}"
-    );
 }
 
 /// A ghost member whose DNS name resolves (in every pod's namespace) to an
@@ -299,7 +269,7 @@ async fn dns_outage() {
     m.wait_full_mesh(&all(n), MESH).await.unwrap();
     m.wait_registered(&all(n), MESH).await.unwrap();
     let history = m.registry_history().await.unwrap();
-    let writes_before = registry_writes(&m).len();
+    let writes_before = m.registry_writes().len();
 
     // The outage: geth-0's pod resolves no member name.
     m.net.node(dark).netns().write_hosts(&[]).unwrap();
@@ -337,7 +307,7 @@ async fn dns_outage() {
     .await
     .unwrap();
     let window = noticed.elapsed();
-    assert_nothing_removed(&m, &history, writes_before);
+    m.assert_nothing_removed(&history, writes_before);
     let ids = m.ids(&others);
     for &i in &others {
         assert_eq!(
@@ -372,7 +342,7 @@ async fn dns_outage() {
     .await
     .unwrap();
     m.wait_registered(&all(n), MESH).await.unwrap();
-    assert_nothing_removed(&m, &history, writes_before);
+    m.assert_nothing_removed(&history, writes_before);
     eprintln!(
         "outage noticed, then {window:?} of it; geth-0 missing peers at its end: {dark_peers:?}, \
          removePeer calls: {remove_peers:?}; its problems then: {p:?}; registry versions seen: {}",

@@ -725,20 +725,6 @@ async fn status_prints_every_member_marks_its_own_as_self_and_whether_this_geth_
     }
 }
 
-/// The node ids (as geth reports them) of the registry's `static-nodes.json`
-/// entries (none when missing).
-async fn static_nodes(m: &Mesh) -> BTreeSet<String> {
-    m.registry_data()
-        .await
-        .get("static-nodes.json")
-        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| e.parse::<geth_ipc::Enode>().ok())
-        .map(|e| e.node_id().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_lease_layout_each_member_is_one_lease_written_once_and_static_nodes_json_follows()
 {
@@ -762,7 +748,7 @@ async fn with_the_lease_layout_each_member_is_one_lease_written_once_and_static_
     let ids: Vec<String> = (0..3).map(|i| m.net.node(i).node_id()).collect();
     let want: BTreeSet<String> = ids.iter().cloned().collect();
     integration_tests::eventually("static-nodes.json to list the three", MESH, || async {
-        (static_nodes(&m).await == want).then_some(())
+        (m.static_node_ids().await == want).then_some(())
     })
     .await
     .unwrap();
@@ -791,7 +777,7 @@ async fn with_the_lease_layout_each_member_is_one_lease_written_once_and_static_
     m.wait_registered(&[0, 1], MESH).await.unwrap();
     let want: BTreeSet<String> = ids[..2].iter().cloned().collect();
     integration_tests::eventually("static-nodes.json without the departed", MESH, || async {
-        (static_nodes(&m).await == want).then_some(())
+        (m.static_node_ids().await == want).then_some(())
     })
     .await
     .unwrap();
@@ -821,7 +807,7 @@ async fn with_the_lease_layout_a_sidecar_without_pod_name_registers_and_publishe
     );
     let want = BTreeSet::from([m.net.node(0).node_id()]);
     integration_tests::eventually("static-nodes.json to list the member", MESH, || async {
-        (static_nodes(&m).await == want).then_some(())
+        (m.static_node_ids().await == want).then_some(())
     })
     .await
     .unwrap();
@@ -837,8 +823,6 @@ async fn pod_evidence_mesh(
     extra: &[(&str, &str)],
 ) -> (Mesh, Api<k8s_openapi::api::core::v1::Pod>) {
     use k8s_openapi::api::core::v1::Pod;
-    use k8s_openapi::api::rbac::v1::Role;
-    use kube::api::PostParams;
 
     let mut env = vec![
         ("READ_PODS", "true"),
@@ -846,43 +830,15 @@ async fn pod_evidence_mesh(
     ];
     env.extend_from_slice(extra);
     let mut m = Mesh::without_sidecars(name, n, &env).await.unwrap();
-    let admin = m.cluster.admin();
-    let roles: Api<Role> = Api::namespaced(admin.clone(), &m.ns.name);
-    let mut role = roles.get("geth-peer-sidecar").await.unwrap();
-    role.rules.get_or_insert_with(Vec::new).push(
-        serde_json::from_value(
-            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
-        )
-        .unwrap(),
-    );
-    roles
-        .replace("geth-peer-sidecar", &PostParams::default(), &role)
-        .await
-        .unwrap();
+    m.cluster.grant_pods(&m.ns).await.unwrap();
     if extra.contains(&("REGISTRY_LAYOUT", "leases")) {
         m.cluster.grant_leases(&m.ns).await.unwrap();
     }
-    let pods: Api<Pod> = Api::namespaced(admin, &m.ns.name);
+    let pods: Api<Pod> = Api::namespaced(m.cluster.admin(), &m.ns.name);
     for i in 0..n {
-        let name = m.net.node(i).name().to_owned();
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "geth"}},
-            "spec": {"containers": [{"name": "geth", "image": "ethereum/client-go:v1.17.5"}]}
-        }))
-        .unwrap();
-        let created = pods.create(&PostParams::default(), &pod).await.unwrap();
-        let status =
-            json!({"status": {"phase": "Running", "podIP": m.net.node(i).ip().to_string()}});
-        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .unwrap();
-        m.pod_uids.insert(i, created.metadata.uid.unwrap());
+        m.put_pod(i).await.unwrap();
     }
-    for i in 0..n {
-        m.start_sidecar(i).unwrap();
-    }
-    m.wait_full_mesh(&all(n), MESH).await.unwrap();
-    m.wait_registered(&all(n), MESH).await.unwrap();
+    m.start_sidecars_and_wait(MESH).await.unwrap();
     (m, pods)
 }
 
