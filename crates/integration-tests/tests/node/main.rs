@@ -15,6 +15,7 @@
     unreachable_pub
 )]
 
+mod chaos;
 mod chart;
 mod image;
 mod kustomize;
@@ -93,6 +94,7 @@ fn main() -> std::process::ExitCode {
         trial!(chart::pod_deletion_deregisters_the_member_within_the_grace_period),
         trial!(chart::sidecar_runs_non_root_read_only_without_capabilities_and_opens_the_0600_socket),
         trial!(chart::every_chart_value_reaches_the_pod),
+        trial!(chaos::a_kubelet_restart_keeps_pods_links_and_members_and_a_pod_deletion_still_heals),
         trial!(monitoring::every_dashboard_query_returns_series_from_a_real_prometheus_and_missing_peers_moves_when_a_geth_stops),
         trial!(trust::the_chart_and_the_kustomize_component_carry_the_same_policy_rules),
         trial!(trust::one_pods_own_token_writes_only_its_own_record_and_the_admission_policy_refuses_the_rest),
