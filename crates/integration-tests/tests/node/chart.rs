@@ -31,6 +31,22 @@ pub async fn install<'a>(
         .unwrap()
 }
 
+/// The chart with `replicas` pods in a fresh namespace, once every geth's own
+/// `admin.peers` shows the full mesh; the pods as they are then.
+pub async fn install_meshed<'a>(
+    node: &'a KubeNode,
+    hint: &str,
+    replicas: usize,
+) -> (Release<'a>, Vec<PodView>) {
+    let set = format!("replicas={replicas}");
+    let release = install(node, hint, replicas, &["--set", &set]).await;
+    let (pods, _) = release
+        .wait_full_mesh(replicas, MESH_TIMEOUT)
+        .await
+        .unwrap();
+    (release, pods)
+}
+
 pub async fn helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_and_status(
     shared: Arc<Shared>,
 ) {
@@ -229,8 +245,7 @@ pub async fn deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_
     shared: Arc<Shared>,
 ) {
     let node = shared.node().await;
-    let release = install(&node, "chart-delete", 3, &["--set", "replicas=3"]).await;
-    let (before, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let (release, before) = install_meshed(&node, "chart-delete", 3).await;
     let victim = before[1].clone();
     let t0 = Instant::now();
     release

@@ -20,7 +20,7 @@ use integration_tests::{KubeNode, Proc, Release, eventually, http_get, testbed, 
 use serde_json::{Value, json};
 
 use crate::Shared;
-use crate::chart::{MESH_TIMEOUT, RELEASE, install};
+use crate::chart::{MESH_TIMEOUT, RELEASE, install_meshed};
 
 /// Prometheus' port in the node's network namespace.
 const PROMETHEUS_PORT: u16 = 19090;
@@ -237,8 +237,7 @@ pub async fn every_dashboard_query_returns_series_from_a_real_prometheus_and_mis
 ) {
     let node = shared.node().await;
     let t0 = Instant::now();
-    let release = install(&node, "monitoring", 3, &["--set", "replicas=3"]).await;
-    let (pods, _) = release.wait_full_mesh(3, MESH_TIMEOUT).await.unwrap();
+    let (release, pods) = install_meshed(&node, "monitoring", 3).await;
     let ns = release.ns.clone();
     let cp = node.control_plane();
     let dir = shared.ctx.path(&format!("prometheus-{ns}"));
