@@ -568,13 +568,7 @@ impl Cluster {
             }),
         )
         .await?;
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(ns.client.clone(), &ns.name);
-        eventually("the leases rule in force", Duration::from_secs(15), || {
-            let leases = leases.clone();
-            async move { leases.list(&Default::default()).await.ok().map(|_| ()) }
-        })
-        .await
+        listable::<k8s_openapi::api::coordination::v1::Lease>(ns, "the leases rule in force").await
     }
 
     /// Adds the rule deploy/overlays/pod-evidence adds (get, list, watch on
@@ -586,13 +580,7 @@ impl Cluster {
             serde_json::json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
         )
         .await?;
-        let pods: Api<k8s_openapi::api::core::v1::Pod> =
-            Api::namespaced(ns.client.clone(), &ns.name);
-        eventually("the pods rule in force", Duration::from_secs(15), || {
-            let pods = pods.clone();
-            async move { pods.list(&Default::default()).await.ok().map(|_| ()) }
-        })
-        .await
+        listable::<k8s_openapi::api::core::v1::Pod>(ns, "the pods rule in force").await
     }
 
     async fn add_role_rule(&self, ns: &TestNamespace, rule: serde_json::Value) -> Result<()> {
@@ -606,6 +594,24 @@ impl Cluster {
             .await?;
         Ok(())
     }
+}
+
+/// Waits until the service account of `ns` may list `K` (the RBAC
+/// authorizer caches: a rule just added is in force a moment later).
+async fn listable<K>(ns: &TestNamespace, what: &str) -> Result<()>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(ns.client.clone(), &ns.name);
+    eventually(what, Duration::from_secs(15), || {
+        let api = api.clone();
+        async move { api.list(&Default::default()).await.ok().map(|_| ()) }
+    })
+    .await
 }
 
 /// A client (with its own connection pool) from kubeconfig YAML.
