@@ -13,6 +13,7 @@
 
 mod cluster;
 mod context;
+pub mod demo;
 mod fixtures;
 mod geth;
 mod kube_node;

@@ -238,8 +238,23 @@ pub fn sidecar_image() -> Result<ImageSpec> {
     })
 }
 
-/// The geth image: the test bed's geth and a static busybox shell (the chart's
-/// init container runs `sh -c`), entrypoint `geth` like ethereum/client-go.
+/// The absolute paths of `busybox`'s applets (`busybox --list-full`).
+fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
+    let out = run(
+        Command::new(busybox).arg("--list-full"),
+        "busybox --list-full",
+    )?;
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        // Not busybox itself, and not `linuxrc` (no directory: not an applet).
+        .filter(|p| p.contains('/') && !p.ends_with("/busybox"))
+        .map(|p| format!("/{}", p.trim_start_matches('/')))
+        .collect())
+}
+
+/// The geth image: the test bed's geth and a static busybox with its applets
+/// linked (the chart's init container runs `sh -c`; users `kill`), entrypoint
+/// `geth` like ethereum/client-go.
 pub fn geth_image() -> Result<ImageSpec> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
@@ -253,7 +268,7 @@ pub fn geth_image() -> Result<ImageSpec> {
             mode: 0o755,
         },
         Entry::File {
-            src: busybox,
+            src: busybox.clone(),
             dest: "/bin/busybox".into(),
             mode: 0o755,
         },
@@ -263,10 +278,13 @@ pub fn geth_image() -> Result<ImageSpec> {
             mode: 0o755,
         },
     ]);
-    for applet in ["sh", "test", "ls", "cat", "sleep", "id"] {
+    // Every applet at the path busybox lists for it (/bin/kill, /bin/sh,
+    // /usr/bin/...), as ethereum/client-go's Alpine base installs them, so
+    // what users run in that container (`kill 1`, `sh -c`) runs here too.
+    for path in busybox_applets(&busybox)? {
         entries.push(Entry::Symlink {
-            dest: format!("/bin/{applet}"),
-            target: "busybox".into(),
+            dest: path,
+            target: "/bin/busybox".into(),
         });
     }
     Ok(ImageSpec {

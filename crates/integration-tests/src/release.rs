@@ -49,6 +49,8 @@ pub struct PodView {
     pub deleting: bool,
     /// When the pod's containers last started (the latest start among them).
     pub started_at: Option<jiff::Timestamp>,
+    /// Each container's restart count, by container name.
+    pub restarts: BTreeMap<String, i32>,
 }
 
 /// The project installed in namespace `ns` of a node.
@@ -133,6 +135,10 @@ impl<'a> Release<'a> {
                         .filter_map(|c| c.state.as_ref()?.running.as_ref()?.started_at.as_ref())
                         .map(|t| t.0)
                         .max(),
+                    restarts: statuses
+                        .iter()
+                        .map(|c| (c.name.clone(), c.restart_count))
+                        .collect(),
                 }
             })
             .collect();

@@ -31,7 +31,8 @@ pub(crate) enum Command {
     /// this geth is connected to each), then exit. Needs only the kubeconfig
     /// (or the pod's service account): it works from outside the pod.
     Status {
-        /// Output format: a table, or JSON for tools.
+        /// Output format: a table, JSON for tools, or the mesh as a Graphviz
+        /// DOT graph (`dot -Tsvg`).
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -44,13 +45,20 @@ pub(crate) enum Output {
     Table,
     /// One JSON object (the `registry` part of the `/status` endpoint).
     Json,
+    /// The mesh as a Graphviz DOT graph: every member's sidecar is asked for
+    /// its `/status` (at LISTEN_ADDR's port), so run it where pod IPs are
+    /// reachable, e.g. `kubectl exec` in a sidecar container.
+    Dot,
 }
 
-impl From<Output> for sidecar_runtime::status::Output {
-    fn from(o: Output) -> Self {
-        match o {
-            Output::Table => Self::Table,
-            Output::Json => Self::Json,
+impl Output {
+    /// The runtime's format; members' sidecars listen on `sidecar_port`.
+    pub(crate) fn with_port(self, sidecar_port: u16) -> sidecar_runtime::status::Output {
+        use sidecar_runtime::status::Output as O;
+        match self {
+            Output::Table => O::Table,
+            Output::Json => O::Json,
+            Output::Dot => O::Dot { sidecar_port },
         }
     }
 }

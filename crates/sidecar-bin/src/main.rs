@@ -144,7 +144,8 @@ async fn serve<R: PeerRegistry + 'static>(
     let name = &cli.common.configmap_name;
     match cli.command {
         Some(Command::Status { output }) => {
-            let shown = sidecar_runtime::status::show(&*registry, &*geth, output.into())
+            let output = output.with_port(cli.run.listen.port());
+            let shown = sidecar_runtime::status::show(&*registry, &*geth, output)
                 .await
                 .with_context(|| format!("reading ConfigMap {ns}/{name}"))?;
             match shown {

@@ -47,6 +47,7 @@ mod execute;
 mod health;
 mod identity;
 mod latch;
+pub mod mesh_graph;
 mod metrics;
 mod notice;
 mod pass;

@@ -189,7 +189,7 @@ fn source_for(target: SocketAddr) -> Option<IpAddr> {
 
 /// Asks the sidecar at `addr` who it is.
 async fn identity(addr: SocketAddr) -> Answer {
-    match request(addr, "/identity").await {
+    match request(addr, "/identity", ANSWER_LIMIT).await {
         None => Answer::Silent,
         Some((200, body)) => serde_json::from_str(&body).map_or(Answer::NotASidecar, Answer::Named),
         Some(_) => Answer::NoIdentity,
@@ -198,22 +198,24 @@ async fn identity(addr: SocketAddr) -> Answer {
 
 /// The body of a 200 answer to `GET path` at `addr`.
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    match request(addr, path).await? {
+    match request(addr, path, ANSWER_LIMIT).await? {
         (200, body) => Some(body),
         _ => None,
     }
 }
 
+/// The most of a probe's or identity's answer read: they are small.
+const ANSWER_LIMIT: u64 = 4096;
+
 /// A plain HTTP/1.0 GET of `path` at `addr`: the status and body, `None`
-/// when nothing answered HTTP. The sidecar's answers are small; at most 4 KiB
-/// is read.
-async fn request(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+/// when nothing answered HTTP. At most `limit` bytes are read.
+pub(crate) async fn request(addr: SocketAddr, path: &str, limit: u64) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request =
         format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut body = Vec::with_capacity(512);
-    stream.take(4096).read_to_end(&mut body).await.ok()?;
+    stream.take(limit).read_to_end(&mut body).await.ok()?;
     let text = std::str::from_utf8(&body).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
     if !head.starts_with("HTTP/1.") {

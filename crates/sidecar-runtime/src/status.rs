@@ -16,6 +16,12 @@ pub enum Output {
     Table,
     /// One JSON object (the `registry` part of the `/status` endpoint).
     Json,
+    /// The mesh as a Graphviz DOT graph, from every member's `/status` asked
+    /// at this port ([`crate::mesh_graph`]).
+    Dot {
+        /// The members' sidecar HTTP port.
+        sidecar_port: u16,
+    },
 }
 
 /// One member, with whether this geth is connected to it (`None`: unknown,
@@ -191,6 +197,9 @@ pub async fn show<R: PeerRegistry, G: AdminApi>(
             let mut s = serde_json::to_string_pretty(&view).unwrap_or_default();
             s.push('\n');
             s
+        }
+        Output::Dot { sidecar_port } => {
+            crate::mesh_graph::render_dot(&crate::mesh_graph::collect(&snap, sidecar_port).await)
         }
     }))
 }

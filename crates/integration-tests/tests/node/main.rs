@@ -17,6 +17,8 @@
 
 mod chaos;
 mod chart;
+mod demo;
+mod graph;
 mod image;
 mod kustomize;
 mod monitoring;
@@ -84,7 +86,9 @@ fn main() -> std::process::ExitCode {
     let tests: Vec<(&str, TestFn)> = vec![
         trial!(image::assembled_sidecar_image_runs_as_the_dockerfile_final_stage_says),
         trial!(teardown::teardown_leaves_no_process_cgroup_netns_bridge_mount_or_host_path),
-        trial!(teardown::the_real_node_demo_reaches_a_full_mesh_and_tears_everything_down),
+        trial!(teardown::the_real_node_demo_reaches_a_full_mesh_and_q_tears_everything_down),
+        trial!(demo::demo_commands_k_d_s_each_have_their_effect_on_the_real_node),
+        trial!(graph::status_dot_of_a_full_mesh_renders_with_graphviz_every_pod_and_no_missing_link),
         trial!(chart::helm_install_of_five_replicas_forms_a_full_mesh_with_readable_logs_and_status),
         trial!(chart::deleted_pod_returns_on_a_new_ip_and_every_geth_repeers_with_it_and_drops_the_old_one),
         trial!(chart::rolling_update_never_loses_more_than_the_pod_being_replaced),

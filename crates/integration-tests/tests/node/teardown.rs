@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::{
-    KubeNode, Release, TestContext, eventually, list_netns, oci, processes_referring_to,
+    KubeNode, Release, TestContext, demo, eventually, list_netns, oci, processes_referring_to,
 };
 
 use crate::Shared;
@@ -139,24 +139,52 @@ pub async fn teardown_leaves_no_process_cgroup_netns_bridge_mount_or_host_path(_
     );
 }
 
-pub async fn the_real_node_demo_reaches_a_full_mesh_and_tears_everything_down(_: Arc<Shared>) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo"))
-        .args(["--nodes", "3", "--once"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
+/// The demo binary as a user runs it: once its table shows the full mesh,
+/// `q` ends it and it leaves nothing behind.
+pub async fn the_real_node_demo_reaches_a_full_mesh_and_q_tears_everything_down(_: Arc<Shared>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo"))
+        .args(["--nodes", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let mut table = String::new();
+    let mut quit_sent = false;
+    let read_all = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            printed += &line;
+            printed.push('\n');
+            if line.starts_with("POD ") {
+                table.clear();
+            } else if line.trim().is_empty() || line.starts_with('[') {
+                continue;
+            }
+            table += &line;
+            table.push('\n');
+            if !quit_sent && demo::table_shows_full_mesh(&table, 3) {
+                stdin.write_all(b"q\n").await.unwrap();
+                quit_sent = true;
+            }
+        }
+    };
+    let finished = tokio::time::timeout(Duration::from_secs(600), read_all).await;
+    assert!(finished.is_ok(), "the demo did not end: {printed}");
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{printed}");
     assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        quit_sent,
+        "the demo never showed a full mesh of 3: {printed}"
     );
     assert!(
-        stdout.contains("full mesh: every geth is connected to every other"),
-        "{stdout}"
+        printed.contains("done: every process stopped"),
+        "q did not tear down: {printed}"
     );
-    let dir = stdout
+    let dir = printed
         .lines()
         .find_map(|l| l.strip_prefix("logs: "))
         .expect("the demo prints its log directory")

@@ -121,6 +121,9 @@ pub(crate) async fn run(nodes: usize, once: bool) {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut last = String::new();
+    // One listener for the whole run: a Ctrl-C pressed while the table is
+    // being read (most of the time) is not lost.
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let t = table(&m).await;
         if t != last {
@@ -132,7 +135,7 @@ pub(crate) async fn run(nodes: usize, once: bool) {
             break;
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut ctrl_c => break,
             line = lines.next_line(), if stdin_open => match line {
                 Ok(Some(l)) => match command(&mut m, l.trim()).await {
                     Ok(true) => {}
