@@ -188,11 +188,17 @@ impl PeerRegistry for LeaseRegistry {
         let (configmap, leases) = futures::join!(self.configmap.object(), self.api.list(&lp));
         let leases = leases.map_err(|e| self.err(e, "list", &self.selector()))?;
         let configmap = configmap?;
-        // The objects' own versions, not the list's (etcd's revision at the
-        // read, moved by any write anywhere): the same figure the watch gives.
+        // etcd's revision at the read (the list's version, at least every
+        // object's): a quorum read holds every change up to it, and any later
+        // change the watch delivers has a higher one. The largest object
+        // version would drop when the newest Lease is deleted, which would
+        // look like etcd's revisions going back.
         let mut view = View::default();
         for lease in &leases.items {
             view.put(self.name(), lease);
+        }
+        if let Some(rv) = leases.metadata.resource_version.as_deref() {
+            view.revision = view.revision.max(rv.parse().unwrap_or(0));
         }
         if let Some(cm) = &configmap {
             view.revision = view.revision.max(revision(&cm.metadata));
@@ -275,7 +281,10 @@ impl PeerRegistry for LeaseRegistry {
 
     fn watch(&self) -> BoxStream<'static, Result<Snapshot>> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        lock(&self.view).synced = false;
+        // A new watch (a start, or a reopen after etcd's revisions went
+        // back): what an older one saw is no base for the next write's
+        // snapshot; until this one lists, that is a fresh read.
+        *lock(&self.view) = View::default();
         let leases = watcher(
             self.api.clone(),
             watcher::Config::default().labels(&self.selector()),

@@ -95,7 +95,9 @@ pub use observation::{Confirmation, Observation, PeerObservation, PodObservation
 pub use plan::{
     GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,
 };
-pub use tracker::{GenerationChange, PeerEventEffect, Tracker, WatchVerdict, is_incompatible};
+pub use tracker::{
+    GenerationChange, PeerEventEffect, ReadVerdict, Tracker, WatchVerdict, is_incompatible,
+};
 
 #[cfg(test)]
 mod property_tests;

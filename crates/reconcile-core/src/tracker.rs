@@ -33,6 +33,24 @@ pub enum WatchVerdict {
     Reread,
 }
 
+/// What the tracker did with a snapshot read from the registry (a GET or
+/// LIST without resourceVersion: a quorum read, authoritative).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadVerdict {
+    /// Taken; the registry's versions moved forward (or cannot be compared).
+    Taken,
+    /// Taken although its resourceVersion is lower than the highest this
+    /// tracker took in (or the registry is gone while no deletion was
+    /// watched): etcd was restored or wiped. Every watch item carries the old
+    /// numbering, so the caller opens its watch anew.
+    WentBack {
+        /// The highest version taken in before.
+        from: u64,
+        /// The read's version (`None`: no registry).
+        to: Option<String>,
+    },
+}
+
 /// What a geth connection generation meant (see [`Tracker::on_geth_generation`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GenerationChange {
@@ -89,6 +107,9 @@ pub fn is_incompatible(error: &str) -> bool {
 #[derive(Clone, Debug, Default)]
 pub struct Tracker {
     snapshot: Option<Snapshot>,
+    /// The highest numeric resourceVersion taken in since the last time the
+    /// registry was seen gone or going back (see [`Tracker::on_read_snapshot`]).
+    high_water: Option<u64>,
     applied: BTreeMap<NodeId, Enode>,
     generation: u64,
     connected: BTreeMap<NodeId, PeerObservation>,
@@ -161,6 +182,7 @@ impl Tracker {
         let held = self.snapshot.as_ref();
         if snap.resource_version.is_none() && held.is_some_and(|h| h.resource_version.is_some()) {
             self.snapshot = None;
+            self.high_water = None;
             return WatchVerdict::Reread;
         }
         if is_stale(held, &snap) {
@@ -170,12 +192,38 @@ impl Tracker {
         WatchVerdict::Taken
     }
 
-    /// A snapshot read from the registry or returned by our own write.
+    /// A snapshot returned by our own write.
     pub fn on_snapshot(&mut self, now: Timestamp, snap: Snapshot) {
         self.take(now, snap, false);
     }
 
+    /// A snapshot read from the registry. A read is authoritative: it
+    /// replaces the snapshot held whatever their versions (unlike a watch
+    /// item, which may lag our own write). A version lower than the highest
+    /// taken in before, or no registry where one was held and no deletion
+    /// was watched, means etcd's revisions started over
+    /// ([`ReadVerdict::WentBack`]).
+    pub fn on_read_snapshot(&mut self, now: Timestamp, snap: Snapshot) -> ReadVerdict {
+        let to = snap.resource_version.as_deref().map(str::parse::<u64>);
+        let verdict = match (self.high_water, to) {
+            (Some(from), None) => ReadVerdict::WentBack { from, to: None },
+            (Some(from), Some(Ok(to))) if to < from => ReadVerdict::WentBack {
+                from,
+                to: snap.resource_version.clone(),
+            },
+            _ => ReadVerdict::Taken,
+        };
+        if verdict != ReadVerdict::Taken {
+            self.high_water = None;
+        }
+        self.take(now, snap, false);
+        verdict
+    }
+
     fn take(&mut self, now: Timestamp, snap: Snapshot, listed: bool) {
+        if let Some(Ok(v)) = snap.resource_version.as_deref().map(str::parse::<u64>) {
+            self.high_water = Some(self.high_water.map_or(v, |h| h.max(v)));
+        }
         self.note_new_registrations(now, &snap, listed);
         self.prune(&snap);
         self.snapshot = Some(snap);

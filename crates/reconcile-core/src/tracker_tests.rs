@@ -47,6 +47,82 @@ fn a_watch_snapshot_older_than_the_one_held_is_stale_and_a_missing_registry_mean
     );
 }
 
+fn at_version(members: &[(&str, u8)], version: Option<&str>) -> Snapshot {
+    let mut s = snapshot(
+        members
+            .iter()
+            .map(|(pod, n)| record(pod, &enode(*n, *n), at(0))),
+    );
+    s.resource_version = version.map(str::to_owned);
+    s
+}
+
+#[test]
+fn a_read_with_a_lower_version_replaces_the_snapshot_and_says_the_versions_went_back() {
+    let mut t = Tracker::new();
+    let held = at_version(&[("geth-1", 1), ("geth-2", 2)], Some("5000"));
+    assert_eq!(t.on_watch_snapshot(at(1), held, true), WatchVerdict::Taken);
+    // etcd wiped: the apiserver's state starts over at a low revision.
+    let fresh = at_version(&[("geth-2", 2)], Some("120"));
+    assert_eq!(
+        t.on_read_snapshot(at(2), fresh.clone()),
+        ReadVerdict::WentBack {
+            from: 5000,
+            to: Some("120".into())
+        }
+    );
+    assert_eq!(t.snapshot(), Some(&fresh), "the read is the truth");
+    // From there on, versions count from the new numbering.
+    let next = at_version(&[("geth-1", 1), ("geth-2", 2)], Some("130"));
+    assert_eq!(t.on_read_snapshot(at(3), next), ReadVerdict::Taken);
+}
+
+#[test]
+fn a_read_finding_no_registry_after_one_was_held_went_back_unless_its_deletion_was_watched() {
+    let mut t = Tracker::new();
+    let held = at_version(&[("geth-1", 1)], Some("40"));
+    t.on_watch_snapshot(at(1), held.clone(), true);
+    assert_eq!(
+        t.on_read_snapshot(at(2), Snapshot::default()),
+        ReadVerdict::WentBack { from: 40, to: None }
+    );
+    assert_eq!(t.snapshot(), Some(&Snapshot::default()));
+    let mut t = Tracker::new();
+    t.on_watch_snapshot(at(1), held, true);
+    assert_eq!(
+        t.on_watch_snapshot(at(2), Snapshot::default(), false),
+        WatchVerdict::Reread
+    );
+    assert_eq!(
+        t.on_read_snapshot(at(3), Snapshot::default()),
+        ReadVerdict::Taken
+    );
+}
+
+#[test]
+fn after_a_read_went_back_an_out_of_order_watch_item_is_still_stale() {
+    let mut t = Tracker::new();
+    t.on_watch_snapshot(at(1), at_version(&[("geth-1", 1)], Some("5000")), true);
+    t.on_read_snapshot(at(2), at_version(&[("geth-2", 2)], Some("120")));
+    // An item older than the read, in the new numbering: still refused.
+    assert_eq!(
+        t.on_watch_snapshot(at(3), at_version(&[], Some("110")), false),
+        WatchVerdict::Stale
+    );
+    // And a read that is newer moves on without a warning.
+    assert_eq!(
+        t.on_read_snapshot(at(4), at_version(&[("geth-2", 2)], Some("121"))),
+        ReadVerdict::Taken
+    );
+    // Our own write's return never says anything went back, and a later
+    // read at the same version is no step back either.
+    t.on_snapshot(at(5), at_version(&[("geth-2", 2)], Some("150")));
+    assert_eq!(
+        t.on_read_snapshot(at(6), at_version(&[("geth-2", 2)], Some("150"))),
+        ReadVerdict::Taken
+    );
+}
+
 #[test]
 fn registrations_of_a_watchs_list_are_landed_and_listed_later_ones_landed_only() {
     let (a, b) = (enode(1, 1), enode(2, 2));

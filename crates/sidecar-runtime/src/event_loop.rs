@@ -178,6 +178,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 () = tokio::time::sleep_until(resync_at) => {
                     resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
                     debug!("periodic resync");
+                    // The resync reads the registry: a watch resumed from a
+                    // version etcd no longer has (restored or wiped) stays
+                    // silent, and only a read shows that.
+                    self.reread_due = true;
                     dirty = true;
                 }
                 () = tokio::time::sleep_until(probe_at) => {

@@ -70,9 +70,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             Ok(p) => p,
             Err(e) => return Err(self.geth_down(e)),
         };
-        let (read, read_error) = match self.tracker.snapshot() {
-            Some(_) => (None, None),
-            None => match self.registry.snapshot().await {
+        let held = self.tracker.snapshot().is_some();
+        let (read, read_error) = if held && !self.reread_due {
+            (None, None)
+        } else {
+            match self.registry.snapshot().await {
                 Ok(s) => (Some(s), None),
                 Err(e) => {
                     self.metrics
@@ -80,9 +82,11 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                         .get_or_create(&Metrics::kind(e.kind()))
                         .inc();
                     warn!(error = %e, "cannot read the registry; geth's peers stay as they are");
-                    (None, Some(e))
+                    // With a snapshot held, the pass goes on with it; the
+                    // read is tried again at the next pass.
+                    (None, (!held).then_some(e))
                 }
-            },
+            }
         };
         Ok(Observed {
             info,
@@ -125,7 +129,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             return Err(PassError::RegistryRead(e));
         }
         if let Some(snap) = observed.read {
-            self.on_snapshot(snap);
+            self.on_read(snap);
         }
         match self.s.advertise.advertised(&observed.info, self.s.p2p_port) {
             Ok(e) => {

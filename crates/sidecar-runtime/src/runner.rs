@@ -76,6 +76,12 @@ pub(crate) struct Runner<G, R> {
     pub(crate) stuck_since: Option<jiff::Timestamp>,
     /// The resync jitter's source ([`Settings::seed`]).
     pub(crate) rng: rand::rngs::StdRng,
+    /// The next pass reads the registry afresh (a periodic resync, or the
+    /// watch failed): the watch alone may be stuck (see `on_read`).
+    pub(crate) reread_due: bool,
+    /// A watch opened anew because the registry's versions went back; the
+    /// event loop takes it in place of its own after the pass.
+    pub(crate) reopened: Option<crate::triggers::Watch>,
 }
 
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
@@ -102,6 +108,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             awaiting: Vec::new(),
             recheck_at: None,
             stuck_since: None,
+            reread_due: false,
+            reopened: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }

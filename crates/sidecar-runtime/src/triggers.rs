@@ -93,6 +93,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// [`Runner::on_watch_items`], then a new watch in place of `watch` if
     /// that one ended. True when a pass is due.
     pub(crate) fn take_watch_items(&mut self, items: WatchItems, watch: &mut Watch) -> bool {
+        if let Some(reopened) = self.reopened.take() {
+            // The old watch's items carry etcd's old numbering: only its
+            // errors count.
+            self.count_watch_errors(&items.errors);
+            *watch = reopened;
+            return false;
+        }
         let ended = items.ended;
         let due = self.on_watch_items(items, watch);
         if ended {
@@ -105,13 +112,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// newest snapshot (each is the whole registry, so older ones add nothing)
     /// unless it is stale, and every error. True when a pass is due.
     fn on_watch_items(&mut self, items: WatchItems, watch: &mut Watch) -> bool {
-        for e in &items.errors {
-            self.metrics
-                .registry_errors
-                .get_or_create(&Metrics::kind(e.kind()))
-                .inc();
-            warn!(error = %e, "registry watch error; retrying");
-        }
+        self.count_watch_errors(&items.errors);
         if items.ended {
             warn!("registry watch ended; restarting it");
         }
@@ -149,9 +150,49 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         }
     }
 
-    /// A snapshot read or returned by a write: into the tracker.
+    /// Counts and logs the watch's errors; the next pass reads the registry
+    /// (the watch may resume from a version etcd no longer has).
+    fn count_watch_errors(&mut self, errors: &[peer_registry::Error]) {
+        for e in errors {
+            self.metrics
+                .registry_errors
+                .get_or_create(&Metrics::kind(e.kind()))
+                .inc();
+            warn!(error = %e, "registry watch error; retrying");
+        }
+        self.reread_due |= !errors.is_empty();
+    }
+
+    /// A snapshot returned by a write: into the tracker.
     pub(crate) fn on_snapshot(&mut self, snap: Snapshot) {
         self.tracker.on_snapshot(self.s.clock.now(), snap);
+        self.took_snapshot();
+    }
+
+    /// A snapshot the pass read: into the tracker, whatever its version. When
+    /// the registry's versions went back (etcd restored or wiped), the watch
+    /// is opened anew: the old one waits for a version the new etcd has not
+    /// reached and would stay silent.
+    pub(crate) fn on_read(&mut self, snap: Snapshot) {
+        self.reread_due = false;
+        if let core::ReadVerdict::WentBack { from, to } =
+            self.tracker.on_read_snapshot(self.s.clock.now(), snap)
+        {
+            match to {
+                Some(to) => warn!(
+                    from, to = %to,
+                    "the registry's resourceVersion went back from {from} to {to}: etcd restored \
+                     or wiped? taking the apiserver's current state and watching it anew"
+                ),
+                None => warn!(
+                    from,
+                    "the registry is gone (last resourceVersion {from}) and no deletion was \
+                     watched: etcd restored or wiped? taking the apiserver's current state and \
+                     watching it anew"
+                ),
+            }
+            self.reopened = Some(self.open_watch());
+        }
         self.took_snapshot();
     }
 
