@@ -114,7 +114,7 @@ async fn one(n: usize, v: &Variant, paths: &[Path], roll: usize, tag: &str, out:
     }
 }
 
-fn print(results: &Results, rows: Vec<Row>) {
+fn print(results: &Results, rows: &[Row]) {
     println!(
         "\n{:<58} {:<4} {:<20} {:>10} {:>9} {:>22} {:>7} {:>6} {:>12}",
         "path",
@@ -253,6 +253,8 @@ fn main() {
                     .await;
                 }
             }
+            // The table so far: a later size that fails keeps these figures.
+            print(&results, &[]);
             if steady_at.contains(&n) {
                 for layout in &layouts {
                     let v = Variant::Sidecar {
@@ -267,5 +269,5 @@ fn main() {
             }
         }
     });
-    print(&results, rows);
+    print(&results, &rows);
 }
