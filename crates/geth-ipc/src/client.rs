@@ -56,7 +56,8 @@ pub trait AdminApi: Send + Sync {
     fn connection_generation(&self) -> u64;
 }
 
-/// How often [`socket_accepts_again`] tries geth's IPC socket.
+/// How often [`socket_accepts_again`] tries geth's IPC socket: a connect of
+/// a local path, a few microseconds each, only while geth is down.
 pub const REACHABLE_POLL: Duration = Duration::from_millis(10);
 
 /// Resolves once geth's IPC socket at `path`, refusing connections (or absent)

@@ -32,6 +32,10 @@ pub(crate) struct Pods {
     pub(crate) gone: BTreeMap<String, String>,
 }
 
+/// How long a pass waits for a registry read while it holds a snapshot
+/// (the resync's read): past that it goes on with the snapshot held.
+const HELD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// One pass. Errors are counted and retried by the loop.
     pub(crate) async fn pass(&mut self) -> Result<(), PassError> {
@@ -74,9 +78,30 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let (read, read_error) = if held && !self.reread_due {
             (None, None)
         } else {
-            match self.registry.snapshot().await {
-                Ok(s) => (Some(s), None),
-                Err(e) => {
+            let read = self.registry.snapshot();
+            let read = if held {
+                // A resync's read must not hold the loop on an apiserver that
+                // accepts but does not answer: the pass goes on with the
+                // snapshot held and reads again at the next pass.
+                tokio::time::timeout(HELD_READ_TIMEOUT, read).await.ok()
+            } else {
+                Some(read.await)
+            };
+            match read {
+                None => {
+                    self.metrics
+                        .registry_errors
+                        .get_or_create(&Metrics::kind("unavailable"))
+                        .inc();
+                    warn!(
+                        after = ?HELD_READ_TIMEOUT,
+                        "the registry did not answer a read; going on with the registry as last \
+                         seen and reading again at the next pass (check the apiserver)"
+                    );
+                    (None, None)
+                }
+                Some(Ok(s)) => (Some(s), None),
+                Some(Err(e)) => {
                     self.metrics
                         .registry_errors
                         .get_or_create(&Metrics::kind(e.kind()))

@@ -28,6 +28,7 @@ use crate::triggers::{Watch, WatchItems};
 mod geth;
 mod peers;
 mod recheck;
+mod resync;
 mod socket;
 mod watch;
 
