@@ -564,7 +564,11 @@ state = "{state}"
             "nodeStatusUpdateFrequency": "2s",
             "clusterDomain": "cluster.local",
             "staticPodPath": "",
-            "maxPods": 30,
+            // The node suite's releases stay up until the node is torn down;
+            // 30 pods (the old value) were too few once the demo, graph,
+            // monitoring and chaos tests joined: pods stayed Pending. 110 is
+            // the kubelet's default.
+            "maxPods": 110,
         });
         write(&d.join("config.json"), config.to_string())?;
         let kubeconfig = self.cluster().component_kubeconfig("kubelet")?;
