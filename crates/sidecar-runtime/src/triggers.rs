@@ -123,7 +123,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             );
         }
         let Some(snap) = items.newest else {
-            return false;
+            // Errors alone: the pass reads the registry (`reread_due`) now,
+            // not at the next resync. The watcher's own backoff paces them.
+            return !items.errors.is_empty();
         };
         let event_version = snap.resource_version.clone();
         let listed = !watch.listed;

@@ -245,3 +245,17 @@ async fn the_first_pass_registers_from_the_watchs_list_without_a_registry_read_o
         "the registration's own snapshot is held"
     );
 }
+
+#[test]
+fn a_watch_error_alone_makes_a_pass_due_that_reads_the_registry() {
+    let mut r = runner(MockAdminApi::new(), pod_ip());
+    let mut watch = quiet_watch(true);
+    r.on_snapshot(snapshot("10"));
+    let mut errors = WatchItems::default();
+    errors.push(Some(Err(peer_registry::Error::TooLarge { bytes: 1 })));
+    assert!(
+        r.take_watch_items(errors, &mut watch),
+        "a pass is due at once, not at the next resync"
+    );
+    assert!(r.reread_due, "that pass reads the registry");
+}
