@@ -36,11 +36,15 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 
+mod components;
+mod teardown;
+
 use crate::cluster::{NodeControlPlane, SERVICE_CIDR};
 use crate::oci;
 use crate::{
     Bridge, Cluster, Error, Netns, Proc, Result, TestContext, eventually, io_err, testbed,
 };
+use teardown::cgroup_hierarchies;
 
 /// The node's name (the kubelet's identity is `system:node:<name>`).
 pub const NODE_NAME: &str = "gps-node";
@@ -77,46 +81,6 @@ fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
         std::fs::create_dir_all(parent).map_err(io_err(format!("mkdir {}", parent.display())))?;
     }
     std::fs::write(path, contents).map_err(io_err(format!("write {}", path.display())))
-}
-
-/// The cgroup v1 hierarchies mounted under /sys/fs/cgroup (and the v2 one, if any).
-fn cgroup_hierarchies() -> Vec<PathBuf> {
-    std::fs::read_dir("/sys/fs/cgroup")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.join("cgroup.procs").exists())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Every directory below (and including) `dir`, deepest first.
-fn dirs_depth_first(dir: &Path, out: &mut Vec<PathBuf>) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                dirs_depth_first(&e.path(), out);
-            }
-        }
-    }
-    out.push(dir.to_path_buf());
-}
-
-/// The process ids whose mount namespace is `mnt_ns` (a `/proc/PID/ns/mnt` link).
-fn pids_in_mount_ns(mnt_ns: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| {
-                    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-                        .map(|l| l.to_string_lossy() == mnt_ns)
-                        .unwrap_or(false)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A running single-node cluster. See the module documentation.
@@ -324,89 +288,6 @@ impl KubeNode {
         )
     }
 
-    async fn start_containerd(&mut self) -> Result<()> {
-        let d = self.dir.join("containerd");
-        let cni_conf = d.join("net.d");
-        let conflist = json!({
-            "cniVersion": "1.0.0",
-            "name": "gps-pods",
-            "plugins": [{
-                "type": "bridge",
-                "bridge": "cni0",
-                "isGateway": true,
-                "ipMasq": false,
-                "hairpinMode": true,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": self.pod_subnet }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
-                    "dataDir": d.join("ipam").to_string_lossy(),
-                }
-            }]
-        });
-        write(&cni_conf.join("10-gps-pods.conflist"), conflist.to_string())?;
-        let sock = self.containerd_socket();
-        let config = format!(
-            r#"version = 3
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins.'io.containerd.cri.v1.images']
-  snapshotter = "overlayfs"
-  [plugins.'io.containerd.cri.v1.images'.pinned_images]
-    sandbox = "{pause}"
-[plugins.'io.containerd.cri.v1.runtime']
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  disable_apparmor = true
-  [plugins.'io.containerd.cri.v1.runtime'.cni]
-    bin_dirs = ["/usr/lib/cni"]
-    conf_dir = "{cni}"
-  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-      BinaryName = "/usr/sbin/runc"
-      Root = "{runc}"
-      SystemdCgroup = false
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = sock.display(),
-            pause = oci::PAUSE_IMAGE,
-            cni = cni_conf.display(),
-            runc = d.join("runc").display(),
-        );
-        write(&d.join("config.toml"), config)?;
-        let prefix = self.holder_prefix();
-        let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
-        let path = self.path_env();
-        let proc = Proc::spawn_with(
-            &self.ctx,
-            "containerd",
-            &prefix,
-            &testbed().bin("containerd"),
-            [
-                "--config".into(),
-                d.join("config.toml").into_os_string(),
-                "--log-level".into(),
-                "warn".into(),
-            ],
-            &[("PATH", path.as_str())],
-        )?;
-        self.containerd = Some(proc);
-        let sock = self.containerd_socket();
-        eventually("containerd's socket", Duration::from_secs(30), || {
-            let ok = sock.exists();
-            async move { ok.then_some(()) }
-        })
-        .await
-        .map_err(|e| self.exited("containerd", e))?;
-        Ok(())
-    }
-
     /// The error to report when a component may have died: its log's tail.
     fn exited(&self, component: &str, e: Error) -> Error {
         let log = self.ctx.path(&format!("logs/{component}.log"));
@@ -481,192 +362,6 @@ state = "{state}"
         self.cluster
             .as_ref()
             .expect("the control plane runs while the node exists")
-    }
-
-    fn start_control_loops(&mut self) -> Result<()> {
-        let tb = testbed();
-        let c = self.cluster();
-        let kcm_kubeconfig = c.component_kubeconfig("kube-controller-manager")?;
-        let sched_kubeconfig = c.component_kubeconfig("kube-scheduler")?;
-        let cdir = c.dir().to_path_buf();
-        let ns = self.netns_name().to_owned();
-        let kcm = Proc::spawn(
-            &self.ctx,
-            "kube-controller-manager",
-            Some(&ns),
-            &tb.bin("kube-controller-manager"),
-            [
-                format!("--kubeconfig={}", kcm_kubeconfig.display()),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!(
-                    "--service-account-private-key-file={}",
-                    cdir.join("sa.key").display()
-                ),
-                format!(
-                    "--root-ca-file={}",
-                    cdir.join("certs/apiserver.crt").display()
-                ),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                // Each controller with its own service account, as kubeadm runs it.
-                "--use-service-account-credentials=true".into(),
-                "--v=1".into(),
-            ],
-            &[],
-        )?;
-        self.controller_manager = Some(kcm);
-        let sched = Proc::spawn(
-            &self.ctx,
-            "kube-scheduler",
-            Some(&ns),
-            &tb.bin("kube-scheduler"),
-            [
-                format!("--kubeconfig={}", sched_kubeconfig.display()),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                "--v=1".into(),
-            ],
-            &[],
-        )?;
-        self.scheduler = Some(sched);
-        Ok(())
-    }
-
-    fn start_kubelet(&mut self, node_ip: Ipv4Addr) -> Result<()> {
-        let d = self.dir.join("kubelet");
-        write(&d.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
-        let config = json!({
-            "apiVersion": "kubelet.config.k8s.io/v1beta1",
-            "kind": "KubeletConfiguration",
-            "failCgroupV1": false,
-            "cgroupDriver": "cgroupfs",
-            "cgroupRoot": self.cgroup_root,
-            "containerRuntimeEndpoint": format!("unix://{}", self.containerd_socket().display()),
-            "address": node_ip.to_string(),
-            "port": KUBELET_PORT,
-            "readOnlyPort": 0,
-            "healthzPort": 0,
-            "authentication": { "anonymous": { "enabled": true }, "webhook": { "enabled": false } },
-            "authorization": { "mode": "AlwaysAllow" },
-            "failSwapOn": false,
-            "protectKernelDefaults": true,
-            "podLogsDir": d.join("pod-logs").to_string_lossy(),
-            "resolvConf": d.join("resolv.conf").to_string_lossy(),
-            "evictionHard": {
-                "memory.available": "50Mi", "nodefs.available": "1%",
-                "nodefs.inodesFree": "1%", "imagefs.available": "1%"
-            },
-            "imageGCHighThresholdPercent": 100,
-            "imageGCLowThresholdPercent": 99,
-            "serializeImagePulls": false,
-            "syncFrequency": "10s",
-            "fileCheckFrequency": "10s",
-            "nodeStatusUpdateFrequency": "2s",
-            "clusterDomain": "cluster.local",
-            "staticPodPath": "",
-            // The node suite's releases stay up until the node is torn down;
-            // 30 pods (the old value) were too few once the demo, graph,
-            // monitoring and chaos tests joined: pods stayed Pending. 110 is
-            // the kubelet's default.
-            "maxPods": 110,
-        });
-        write(&d.join("config.json"), config.to_string())?;
-        let kubeconfig = self.cluster().component_kubeconfig("kubelet")?;
-        let prefix = self.holder_prefix();
-        let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
-        let path = self.path_env();
-        let kubelet = Proc::spawn_with(
-            &self.ctx,
-            "kubelet",
-            &prefix,
-            &testbed().bin("kubelet"),
-            [
-                format!("--config={}", d.join("config.json").display()),
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--root-dir={}", d.join("root").display()),
-                format!("--cert-dir={}", d.join("pki").display()),
-                format!("--hostname-override={NODE_NAME}"),
-                format!("--node-ip={node_ip}"),
-                "--v=1".into(),
-            ],
-            &[("PATH", path.as_str())],
-        )?;
-        self.kubelet = Some(kubelet);
-        Ok(())
-    }
-
-    /// Restarts the kubelet as a node upgrade or an operator would: SIGTERM,
-    /// `down` without a kubelet (containers run on under containerd), then the
-    /// same binary with the same configuration and directories. Waits until
-    /// the new kubelet has renewed the node's Lease (its heartbeat) and the
-    /// Node reports Ready; returns how long that took from the start.
-    pub async fn restart_kubelet(&mut self, down: Duration) -> Result<Duration> {
-        use k8s_openapi::api::coordination::v1::Lease;
-        let node_ip = self
-            .bridge
-            .as_ref()
-            .map(|b| b.ip(2))
-            .ok_or_else(|| Error::Setup("the node is torn down".into()))?;
-        if let Some(mut kubelet) = self.kubelet.take() {
-            kubelet.terminate(Duration::from_secs(30)).await;
-        }
-        let leases: Api<Lease> = Api::namespaced(self.admin(), "kube-node-lease");
-        let renew = |lease: Option<Lease>| lease.and_then(|l| l.spec?.renew_time);
-        let last = renew(leases.get_opt(NODE_NAME).await?);
-        // The outage is the scenario, not a synchronisation.
-        tokio::time::sleep(down).await;
-        let started = std::time::Instant::now();
-        self.start_kubelet(node_ip)?;
-        let nodes: Api<Node> = Api::all(self.admin());
-        eventually(
-            "the restarted kubelet's heartbeat and Ready",
-            Duration::from_secs(120),
-            || {
-                let (leases, nodes, last) = (leases.clone(), nodes.clone(), last.clone());
-                async move {
-                    let now = renew(leases.get_opt(NODE_NAME).await.ok()?);
-                    if now.is_none() || now == last {
-                        return None;
-                    }
-                    let node = nodes.get_opt(NODE_NAME).await.ok()??;
-                    node.status?
-                        .conditions?
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                        .then_some(())
-                }
-            },
-        )
-        .await
-        .map_err(|e| self.exited("kubelet", e))?;
-        Ok(started.elapsed())
-    }
-
-    fn start_kube_proxy(&mut self, node_ip: Ipv4Addr) -> Result<()> {
-        let kubeconfig = self.cluster().component_kubeconfig("kube-proxy")?;
-        let ns = self.netns_name().to_owned();
-        let proxy = Proc::spawn(
-            &self.ctx,
-            "kube-proxy",
-            Some(&ns),
-            &testbed().bin("kube-proxy"),
-            [
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--hostname-override={NODE_NAME}"),
-                "--proxy-mode=nftables".into(),
-                format!("--cluster-cidr={}", self.pod_subnet),
-                format!("--nodeport-addresses={node_ip}/32"),
-                "--conntrack-max-per-core=0".into(),
-                "--conntrack-tcp-timeout-established=0".into(),
-                "--conntrack-tcp-timeout-close-wait=0".into(),
-                "--metrics-bind-address=127.0.0.1:10249".into(),
-                "--healthz-bind-address=127.0.0.1:10256".into(),
-                "--v=1".into(),
-            ],
-            &[],
-        )?;
-        self.kube_proxy = Some(proxy);
-        Ok(())
     }
 
     async fn wait_ready(&self) -> Result<()> {
@@ -830,51 +525,6 @@ state = "{state}"
         Ok(())
     }
 
-    /// Every process of this node still alive: the components, containerd's
-    /// shims, and every container process (by the node's cgroups).
-    pub fn processes(&self) -> Vec<i32> {
-        let mut pids = if self.holder_mnt_ns.is_empty() {
-            Vec::new()
-        } else {
-            pids_in_mount_ns(&self.holder_mnt_ns)
-        };
-        for h in cgroup_hierarchies() {
-            let mut dirs = Vec::new();
-            dirs_depth_first(&h.join(self.cgroup_root.trim_start_matches('/')), &mut dirs);
-            for d in dirs {
-                if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                    pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-                }
-            }
-        }
-        for p in [
-            &self.kube_proxy,
-            &self.kubelet,
-            &self.containerd,
-            &self.scheduler,
-            &self.controller_manager,
-            &self.holder,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            pids.push(p.pid() as i32);
-        }
-        pids.sort_unstable();
-        pids.dedup();
-        pids.retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        pids
-    }
-
-    /// The node's cgroup directories that still exist, in every hierarchy.
-    pub fn cgroups(&self) -> Vec<PathBuf> {
-        cgroup_hierarchies()
-            .into_iter()
-            .map(|h| h.join(self.cgroup_root.trim_start_matches('/')))
-            .filter(|p| p.exists())
-            .collect()
-    }
-
     /// The node's network namespace name.
     pub fn netns(&self) -> &str {
         &self.netns_label
@@ -888,57 +538,5 @@ state = "{state}"
     /// The host-side links the node created (its bridge and veth).
     pub fn link_names(&self) -> Vec<String> {
         self.links.clone()
-    }
-
-    /// Stops everything; see the module documentation. Idempotent.
-    pub fn teardown(&mut self) {
-        // The kubelet first, so it restarts no container while we kill them.
-        drop(self.kubelet.take());
-        for _ in 0..50 {
-            let pids = self.processes();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        drop(self.kube_proxy.take());
-        drop(self.containerd.take());
-        drop(self.scheduler.take());
-        drop(self.controller_manager.take());
-        drop(self.cluster.take());
-        drop(self.holder.take());
-        // Cgroups are empty now: remove them deepest first (a cgroup whose
-        // last task is still exiting refuses for a moment).
-        for _ in 0..50 {
-            let mut left = false;
-            for h in cgroup_hierarchies() {
-                let mut dirs = Vec::new();
-                let root = h.join(self.cgroup_root.trim_start_matches('/'));
-                if !root.exists() {
-                    continue;
-                }
-                dirs_depth_first(&root, &mut dirs);
-                for d in dirs {
-                    if std::fs::remove_dir(&d).is_err() {
-                        left = true;
-                    }
-                }
-            }
-            if !left {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        drop(self.netns.take());
-        drop(self.bridge.take());
-    }
-}
-
-impl Drop for KubeNode {
-    fn drop(&mut self) {
-        self.teardown();
     }
 }
