@@ -106,6 +106,37 @@ impl<'a> Release<'a> {
         self.node.kubectl(&all)
     }
 
+    /// Freezes `container` of `pod` (containerd pauses its task: the cgroup
+    /// freezer). Its sockets stay open and nothing answers, and unlike a killed
+    /// process the kubelet does not start it again: the fault lasts until
+    /// [`Release::thaw`], however fast a restart would have been.
+    pub fn freeze(&self, pod: &str, container: &str) -> Result<()> {
+        let id = self.container_id(pod, container)?;
+        self.node.ctr(&["tasks", "pause", &id]).map(|_| ())
+    }
+
+    /// Resumes a container [`Release::freeze`] paused.
+    pub fn thaw(&self, pod: &str, container: &str) -> Result<()> {
+        let id = self.container_id(pod, container)?;
+        self.node.ctr(&["tasks", "resume", &id]).map(|_| ())
+    }
+
+    /// containerd's id of `container` in `pod`, from the pod's status.
+    fn container_id(&self, pod: &str, container: &str) -> Result<String> {
+        let path = format!(
+            "jsonpath={{.status.containerStatuses[?(@.name==\"{container}\")].containerID}}"
+        );
+        let id = self.kubectl(&["get", "pod", pod, "-o", &path])?;
+        id.trim()
+            .strip_prefix("containerd://")
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Error::Setup(format!(
+                    "pod {pod} reports no containerd id for its {container} container: {id:?}"
+                ))
+            })
+    }
+
     /// The StatefulSet's pods, by name.
     pub async fn pods(&self) -> Result<Vec<PodView>> {
         let pods: Api<Pod> = Api::namespaced(self.node.admin(), &self.ns);
