@@ -3,11 +3,12 @@
 //! pod name sorts first (the others later, only if it is still stale), and
 //! retried until it lands.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use super::view::lock;
+use super::view::{View, lock};
 use super::watch::{Shared, WatchState};
 use crate::configmap::RetryPolicy;
 use crate::error::Result;
@@ -91,11 +92,7 @@ pub(super) async fn publish(shared: &Shared, rank: usize) {
         shared
             .configmap
             .rewrite_data("publish", |data, exists| {
-                let (leases, _) = lock(&shared.view).members();
-                if !exists && leases.is_empty() {
-                    return None;
-                }
-                schema::encode_lease_members(data, &leases)
+                derive(&lock(&shared.view), data, exists)
             })
             .await
             .map(drop)
@@ -105,6 +102,28 @@ pub(super) async fn publish(shared: &Shared, rank: usize) {
         namespace,
         configmap, rank, attempts, "published static-nodes.json from the member leases"
     );
+}
+
+/// What a publication writes, from the registry's latest `view` and the
+/// ConfigMap's `data` as read: `None` when nothing changes, and when the view
+/// is no base to derive from. That is a view a newer watch has just reset and
+/// that has neither listed nor been filled by a read: its Leases are at most
+/// what this pod wrote since, and deriving from them would drop every other
+/// member from `static-nodes.json`. The newer watch publishes once it lists.
+pub(super) fn derive(
+    view: &View,
+    data: &BTreeMap<String, String>,
+    exists: bool,
+) -> Option<BTreeMap<String, String>> {
+    if !(view.synced || view.read) {
+        debug!("the member leases are not listed yet; static-nodes.json is left as it is");
+        return None;
+    }
+    let (leases, _) = view.members();
+    if !exists && leases.is_empty() {
+        return None;
+    }
+    schema::encode_lease_members(data, &leases)
 }
 
 /// Runs `attempt` (one publication: read, derive, compare-and-swap, itself
@@ -154,5 +173,51 @@ where
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::view::tests::lease_of;
+    use crate::schema::tests::member;
+
+    /// A view that knows geth-0 and geth-1, as a listed watch has it.
+    fn listed() -> View {
+        let mut view = View {
+            synced: true,
+            ..View::default()
+        };
+        for (pod, seed) in [("geth-0", 0), ("geth-1", 1)] {
+            view.put("reg", &lease_of("reg", &member(pod, seed)));
+        }
+        view
+    }
+
+    #[test]
+    fn a_listed_or_read_view_derives_static_nodes_from_every_lease() {
+        let data = derive(&listed(), &BTreeMap::new(), true).expect("a change");
+        assert_eq!(schema::lease_members_listed(&data).len(), 2);
+        let read = View {
+            synced: false,
+            read: true,
+            ..listed()
+        };
+        assert_eq!(derive(&read, &BTreeMap::new(), true), Some(data.clone()));
+        // Current: nothing to write.
+        assert_eq!(derive(&listed(), &data, true), None);
+    }
+
+    /// A publication still pending when a newer watch reset the view (a
+    /// reopen after etcd's revisions went back) must not write
+    /// `static-nodes.json` from the reset view, nor from it plus this pod's
+    /// own Lease written since: every other member would drop out of it.
+    #[test]
+    fn a_view_reset_by_a_newer_watch_derives_nothing() {
+        let data = derive(&listed(), &BTreeMap::new(), true).expect("a change");
+        let mut reset = View::default();
+        assert_eq!(derive(&reset, &data, true), None);
+        reset.put("reg", &lease_of("reg", &member("geth-1", 1)));
+        assert_eq!(derive(&reset, &data, true), None);
     }
 }

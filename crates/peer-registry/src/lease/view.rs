@@ -133,11 +133,12 @@ pub(super) fn snapshot_of(configmap: &ConfigMapRegistry, view: &View) -> Snapsho
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::schema::tests::member;
 
-    fn lease_of(registry: &str, rec: &MemberRecord) -> Lease {
+    /// The Lease a member writes for `rec`.
+    pub(in crate::lease) fn lease_of(registry: &str, rec: &MemberRecord) -> Lease {
         Lease {
             metadata: ObjectMeta {
                 name: Some(lease_name(registry, &rec.pod)),
