@@ -56,21 +56,41 @@ pub trait AdminApi: Send + Sync {
     fn connection_generation(&self) -> u64;
 }
 
-/// How often [`socket_accepts_again`] tries geth's IPC socket: a connect of
-/// a local path, a few microseconds each, only while geth is down.
+/// The shortest pause between two tries of [`socket_accepts_again`]: a
+/// connect of a local path, a few microseconds each, only while geth is down.
 pub const REACHABLE_POLL: Duration = Duration::from_millis(10);
+/// The longest pause between two tries of [`socket_accepts_again`].
+pub const REACHABLE_POLL_MAX: Duration = Duration::from_secs(1);
+
+/// The pause [`socket_accepts_again`] makes between two tries once geth has
+/// been down for `down_for`: 1 % of it, from [`REACHABLE_POLL`] to
+/// [`REACHABLE_POLL_MAX`]. A restart (seconds) is seen within tens of
+/// milliseconds; a geth down for long (or a wrong `IPC_PATH`) costs one
+/// connect a second, not a hundred.
+///
+/// ```
+/// use std::time::Duration;
+/// use geth_ipc::{REACHABLE_POLL, REACHABLE_POLL_MAX, reachable_poll};
+/// assert_eq!(reachable_poll(Duration::ZERO), REACHABLE_POLL);
+/// assert_eq!(reachable_poll(Duration::from_secs(10)), Duration::from_millis(100));
+/// assert_eq!(reachable_poll(Duration::from_secs(3600)), REACHABLE_POLL_MAX);
+/// ```
+pub fn reachable_poll(down_for: Duration) -> Duration {
+    (down_for / 100).clamp(REACHABLE_POLL, REACHABLE_POLL_MAX)
+}
 
 /// Resolves once geth's IPC socket at `path`, refusing connections (or absent)
-/// when called, accepts one: a caller waiting on a geth that is down notices
-/// its start within [`REACHABLE_POLL`] (one local connect each) instead of at
-/// its next retry. A socket that already accepts (geth up but failing calls)
-/// never resolves it: the caller's own retry timer covers that.
-pub async fn socket_accepts_again(path: &std::path::Path) {
+/// when called, accepts one: a caller waiting on a geth that is down (since
+/// `down_since`) notices its start within [`reachable_poll`] of the time it
+/// was down (one local connect each) instead of at its next retry. A socket
+/// that already accepts (geth up but failing calls) never resolves it: the
+/// caller's own retry timer covers that.
+pub async fn socket_accepts_again(path: &std::path::Path, down_since: tokio::time::Instant) {
     if ipc::accepts(path).await {
         return std::future::pending::<()>().await;
     }
     while !ipc::accepts(path).await {
-        tokio::time::sleep(REACHABLE_POLL).await;
+        tokio::time::sleep(reachable_poll(down_since.elapsed())).await;
     }
 }
 

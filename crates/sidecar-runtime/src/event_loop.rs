@@ -87,6 +87,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let mut retry = Retry::new();
         let mut dirty = true;
         let mut arrived = WatchItems::default();
+        // Since when geth has been down (its socket is polled less often the
+        // longer it stays down).
+        let mut geth_down_since: Option<tokio::time::Instant> = None;
         loop {
             if dirty {
                 dirty = false;
@@ -152,10 +155,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             // own: a pod's sidecar starts before geth, and the retry timer
             // alone would see geth up to GETH_RETRY_CAP late.
             let geth_down = matches!(self.reported.geth.get(), Some(GethState::Down(_)));
-            let socket = self.s.geth_socket.clone().filter(|_| geth_down);
+            geth_down_since =
+                geth_down.then(|| geth_down_since.unwrap_or_else(tokio::time::Instant::now));
+            let socket = self.s.geth_socket.clone().zip(geth_down_since);
             let geth_back = async move {
                 match socket {
-                    Some(path) => geth_ipc::socket_accepts_again(&path).await,
+                    Some((path, since)) => geth_ipc::socket_accepts_again(&path, since).await,
                     None => std::future::pending().await,
                 }
             };

@@ -77,7 +77,7 @@ async fn a_pass_runs_as_soon_as_geths_socket_accepts_not_at_the_next_retry() {
     let waited = registered_at - socket_up;
     assert_eq!(socket_up - began, SOCKET_UP_AT);
     assert!(
-        waited <= geth_ipc::REACHABLE_POLL * 2,
+        waited <= geth_ipc::reachable_poll(SOCKET_UP_AT) * 2,
         "the pass came {waited:?} after geth's socket accepted: the loop waited for its \
          retry timer instead of watching the socket"
     );
