@@ -591,5 +591,9 @@ async fn the_socket_watch_of_a_geth_down_for_long_tries_once_a_second() {
     let ((), _listener) = tokio::join!(watch, bind);
     let seen_after = now.elapsed();
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(seen_after, geth_ipc::REACHABLE_POLL_MAX, "seen after {seen_after:?}");
+    assert_eq!(
+        seen_after,
+        geth_ipc::REACHABLE_POLL_MAX,
+        "seen after {seen_after:?}"
+    );
 }

@@ -188,9 +188,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 ),
                 None => warn!(
                     from,
-                    "the registry is gone (last resourceVersion {from}) and no deletion was \
-                     watched: etcd restored or wiped? taking the apiserver's current state and \
-                     watching it anew"
+                    "the registry is gone (last resourceVersion {from}) before its watch \
+                     reported a deletion: deleted while the watch lagged or was down (by hand?), \
+                     or etcd restored or wiped; taking the apiserver's current state (this pod \
+                     registers again) and watching it anew"
                 ),
             }
             self.reopened = Some(self.open_watch());
