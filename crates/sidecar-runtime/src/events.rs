@@ -87,6 +87,12 @@ fn event(notice: &Notice) -> Event {
             "WriteRegistry",
             format!("cannot write the peer registry: {error}"),
         ),
+        Notice::RegistryWentBack { detail } => (
+            EventType::Warning,
+            "RegistryWentBack",
+            "Observe",
+            detail.clone(),
+        ),
     };
     Event {
         type_,
@@ -226,6 +232,9 @@ mod tests {
             },
             Notice::PodEvidenceLost {
                 reason: "watch failing".into(),
+            },
+            Notice::RegistryWentBack {
+                detail: long.clone(),
             },
         ] {
             let e = event(&n);

@@ -2,6 +2,7 @@
 
 /// Something an operator should see in `kubectl describe pod`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive] // more notices may come: a match needs a `_` arm
 #[allow(missing_docs)] // the variants' fields are named for what they hold
 pub enum Notice {
     /// This node's record was written for the first time by this sidecar.
@@ -23,4 +24,8 @@ pub enum Notice {
     PodEvidenceLost { reason: String },
     /// A registry write failed for a reason other than a conflict.
     RegistryUnwritable { error: String },
+    /// The registry's versions went back (etcd restored or wiped, or the
+    /// registry deleted while its watch lagged): the sidecar took the
+    /// apiserver's state, registers again and watches anew.
+    RegistryWentBack { detail: String },
 }

@@ -180,20 +180,21 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         if let core::ReadVerdict::WentBack { from, to } =
             self.tracker.on_read_snapshot(self.s.clock.now(), snap)
         {
-            match to {
-                Some(to) => warn!(
-                    from, to = %to,
+            let detail = match to {
+                Some(to) => format!(
                     "the registry's resourceVersion went back from {from} to {to}: etcd restored \
-                     or wiped? taking the apiserver's current state and watching it anew"
+                     or wiped? taking the apiserver's current state (this pod registers again) \
+                     and watching it anew"
                 ),
-                None => warn!(
-                    from,
+                None => format!(
                     "the registry is gone (last resourceVersion {from}) before its watch \
                      reported a deletion: deleted while the watch lagged or was down (by hand?), \
                      or etcd restored or wiped; taking the apiserver's current state (this pod \
                      registers again) and watching it anew"
                 ),
-            }
+            };
+            warn!(from, "{detail}");
+            self.s.hooks.notice(Notice::RegistryWentBack { detail });
             self.reopened = Some(self.open_watch());
         }
         self.took_snapshot();

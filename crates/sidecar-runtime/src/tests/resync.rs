@@ -54,3 +54,39 @@ async fn a_resync_read_that_never_answers_does_not_hold_the_pass() {
         .get();
     assert_eq!(unavailable, 1, "the unanswered read is counted");
 }
+
+/// Hooks that keep every notice.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<crate::notice::Notice>>);
+
+impl crate::ports::Hooks for Recorded {
+    fn notice(&self, notice: crate::notice::Notice) {
+        self.0.lock().expect("lock").push(notice);
+    }
+}
+
+/// A read whose version is below one already taken in (etcd restored or
+/// wiped): the operator gets a Warning Event naming both versions, and the
+/// watch is opened anew. A read that moves forward tells nothing.
+#[test]
+fn a_read_whose_version_went_back_is_a_notice_and_reopens_the_watch() {
+    let hooks = Arc::new(Recorded::default());
+    let mut s = settings(pod_ip());
+    s.hooks = hooks.clone();
+    let mut reg = registry(only("10", &[0]));
+    reg.expect_watch()
+        .returning(|| futures::stream::pending().boxed());
+    let mut r = runner_with(geth("10.0.0.1"), reg, s, Arc::new(Metrics::new()));
+    r.on_snapshot(only("900", &[0, 1]));
+    r.on_read(only("950", &[0, 1]));
+    assert!(hooks.0.lock().expect("lock").is_empty());
+    assert!(r.reopened.is_none());
+    r.on_read(only("12", &[0]));
+    let notices = hooks.0.lock().expect("lock").clone();
+    assert!(
+        matches!(notices.as_slice(), [crate::notice::Notice::RegistryWentBack { detail }]
+            if detail.contains("950") && detail.contains("12")),
+        "{notices:?}"
+    );
+    assert!(r.reopened.is_some(), "the watch is opened anew");
+}
