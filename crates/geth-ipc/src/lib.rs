@@ -49,8 +49,8 @@ pub use types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports
 pub use client::MockAdminApi;
 #[cfg(feature = "client")]
 pub use client::{
-    AdminApi, ClientOptions, GethClient, PeerEventStream, REACHABLE_POLL, REACHABLE_POLL_MAX,
-    reachable_poll, socket_accepts_again,
+    AdminApi, ClientOptions, GethClient, PeerEventStream, REACHABLE_FAST_FOR, REACHABLE_POLL,
+    REACHABLE_POLL_MAX, reachable_poll, socket_accepts_again,
 };
 #[cfg(feature = "client")]
 pub use endpoint::Endpoint;

@@ -37,7 +37,7 @@ pub use mesh::{CONFIGMAP, Mesh, MeshOptions, RegistryHistory};
 pub use net::{Bridge, Netns, NftTable, PodRange};
 pub use process::{Proc, cpu_time, processes_referring_to};
 pub use release::{
-    CHART_CONFIGMAP, CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, PodView, Release,
+    CHART_CONFIGMAP, CHART_RELEASE, CHART_STATEFULSET, DEFAULT_CONFIGMAP, Frozen, PodView, Release,
     SMALL_NODE_VALUES,
 };
 pub use rpc::ipc_call;

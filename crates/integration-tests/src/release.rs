@@ -34,6 +34,35 @@ pub const SMALL_NODE_VALUES: [&str; 4] = [
     "resources.geth.requests.cpu=10m,resources.geth.requests.memory=64Mi,resources.sidecar.requests.cpu=5m",
 ];
 
+/// A container [`Release::freeze`] paused; resumed by [`Frozen::thaw`], or
+/// when dropped (a failing test leaves no container paused).
+pub struct Frozen<'a> {
+    node: &'a KubeNode,
+    id: Option<String>,
+}
+
+impl Frozen<'_> {
+    /// Resumes the container.
+    pub fn thaw(mut self) -> Result<()> {
+        self.resume()
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        match self.id.take() {
+            Some(id) => self.node.ctr(&["tasks", "resume", &id]).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.resume() {
+            eprintln!("could not resume a frozen container: {e}");
+        }
+    }
+}
+
 /// A pod of the StatefulSet as the apiserver reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodView {
@@ -108,17 +137,16 @@ impl<'a> Release<'a> {
 
     /// Freezes `container` of `pod` (containerd pauses its task: the cgroup
     /// freezer). Its sockets stay open and nothing answers, and unlike a killed
-    /// process the kubelet does not start it again: the fault lasts until
-    /// [`Release::thaw`], however fast a restart would have been.
-    pub fn freeze(&self, pod: &str, container: &str) -> Result<()> {
+    /// process the kubelet does not start it again: the fault lasts until the
+    /// returned guard is thawed or dropped, however fast a restart would have
+    /// been.
+    pub fn freeze(&self, pod: &str, container: &str) -> Result<Frozen<'_>> {
         let id = self.container_id(pod, container)?;
-        self.node.ctr(&["tasks", "pause", &id]).map(|_| ())
-    }
-
-    /// Resumes a container [`Release::freeze`] paused.
-    pub fn thaw(&self, pod: &str, container: &str) -> Result<()> {
-        let id = self.container_id(pod, container)?;
-        self.node.ctr(&["tasks", "resume", &id]).map(|_| ())
+        self.node.ctr(&["tasks", "pause", &id])?;
+        Ok(Frozen {
+            node: self.node,
+            id: Some(id),
+        })
     }
 
     /// containerd's id of `container` in `pod`, from the pod's status.

@@ -180,7 +180,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         if let core::ReadVerdict::WentBack { from, to } =
             self.tracker.on_read_snapshot(self.s.clock.now(), snap)
         {
-            let detail = match to {
+            let detail = match &to {
                 Some(to) => format!(
                     "the registry's resourceVersion went back from {from} to {to}: etcd restored \
                      or wiped? taking the apiserver's current state (this pod registers again) \
@@ -193,7 +193,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                      registers again) and watching it anew"
                 ),
             };
-            warn!(from, "{detail}");
+            warn!(from, to = to.as_deref().unwrap_or("none"), "{detail}");
             self.s.hooks.notice(Notice::RegistryWentBack { detail });
             self.reopened = Some(self.open_watch());
         }

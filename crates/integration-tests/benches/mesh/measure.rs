@@ -22,14 +22,22 @@ fn poll_every() -> Duration {
 
 /// A process's resident memory (KiB) and the CPU it has used so far.
 pub(crate) fn proc_stat(pid: u32) -> (u64, Duration) {
+    (rss(pid)[0], cpu_time(pid).unwrap_or_default())
+}
+
+/// A process's resident memory (KiB) from one read of its status: the total,
+/// then as the kernel splits it: anonymous (heap, stacks), file-backed (the
+/// binary's pages touched) and shared memory.
+pub(crate) fn rss(pid: u32) -> [u64; 4] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (rss_kib, cpu_time(pid).unwrap_or_default())
+    ["VmRSS:", "RssAnon:", "RssFile:", "RssShmem:"].map(|key| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// CPU seconds used by a set of processes so far.

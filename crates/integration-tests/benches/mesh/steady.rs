@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use integration_tests::{Mesh, eventually};
 
 use crate::Row;
-use crate::measure::{POLL_LIMIT, proc_stat};
+use crate::measure::{POLL_LIMIT, proc_stat, rss};
 
 /// Rows for a full mesh `m` of the sidecars of layout `label`.
 pub(crate) async fn steady(m: &mut Mesh, label: &str, rows: &mut Vec<Row>) {
@@ -33,7 +33,9 @@ pub(crate) async fn steady(m: &mut Mesh, label: &str, rows: &mut Vec<Row>) {
         .iter()
         .filter(|(v, _, _)| matches!(v.as_str(), "create" | "update" | "patch" | "delete"))
         .count();
-    let max_rss = after.iter().map(|a| a.0).max().unwrap_or(0);
+    // The largest sidecar, its parts from the same read as its total.
+    let [max_rss, anon, file, shmem] = pids.iter().map(|&pid| rss(pid)).max().unwrap_or_default();
+    let [anon, file, shmem] = [anon, file, shmem].map(|k| k as f64 / 1024.0);
     let cpu: Duration = after
         .iter()
         .zip(&before)
@@ -42,7 +44,10 @@ pub(crate) async fn steady(m: &mut Mesh, label: &str, rows: &mut Vec<Row>) {
     let cpu_pct = cpu.as_secs_f64() / window.as_secs_f64() / n as f64 * 100.0;
     rows.push(Row::new(
         format!("{label}: sidecar RSS at idle, max of {n} (target <= 8 MiB)"),
-        format!("{:.1} MiB", max_rss as f64 / 1024.0),
+        format!(
+            "{:.1} MiB (anon {anon:.1}, file {file:.1}, shmem {shmem:.1})",
+            max_rss as f64 / 1024.0
+        ),
     ));
     rows.push(Row::new(
         format!("{label}: sidecar CPU at idle, mean"),

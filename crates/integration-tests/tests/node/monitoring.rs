@@ -381,7 +381,7 @@ pub async fn every_dashboard_query_returns_series_from_a_real_prometheus_and_mis
     // lasts until the thaw. Its peers drop it at geth's read timeout (<= 30 s).
     let victim = pods[1].name.clone();
     let t_fault = Instant::now();
-    release.freeze(&victim, "geth").unwrap();
+    let frozen = release.freeze(&victim, "geth").unwrap();
     let rpc_errors = format!(
         "sum(increase(geth_peer_sidecar_geth_rpc_errors_total{{namespace=\"{ns}\", pod=\"{victim}\"}}[1m]))"
     );
@@ -398,7 +398,7 @@ pub async fn every_dashboard_query_returns_series_from_a_real_prometheus_and_mis
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    release.thaw(&victim, "geth").unwrap();
+    frozen.thaw().unwrap();
     assert!(
         missing_moved,
         "the missing-peers panel stayed at 0 after geth in {victim} stopped"
