@@ -155,8 +155,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             // own: a pod's sidecar starts before geth, and the retry timer
             // alone would see geth up to GETH_RETRY_CAP late.
             let geth_down = matches!(self.reported.geth.get(), Some(GethState::Down(_)));
-            geth_down_since =
-                geth_down.then(|| geth_down_since.unwrap_or_else(tokio::time::Instant::now));
+            geth_down_since = down_since(geth_down, geth_down_since, tokio::time::Instant::now());
             let socket = self.s.geth_socket.clone().zip(geth_down_since);
             let geth_back = async move {
                 match socket {
@@ -211,5 +210,39 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
             }
         }
+    }
+}
+
+/// Since when geth has been down, as of `now`: kept while it stays down,
+/// `now` when it just went down, none once it is up (so the next outage's
+/// socket watch starts at its shortest pause again).
+fn down_since(
+    geth_down: bool,
+    held: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
+    geth_down.then(|| held.unwrap_or(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::down_since;
+
+    #[test]
+    fn an_outage_is_timed_from_its_own_start_not_from_an_earlier_one() {
+        let t0 = tokio::time::Instant::now();
+        let later = |s| t0 + Duration::from_secs(s);
+        let first = down_since(true, None, t0);
+        assert_eq!(first, Some(t0));
+        assert_eq!(down_since(true, first, later(100)), Some(t0), "still down");
+        let up = down_since(false, first, later(101));
+        assert_eq!(up, None, "geth up again");
+        assert_eq!(
+            down_since(true, up, later(300)),
+            Some(later(300)),
+            "a second outage starts its own clock"
+        );
     }
 }
