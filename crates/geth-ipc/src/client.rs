@@ -56,50 +56,6 @@ pub trait AdminApi: Send + Sync {
     fn connection_generation(&self) -> u64;
 }
 
-/// The shortest pause between two tries of [`socket_accepts_again`]: a
-/// connect of a local path, a few microseconds each, only while geth is down.
-pub const REACHABLE_POLL: Duration = Duration::from_millis(10);
-/// The longest pause between two tries of [`socket_accepts_again`].
-pub const REACHABLE_POLL_MAX: Duration = Duration::from_secs(1);
-
-/// How long [`socket_accepts_again`] keeps its shortest pause: a geth that
-/// starts or restarts within it (a pod's start, a crash, a rollout; the
-/// kubelet's own restart back-off is 10 s to 5 min) is seen at once.
-pub const REACHABLE_FAST_FOR: Duration = Duration::from_secs(60);
-
-/// The pause [`socket_accepts_again`] makes between two tries once geth has
-/// been down for `down_for`: [`REACHABLE_POLL`] for the first
-/// [`REACHABLE_FAST_FOR`], then 1 % of the time beyond it, up to
-/// [`REACHABLE_POLL_MAX`]. A start or restart is seen within 10 ms; a geth
-/// down for long (or a wrong `IPC_PATH`) costs one connect a second, not a
-/// hundred.
-///
-/// ```
-/// use std::time::Duration;
-/// use geth_ipc::{REACHABLE_POLL, REACHABLE_POLL_MAX, reachable_poll};
-/// assert_eq!(reachable_poll(Duration::from_secs(30)), REACHABLE_POLL);
-/// assert_eq!(reachable_poll(Duration::from_secs(80)), Duration::from_millis(200));
-/// assert_eq!(reachable_poll(Duration::from_secs(3600)), REACHABLE_POLL_MAX);
-/// ```
-pub fn reachable_poll(down_for: Duration) -> Duration {
-    (down_for.saturating_sub(REACHABLE_FAST_FOR) / 100).clamp(REACHABLE_POLL, REACHABLE_POLL_MAX)
-}
-
-/// Resolves once geth's IPC socket at `path`, refusing connections (or absent)
-/// when called, accepts one: a caller waiting on a geth that is down (since
-/// `down_since`) notices its start within [`reachable_poll`] (one local
-/// connect each) instead of at its next retry. A socket
-/// that already accepts (geth up but failing calls) never resolves it: the
-/// caller's own retry timer covers that.
-pub async fn socket_accepts_again(path: &std::path::Path, down_since: tokio::time::Instant) {
-    if ipc::accepts(path).await {
-        return std::future::pending::<()>().await;
-    }
-    while !ipc::accepts(path).await {
-        tokio::time::sleep(reachable_poll(down_since.elapsed())).await;
-    }
-}
-
 /// Time limits for [`GethClient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientOptions {

@@ -41,6 +41,8 @@ pub mod fake;
 mod framing;
 #[cfg(feature = "client")]
 mod ipc;
+#[cfg(feature = "client")]
+mod socket_watch;
 
 pub use enode::{Enode, EnodeError, Host, NodeId, geth_throttles_inbound_from};
 pub use types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports};
@@ -48,14 +50,15 @@ pub use types::{NodeInfo, PeerEvent, PeerEventKind, PeerInfo, PeerNetwork, Ports
 #[cfg(all(feature = "client", any(test, feature = "test-utils")))]
 pub use client::MockAdminApi;
 #[cfg(feature = "client")]
-pub use client::{
-    AdminApi, ClientOptions, GethClient, PeerEventStream, REACHABLE_FAST_FOR, REACHABLE_POLL,
-    REACHABLE_POLL_MAX, reachable_poll, socket_accepts_again,
-};
+pub use client::{AdminApi, ClientOptions, GethClient, PeerEventStream};
 #[cfg(feature = "client")]
 pub use endpoint::Endpoint;
 #[cfg(feature = "client")]
 pub use error::{Error, Result};
+#[cfg(feature = "client")]
+pub use socket_watch::{
+    REACHABLE_FAST_FOR, REACHABLE_POLL, REACHABLE_POLL_MAX, reachable_poll, socket_accepts_again,
+};
 
 /// The examples of this crate's README.md, run as doc tests.
 #[cfg(all(doctest, feature = "fake"))]

@@ -66,7 +66,7 @@ async fn kube_client(common: &Common) -> anyhow::Result<kube::Client> {
             "no Kubernetes configuration: not in a pod with a service account, and no KUBECONFIG",
         )?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    sidecar_runtime::kube_client(config).context("building the Kubernetes client")
 }
 
 fn main() -> std::process::ExitCode {

@@ -64,6 +64,8 @@ mod events;
 #[cfg(feature = "http")]
 mod http;
 #[cfg(feature = "kube")]
+mod kube_client;
+#[cfg(feature = "kube")]
 mod pods;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -79,6 +81,8 @@ pub use error::{AdvertiseError, Error, PassError, Result};
 pub use events::Events;
 pub use health::{Health, Stalled};
 pub use identity::{Advertise, AdvertiseMode};
+#[cfg(feature = "kube")]
+pub use kube_client::kube_client;
 pub use latch::OnChange;
 pub use metrics::Metrics;
 pub use notice::Notice;
