@@ -22,6 +22,9 @@
 //! view (`admin_peers` and its peer events on every node). Each row gives the
 //! median, the runs, the ratio to the floor's median and the target.
 //!
+//! `MESH_STAGES=off` skips the stage polls (registered, desired) and times
+//! geth's full mesh alone, as for the floor.
+//!
 //! At the sizes of `MESH_STEADY` (default "10") each layout also runs at rest:
 //! RSS, CPU, apiserver requests, and the time to drop a deleted member.
 #![allow(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use integration_tests::{Mesh, eventually};
 
 use crate::Row;
-use crate::measure::{POLL_LIMIT, proc_stat, rss};
+use crate::measure::{POLL_LIMIT, proc_stat, pss, rss};
 
 /// Rows for a full mesh `m` of the sidecars of layout `label`.
 pub(crate) async fn steady(m: &mut Mesh, label: &str, rows: &mut Vec<Row>) {
@@ -36,6 +36,7 @@ pub(crate) async fn steady(m: &mut Mesh, label: &str, rows: &mut Vec<Row>) {
     // The largest sidecar, its parts from the same read as its total.
     let [max_rss, anon, file, shmem] = pids.iter().map(|&pid| rss(pid)).max().unwrap_or_default();
     let [anon, file, shmem] = [anon, file, shmem].map(|k| k as f64 / 1024.0);
+    let max_pss = pids.iter().map(|&pid| pss(pid)).max().unwrap_or_default() as f64 / 1024.0;
     let cpu: Duration = after
         .iter()
         .zip(&before)
@@ -48,6 +49,10 @@ pub(crate) async fn steady(m: &mut Mesh, label: &str, rows: &mut Vec<Row>) {
             "{:.1} MiB (anon {anon:.1}, file {file:.1}, shmem {shmem:.1})",
             max_rss as f64 / 1024.0
         ),
+    ));
+    rows.push(Row::new(
+        format!("{label}: sidecar PSS at idle, max of {n} (the binary's pages shared by {n})"),
+        format!("{max_pss:.1} MiB"),
     ));
     rows.push(Row::new(
         format!("{label}: sidecar CPU at idle, mean"),

@@ -8,6 +8,7 @@
 )]
 
 mod chaos;
+mod connections;
 mod dns;
 mod embedded;
 mod geth_ipc;

@@ -18,8 +18,11 @@ use crate::schema;
 #[cfg(doc)]
 use super::LeaseRegistry;
 
-/// How long the publisher waits for more changes before it writes.
-const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long the publisher waits for more changes before it writes: a burst
+/// of pods starting together (their Leases landing over a second or two)
+/// costs one write, after it, not one per Lease while their creates still
+/// queue at the apiserver.
+const PUBLISH_DEBOUNCE: Duration = Duration::from_secs(1);
 /// How much longer each publisher waits per member whose pod name sorts
 /// before its own: the first publishes, the others only if it did not.
 const PUBLISH_STEP: Duration = Duration::from_secs(2);
@@ -32,21 +35,93 @@ const PUBLISH_RETRY: RetryPolicy = RetryPolicy {
     max_delay: Duration::from_secs(30),
 };
 
-/// Aborts the task it holds when dropped or replaced.
+/// Where the publication task is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No task, or one that has finished.
+    #[default]
+    Idle,
+    /// Waiting out its delay: a newer change replaces it.
+    Waiting,
+    /// Writing; `again` when a newer change came meanwhile.
+    Writing { again: bool },
+}
+
+/// The delayed publication: a newer change replaces a task still waiting
+/// out its delay, but never aborts one that is writing (an aborted request
+/// is work the apiserver does for nothing; under a burst of pod starts the
+/// aborted reads and writes showed as 500s and 504s and slowed the Lease
+/// creates queued behind them). That task derives from the latest view at
+/// each attempt, and runs once more after the newer change. Aborts its task
+/// when dropped.
 #[derive(Default)]
-pub(super) struct Pending(Option<tokio::task::JoinHandle<()>>);
+pub(super) struct Pending {
+    task: Option<tokio::task::JoinHandle<()>>,
+    phase: std::sync::Arc<std::sync::Mutex<Phase>>,
+}
 
 impl Pending {
-    pub(super) fn set(&mut self, handle: Option<tokio::task::JoinHandle<()>>) {
-        if let Some(old) = std::mem::replace(&mut self.0, handle) {
+    /// Nothing to publish: a task still waiting is dropped, one writing is
+    /// left to finish (it finds the ConfigMap current or writes what is).
+    pub(super) fn cancel(&mut self) {
+        let mut phase = lock_phase(&self.phase);
+        if *phase == Phase::Waiting
+            && let Some(old) = self.task.take()
+        {
             old.abort();
+            *phase = Phase::Idle;
         }
     }
+
+    /// Publishes after `delay` (then `PUBLISH_DEBOUNCE` for each further
+    /// round a change asked for while it wrote), unless a task is writing:
+    /// that one is asked to run once more.
+    fn schedule<F, Fut>(&mut self, delay: Duration, work: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let mut phase = lock_phase(&self.phase);
+        if let Phase::Writing { again } = &mut *phase {
+            *again = true;
+            return;
+        }
+        if let Some(old) = self.task.take() {
+            old.abort();
+        }
+        *phase = Phase::Waiting;
+        drop(phase);
+        let phase = self.phase.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut delay = delay;
+            loop {
+                tokio::time::sleep(delay).await;
+                *lock_phase(&phase) = Phase::Writing { again: false };
+                work().await;
+                let mut p = lock_phase(&phase);
+                if *p == (Phase::Writing { again: true }) {
+                    *p = Phase::Writing { again: false };
+                    delay = PUBLISH_DEBOUNCE;
+                    continue;
+                }
+                *p = Phase::Idle;
+                break;
+            }
+        }));
+    }
+}
+
+fn lock_phase(phase: &std::sync::Mutex<Phase>) -> std::sync::MutexGuard<'_, Phase> {
+    phase
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.set(None);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -67,7 +142,7 @@ impl WatchState {
         let stale = (self.view.configmap.is_some() || !leases.is_empty())
             && schema::encode_lease_members(&data, &leases).is_some();
         if !stale || !self.current() {
-            self.publish.set(None);
+            self.publish.cancel();
             return;
         }
         let rank = leases
@@ -76,10 +151,10 @@ impl WatchState {
             .count();
         let delay = PUBLISH_DEBOUNCE + PUBLISH_STEP * u32::try_from(rank.min(60)).unwrap_or(60);
         let shared = self.shared.clone();
-        self.publish.set(Some(tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            publish(&shared, rank).await;
-        })));
+        self.publish.schedule(delay, move || {
+            let shared = shared.clone();
+            async move { publish(&shared, rank).await }
+        });
     }
 }
 
@@ -216,5 +291,45 @@ mod tests {
     fn a_view_reset_by_a_newer_watch_derives_nothing() {
         let data = derive(&listed(), &BTreeMap::new(), true).expect("a change");
         assert_eq!(derive(&View::default(), &data, true), None);
+    }
+
+    /// A change that comes while a publication writes must not abort it (the
+    /// apiserver would do the aborted request's work for nothing): the write
+    /// finishes, and the publication runs once more after it. A change while
+    /// it still waits replaces it.
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_change_never_aborts_a_publication_that_is_writing() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let started = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let work = {
+            let (started, finished) = (started.clone(), finished.clone());
+            move || {
+                let (started, finished) = (started.clone(), finished.clone());
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        };
+        let mut pending = Pending::default();
+        pending.schedule(Duration::from_millis(100), work.clone());
+        // Replaced while waiting: only one publication starts.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pending.schedule(Duration::from_millis(100), work.clone());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1, "one write started");
+        // A change while it writes: the write goes on to its end.
+        pending.schedule(Duration::from_millis(100), work.clone());
+        pending.cancel();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 1, "the write was aborted");
+        // ...and the change is published by one more round.
+        tokio::time::sleep(PUBLISH_DEBOUNCE + Duration::from_secs(1)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 2, "one more round after it");
+        assert_eq!(finished.load(Ordering::SeqCst), 2);
     }
 }
