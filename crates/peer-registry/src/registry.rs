@@ -11,7 +11,7 @@ use crate::record::{MemberRecord, Snapshot};
 /// conflicts: concurrent writers never lose each other's entries.
 #[cfg_attr(any(test, feature = "test-utils"), mockall::automock)]
 #[async_trait::async_trait]
-pub trait PeerRegistry: Send + Sync {
+pub trait PeerRegistry: Send + Sync + 'static {
     /// Fresh read (GET of the one named object). Missing object => `Ok` with a
     /// snapshot whose `resource_version` is `None`.
     async fn snapshot(&self) -> Result<Snapshot>;

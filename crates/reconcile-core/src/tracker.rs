@@ -192,8 +192,15 @@ impl Tracker {
         WatchVerdict::Taken
     }
 
-    /// A snapshot returned by our own write.
+    /// A snapshot returned by our own write. One older than the snapshot
+    /// held is ignored: writes run while the caller goes on taking in watch
+    /// events, so a write can return after later states were taken in (they
+    /// hold its effect), and taking it would drop the members registered
+    /// since (for one pass: their peers removed from geth and added again).
     pub fn on_snapshot(&mut self, now: Timestamp, snap: Snapshot) {
+        if is_stale(self.snapshot.as_ref(), &snap) {
+            return;
+        }
         self.take(now, snap, false);
     }
 

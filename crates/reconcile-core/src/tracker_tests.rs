@@ -57,6 +57,32 @@ fn at_version(members: &[(&str, u8)], version: Option<&str>) -> Snapshot {
     s
 }
 
+/// Writes run while watch events are taken in: a write's snapshot that
+/// returns after a later state was taken in must not replace it (the members
+/// registered in between would drop out for a pass).
+#[test]
+fn a_write_returning_after_a_later_watch_state_leaves_that_state_held() {
+    let mut t = Tracker::new();
+    let later = at_version(&[("geth-1", 1), ("geth-2", 2)], Some("12"));
+    let mine = at_version(&[("geth-1", 1)], Some("11"));
+    assert_eq!(
+        t.on_watch_snapshot(at(1), later, false),
+        WatchVerdict::Taken
+    );
+    t.on_snapshot(at(2), mine);
+    let held = t.snapshot().expect("held");
+    assert_eq!(held.resource_version.as_deref(), Some("12"));
+    assert!(held.members.contains_key("geth-2"), "geth-2 dropped");
+    // A newer write result is taken.
+    t.on_snapshot(at(3), at_version(&[("geth-1", 1)], Some("13")));
+    assert_eq!(
+        t.snapshot()
+            .and_then(|s| s.resource_version.clone())
+            .as_deref(),
+        Some("13")
+    );
+}
+
 #[test]
 fn a_read_with_a_lower_version_replaces_the_snapshot_and_says_the_versions_went_back() {
     let mut t = Tracker::new();

@@ -85,6 +85,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let mut resync_at = tokio::time::Instant::now() + jittered(&mut self.rng, self.s.resync);
         let mut probe_at = tokio::time::Instant::now() + self.s.probe_interval;
         let mut retry = Retry::new();
+        // Failed registry writes back off on their own schedule: the passes
+        // around them succeed (geth's part) and would reset the pass retry.
+        let mut write_retry = Retry::new();
         let mut dirty = true;
         let mut arrived = WatchItems::default();
         // Since when geth has been down (its socket is polled less often the
@@ -197,6 +200,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     }
                 }
                 () = sleep_until(retry.at) => dirty = true,
+                () = sleep_until(write_retry.at) => {
+                    write_retry.at = None;
+                    dirty = true;
+                }
                 () = recheck => {
                     // Consumed: a pass that fails before planning sets no new
                     // one, and a stale one must not fire again (busy loop).
@@ -204,12 +211,44 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                     dirty = true;
                 }
                 () = pod_change => dirty = true,
+                written = writes_done(&mut self.writing) => {
+                    match self.take_written(written) {
+                        Ok(()) => {
+                            write_retry.succeeded();
+                            // The next pass sees the record landed (and plans
+                            // what waited for it).
+                            dirty = true;
+                        }
+                        Err(e) => {
+                            // Tried again by the pass its back-off schedules
+                            // (or any earlier one): not at once, which an
+                            // apiserver that refuses every write would turn
+                            // into a busy loop.
+                            debug!(error = %e, "registry write failed; retrying");
+                            self.metrics
+                                .reconcile_errors
+                                .get_or_create(&Metrics::kind(e.kind()))
+                                .inc();
+                            write_retry.failed(false);
+                        }
+                    }
+                }
                 () = geth_back => {
                     debug!("geth's socket accepts again");
                     dirty = true;
                 }
             }
         }
+    }
+}
+
+/// The registry writes in flight finishing, or forever when there are none.
+async fn writes_done(
+    writing: &mut Option<crate::execute::InFlight>,
+) -> Option<crate::execute::Written> {
+    match writing {
+        Some(w) => w.done().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -89,43 +89,48 @@ fn label(action: &core::GethAction) -> &'static str {
     }
 }
 
+/// A pass's registry writes, running while the loop goes on.
+pub(crate) struct InFlight {
+    task: tokio::task::JoinHandle<Written>,
+    /// This pod's record as the upsert writes it, shown to the engine as ours
+    /// meanwhile (so it plans no second upsert and dials by this record's
+    /// time, as the other members will see it).
+    pub(crate) own: Option<peer_registry::MemberRecord>,
+}
+
+impl InFlight {
+    /// Resolves when the writes are done (or the task failed).
+    pub(crate) async fn done(&mut self) -> Option<Written> {
+        (&mut self.task).await.ok()
+    }
+}
+
+/// What a pass's registry writes left: the snapshots they returned, this
+/// pod's record after them, and the first error.
+pub(crate) struct Written {
+    snaps: Vec<peer_registry::Snapshot>,
+    me: Option<peer_registry::MemberRecord>,
+    wrote_own: bool,
+    result: Result<(), PassError>,
+}
+
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
-    /// The registry's writes and geth's calls, at once: neither needs the
-    /// other's outcome, and a newcomer's dials must not wait on the apiserver
-    /// (under a burst of pod starts its own record's write took 30–90 ms, all
-    /// of it on the path to its links). Outcomes are taken into the tracker
-    /// afterwards: the writes' snapshots first, then geth's calls.
+    /// Starts the plan's registry writes (unless earlier ones are still in
+    /// flight: then the plan's are left to a pass after they land) and makes
+    /// geth's calls. The writes run on while the loop goes on: under a burst
+    /// of pod starts a Lease create took up to 4 s at the apiserver, and a
+    /// pass that waited for it took in no watch event and dialled no member
+    /// meanwhile. Their outcome is taken in by [`Runner::take_written`].
     pub(crate) async fn execute(
         &mut self,
         plan: &core::Plan,
         now: jiff::Timestamp,
     ) -> Result<(), PassError> {
-        let writer = Writer {
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
-            hooks: self.s.hooks.clone(),
-            pod: self.s.pod.clone(),
-        };
-        let geth = self.geth.clone();
-        let me = &mut self.me;
-        let writes = async {
-            let mut snaps = Vec::new();
-            let mut result = Ok(());
-            for action in plan.registry.clone() {
-                match writer.write(action, me).await {
-                    Ok(snap) => snaps.push(snap),
-                    Err(e) => result = Err(e),
-                }
-            }
-            (snaps, result)
-        };
-        let ((snaps, mut result), called) = tokio::join!(writes, call_geth(&*geth, &plan.geth));
-        for snap in snaps {
-            self.on_snapshot(snap);
+        if !plan.registry.is_empty() && self.writing.is_none() {
+            self.start_writing(plan.registry.clone());
         }
         let mut refused = 0;
-        for (action, res) in called {
+        for (action, res) in call_geth(&*self.geth, &plan.geth).await {
             match res {
                 Ok(_) => {
                     info!(action = label(action), node = %action.enode().node_id().short(), enode = %action.enode(), "geth");
@@ -153,10 +158,81 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
             }
         }
-        if refused > 0 && result.is_ok() {
-            result = Err(PassError::GethRefused { failed: refused });
+        if refused > 0 {
+            return Err(PassError::GethRefused { failed: refused });
         }
-        result
+        Ok(())
+    }
+
+    /// Spawns `actions`, in order, as the writes in flight.
+    fn start_writing(&mut self, actions: Vec<core::RegistryAction>) {
+        let writer = Writer {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            hooks: self.s.hooks.clone(),
+            pod: self.s.pod.clone(),
+        };
+        let own = actions.iter().find_map(|a| match a {
+            core::RegistryAction::Upsert(rec) => Some(rec.clone()),
+            _ => None,
+        });
+        let mut me = self.me.clone();
+        let task = tokio::spawn(async move {
+            let mut snaps = Vec::new();
+            let mut result = Ok(());
+            let mut wrote_own = false;
+            for action in actions {
+                let upsert = matches!(action, core::RegistryAction::Upsert(_));
+                match writer.write(action, &mut me).await {
+                    Ok(snap) => {
+                        wrote_own |= upsert;
+                        snaps.push(snap);
+                    }
+                    Err(e) => result = Err(e),
+                }
+            }
+            Written {
+                snaps,
+                me,
+                wrote_own,
+                result,
+            }
+        });
+        self.writing = Some(InFlight { task, own });
+    }
+
+    /// Takes in the writes that landed (their snapshots, this pod's record)
+    /// and returns their error, if any.
+    pub(crate) fn take_written(&mut self, written: Option<Written>) -> Result<(), PassError> {
+        self.writing = None;
+        let Some(w) = written else {
+            return Ok(());
+        };
+        if w.wrote_own {
+            self.me = w.me;
+        }
+        for snap in w.snaps {
+            self.on_snapshot(snap);
+        }
+        w.result
+    }
+
+    /// Waits up to `limit` for the writes in flight and takes them in; gives
+    /// them up (aborted) past it.
+    pub(crate) async fn finish_writing(&mut self, limit: std::time::Duration) {
+        let Some(mut inflight) = self.writing.take() else {
+            return;
+        };
+        match tokio::time::timeout(limit, inflight.done()).await {
+            Ok(written) => {
+                let _ = self.take_written(written);
+            }
+            Err(_) => {
+                inflight.task.abort();
+                warn!(after = ?limit, "a registry write did not finish before shutdown; giving it up");
+            }
+        }
     }
 }
 

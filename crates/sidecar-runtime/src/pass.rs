@@ -6,7 +6,7 @@ use std::time::Instant;
 use geth_ipc::{AdminApi, Enode, Host, NodeInfo, PeerInfo};
 use peer_registry::{PeerRegistry, Snapshot};
 use reconcile_core as core;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{AdvertiseError, PassError};
 use crate::metrics::Metrics;
@@ -176,11 +176,32 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 
     /// The engine's plan for this pass, its problems and removals logged.
     fn plan(&mut self, now: jiff::Timestamp, me: &core::SelfIdentity, pods: &Pods) -> core::Plan {
+        // While this pod's upsert is in flight, the engine is shown its record
+        // as ours: it plans no second upsert and decides who dials first by
+        // the time the other members will see on it.
+        let with_own = self
+            .writing
+            .as_ref()
+            .and_then(|w| w.own.as_ref())
+            .and_then(|own| {
+                let mut snap = self.tracker.snapshot()?.clone();
+                snap.members.insert(own.pod.clone(), own.clone());
+                Some(snap)
+            });
         let obs = core::Observation {
             pods_gone: &pods.gone,
+            registry: with_own.as_ref().or(self.tracker.snapshot()),
             ..self.tracker.observation(now, me, pods.pods.as_ref())
         };
-        let plan = core::plan(&self.s.engine, &obs);
+        let mut plan = core::plan(&self.s.engine, &obs);
+        if self.writing.is_some() && !plan.registry.is_empty() {
+            // Planned again by the pass after the writes in flight land.
+            debug!(
+                writes = plan.registry.len(),
+                "registry writes wait for the ones in flight"
+            );
+            plan.registry.clear();
+        }
         let problems: Vec<String> = plan
             .report
             .problems

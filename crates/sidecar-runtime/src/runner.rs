@@ -82,6 +82,10 @@ pub(crate) struct Runner<G, R> {
     /// A watch opened anew because the registry's versions went back; the
     /// event loop takes it in place of its own after the pass.
     pub(crate) reopened: Option<crate::triggers::Watch>,
+    /// The registry writes of an earlier pass, still in flight: passes go on
+    /// (geth's calls, watch events) while the apiserver answers, and plan no
+    /// other write until it lands (see `execute`).
+    pub(crate) writing: Option<crate::execute::InFlight>,
 }
 
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
@@ -110,6 +114,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             stuck_since: None,
             reread_due: false,
             reopened: None,
+            writing: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }
@@ -117,6 +122,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     /// Removes our own record with a conditional write, bounded so the pod's
     /// termination grace period is never exceeded.
     pub(crate) async fn deregister(&mut self) {
+        // A registration still in flight lands first (or is given up): the
+        // record removed must be the one that stands.
+        self.finish_writing(Duration::from_secs(3)).await;
         let me = match self.me.clone() {
             Some(me) => Some(me),
             // The pass that registered may have been abandoned after the write

@@ -239,6 +239,8 @@ async fn the_first_pass_registers_from_the_watchs_list_without_a_registry_read_o
     let mut r = runner_with(g, reg, settings(pod_ip()), metrics.clone());
     r.event_loop(registered.notified()).await;
     assert_eq!(metrics.reconciles.get(), 1, "registered in the first pass");
+    // The write runs on past the pass; shutting down takes it in.
+    r.finish_writing(std::time::Duration::from_secs(1)).await;
     assert_eq!(
         held_version(&r).as_deref(),
         Some("11"),
