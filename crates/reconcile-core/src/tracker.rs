@@ -197,11 +197,13 @@ impl Tracker {
     /// events, so a write can return after later states were taken in (they
     /// hold its effect), and taking it would drop the members registered
     /// since (for one pass: their peers removed from geth and added again).
-    pub fn on_snapshot(&mut self, now: Timestamp, snap: Snapshot) {
+    /// Returns whether it was taken.
+    pub fn on_snapshot(&mut self, now: Timestamp, snap: Snapshot) -> bool {
         if is_stale(self.snapshot.as_ref(), &snap) {
-            return;
+            return false;
         }
         self.take(now, snap, false);
+        true
     }
 
     /// A snapshot read from the registry. A read is authoritative: it

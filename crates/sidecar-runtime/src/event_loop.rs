@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use geth_ipc::{AdminApi, PeerEventStream};
 use peer_registry::PeerRegistry;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 use crate::runner::{GethState, Runner};
@@ -212,12 +212,20 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 }
                 () = pod_change => dirty = true,
                 written = writes_done(&mut self.writing) => {
+                    let Some(written) = written else {
+                        // The write task ended without an outcome (a bug):
+                        // tried again on the back-off, never in a loop.
+                        self.writing = None;
+                        warn!("a registry write task ended without an outcome; retrying");
+                        write_retry.failed(false);
+                        continue;
+                    };
                     match self.take_written(written) {
-                        Ok(()) => {
+                        Ok(due) => {
                             write_retry.succeeded();
                             // The next pass sees the record landed (and plans
                             // what waited for it).
-                            dirty = true;
+                            dirty |= due;
                         }
                         Err(e) => {
                             // Tried again by the pass its back-off schedules

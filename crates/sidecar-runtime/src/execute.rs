@@ -165,7 +165,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     }
 
     /// Spawns `actions`, in order, as the writes in flight.
-    fn start_writing(&mut self, actions: Vec<core::RegistryAction>) {
+    pub(crate) fn start_writing(&mut self, actions: Vec<core::RegistryAction>) {
         let writer = Writer {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
@@ -202,20 +202,23 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.writing = Some(InFlight { task, own });
     }
 
-    /// Takes in the writes that landed (their snapshots, this pod's record)
-    /// and returns their error, if any.
-    pub(crate) fn take_written(&mut self, written: Option<Written>) -> Result<(), PassError> {
+    /// Takes in the writes that landed (their snapshots, this pod's record).
+    /// Returns whether a pass is due now: a snapshot was taken, or a pass
+    /// held writes back meanwhile. Not otherwise: a write whose snapshot is
+    /// older than the one held (the Lease layout's delete of a Lease already
+    /// gone, before the watch reports it) would be planned again at once, in
+    /// a loop at the apiserver's round-trip pace.
+    pub(crate) fn take_written(&mut self, written: Written) -> Result<bool, PassError> {
         self.writing = None;
-        let Some(w) = written else {
-            return Ok(());
-        };
-        if w.wrote_own {
-            self.me = w.me;
+        if written.wrote_own {
+            self.me = written.me;
         }
-        for snap in w.snaps {
-            self.on_snapshot(snap);
+        let mut taken = false;
+        for snap in written.snaps {
+            taken |= self.on_snapshot(snap);
         }
-        w.result
+        let held_back = std::mem::take(&mut self.held_back);
+        written.result.map(|()| taken || held_back)
     }
 
     /// Waits up to `limit` for the writes in flight and takes them in; gives
@@ -225,9 +228,10 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             return;
         };
         match tokio::time::timeout(limit, inflight.done()).await {
-            Ok(written) => {
+            Ok(Some(written)) => {
                 let _ = self.take_written(written);
             }
+            Ok(None) => self.writing = None,
             Err(_) => {
                 inflight.task.abort();
                 warn!(after = ?limit, "a registry write did not finish before shutdown; giving it up");

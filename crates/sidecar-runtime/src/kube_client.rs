@@ -6,7 +6,8 @@
 //! registration waited on that handshake (30–40 ms on a busy node, on the
 //! path to its first links). Over HTTP/2 (offered by ALPN, as kubectl and
 //! client-go do) the watches and the writes share one connection. The stack
-//! is kube's own otherwise: its TLS settings (CA file re-read on rotation,
+//! is kube's own otherwise: its retry of 429/503/504 (when
+//! `Config::default_retry`), its TLS settings (CA file re-read on rotation,
 //! client certificates, `tls-server-name`), authentication (bound tokens
 //! refreshed from disk, exec plugins), base URI and extra headers. With a
 //! proxy or a `tls-server-name` configured, kube's stock client is used.
@@ -57,8 +58,12 @@ pub fn kube_client(config: kube::Config) -> Result<kube::Client, kube::Error> {
             .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true)
             .build(connector);
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(retry)
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)

@@ -201,6 +201,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 "registry writes wait for the ones in flight"
             );
             plan.registry.clear();
+            self.held_back = true;
         }
         let problems: Vec<String> = plan
             .report

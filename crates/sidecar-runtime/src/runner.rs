@@ -86,6 +86,9 @@ pub(crate) struct Runner<G, R> {
     /// (geth's calls, watch events) while the apiserver answers, and plan no
     /// other write until it lands (see `execute`).
     pub(crate) writing: Option<crate::execute::InFlight>,
+    /// A pass held registry writes back while others were in flight: a pass
+    /// is due once they land.
+    pub(crate) held_back: bool,
 }
 
 impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
@@ -115,6 +118,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             reread_due: false,
             reopened: None,
             writing: None,
+            held_back: false,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }
@@ -124,7 +128,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     pub(crate) async fn deregister(&mut self) {
         // A registration still in flight lands first (or is given up): the
         // record removed must be the one that stands.
-        self.finish_writing(Duration::from_secs(3)).await;
+        self.finish_writing(Duration::from_secs(5)).await;
         let me = match self.me.clone() {
             Some(me) => Some(me),
             // The pass that registered may have been abandoned after the write

@@ -165,10 +165,14 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         self.reread_due |= !errors.is_empty();
     }
 
-    /// A snapshot returned by a write: into the tracker.
-    pub(crate) fn on_snapshot(&mut self, snap: Snapshot) {
-        self.tracker.on_snapshot(self.s.clock.now(), snap);
-        self.took_snapshot();
+    /// A snapshot returned by a write: into the tracker, unless older than
+    /// the one held. Returns whether it was taken.
+    pub(crate) fn on_snapshot(&mut self, snap: Snapshot) -> bool {
+        let taken = self.tracker.on_snapshot(self.s.clock.now(), snap);
+        if taken {
+            self.took_snapshot();
+        }
+        taken
     }
 
     /// A snapshot the pass read: into the tracker, whatever its version. When

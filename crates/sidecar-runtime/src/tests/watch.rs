@@ -261,3 +261,48 @@ fn a_watch_error_alone_makes_a_pass_due_that_reads_the_registry() {
     );
     assert!(r.reread_due, "that pass reads the registry");
 }
+
+/// A write whose snapshot is older than the one held (the lease layout's
+/// delete of a Lease already gone, before the watch reports it) makes no pass
+/// due: that pass would plan the same write again at once, in a loop at the
+/// apiserver's pace. A newer one does, and so does a pass that held writes
+/// back while it was in flight.
+#[tokio::test]
+async fn a_write_older_than_the_snapshot_held_makes_no_pass_due() {
+    let mut reg = MockPeerRegistry::new();
+    let mut results = vec![only("13", &[0]), only("10", &[0])];
+    reg.expect_remove()
+        .times(2)
+        .returning(move |_| Ok(results.pop().expect("two writes")));
+    let mut r = runner_with(
+        MockAdminApi::new(),
+        reg,
+        settings(pod_ip()),
+        Arc::new(Metrics::new()),
+    );
+    r.on_snapshot(only("12", &[0, 2]));
+    let remove = || vec![reconcile_core::RegistryAction::Remove(vec![record(2)])];
+
+    r.start_writing(remove());
+    let stale = r
+        .writing
+        .as_mut()
+        .expect("in flight")
+        .done()
+        .await
+        .expect("outcome");
+    assert_eq!(r.take_written(stale).map_err(|e| e.kind()), Ok(false));
+    assert_eq!(held_version(&r).as_deref(), Some("12"));
+
+    r.start_writing(remove());
+    r.held_back = true;
+    let newer = r
+        .writing
+        .as_mut()
+        .expect("in flight")
+        .done()
+        .await
+        .expect("outcome");
+    assert_eq!(r.take_written(newer).map_err(|e| e.kind()), Ok(true));
+    assert_eq!(held_version(&r).as_deref(), Some("13"));
+}
