@@ -572,16 +572,16 @@ async fn a_refused_websocket_connection_names_the_cause() {
     );
 }
 
-/// Where the socket's directory cannot be watched (here: it does not exist
-/// yet, as before geth creates its data directory), the socket watch polls,
-/// and less often the longer geth has been down: after five minutes down, a
-/// socket that starts accepting is seen at the next 1 s try, not within
-/// 10 ms (a hundred connects a second for as long as geth stays down).
-#[tokio::test(start_paused = true)]
-async fn the_socket_watch_of_a_geth_down_for_long_tries_once_a_second() {
-    let base = std::env::temp_dir().join(format!("gps-reachable-{}", std::process::id()));
+/// Five minutes into an outage (polls once a second by then), geth binds
+/// its socket 300 ms into the wait, in a data directory that exists from the
+/// start (`watched`) or that it creates then: how long the wait took.
+async fn socket_seen_after(name: &str, watched: bool) -> Duration {
+    let base = std::env::temp_dir().join(format!("gps-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let dir = base.join("datadir");
+    if watched {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
     let path = dir.join("geth.ipc");
     let down_since = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(300)).await;
@@ -595,6 +595,17 @@ async fn the_socket_watch_of_a_geth_down_for_long_tries_once_a_second() {
     let ((), _listener) = tokio::join!(watch, bind);
     let seen_after = now.elapsed();
     let _ = std::fs::remove_dir_all(&base);
+    seen_after
+}
+
+/// Where the socket's directory cannot be watched (here: it does not exist
+/// yet, as before geth creates its data directory), the socket watch polls,
+/// and less often the longer geth has been down: after five minutes down, a
+/// socket that starts accepting is seen at the next 1 s try, not within
+/// 10 ms (a hundred connects a second for as long as geth stays down).
+#[tokio::test(start_paused = true)]
+async fn the_socket_watch_of_a_geth_down_for_long_tries_once_a_second() {
+    let seen_after = socket_seen_after("reachable", false).await;
     assert_eq!(
         seen_after,
         geth_ipc::REACHABLE_POLL_MAX,
@@ -603,25 +614,11 @@ async fn the_socket_watch_of_a_geth_down_for_long_tries_once_a_second() {
 }
 
 /// With the socket's directory watched, geth creating its socket wakes the
-/// wait: five minutes into an outage (polls once a second by then), a socket
-/// bound 300 ms into the wait is seen at 300 ms, not at the next try.
+/// wait: a socket bound 300 ms into the wait is seen at 300 ms, not at the
+/// next try.
 #[tokio::test(start_paused = true)]
 async fn the_socket_watch_sees_a_socket_created_in_its_watched_directory_at_once() {
-    let dir = std::env::temp_dir().join(format!("gps-inotify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("geth.ipc");
-    let down_since = tokio::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(300)).await;
-    let now = tokio::time::Instant::now();
-    let watch = geth_ipc::socket_accepts_again(&path, down_since);
-    let bind = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        UnixListener::bind(&path).unwrap()
-    };
-    let ((), _listener) = tokio::join!(watch, bind);
-    let seen_after = now.elapsed();
-    let _ = std::fs::remove_dir_all(&dir);
+    let seen_after = socket_seen_after("inotify", true).await;
     assert!(
         seen_after < geth_ipc::REACHABLE_POLL_MAX,
         "seen after {seen_after:?}: the wait slept until its next try instead of \

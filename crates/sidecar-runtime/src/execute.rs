@@ -231,7 +231,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             Ok(Some(written)) => {
                 let _ = self.take_written(written);
             }
-            Ok(None) => self.writing = None,
+            Ok(None) => {}
             Err(_) => {
                 inflight.task.abort();
                 warn!(after = ?limit, "a registry write did not finish before shutdown; giving it up");

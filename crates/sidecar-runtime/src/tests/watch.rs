@@ -262,6 +262,12 @@ fn a_watch_error_alone_makes_a_pass_due_that_reads_the_registry() {
     assert!(r.reread_due, "that pass reads the registry");
 }
 
+/// The outcome of the writes in flight, once they land.
+async fn landed<G: AdminApi>(r: &mut Runner<G, MockPeerRegistry>) -> crate::execute::Written {
+    let inflight = r.writing.as_mut().expect("in flight");
+    inflight.done().await.expect("outcome")
+}
+
 /// A write whose snapshot is older than the one held (the lease layout's
 /// delete of a Lease already gone, before the watch reports it) makes no pass
 /// due: that pass would plan the same write again at once, in a loop at the
@@ -284,25 +290,13 @@ async fn a_write_older_than_the_snapshot_held_makes_no_pass_due() {
     let remove = || vec![reconcile_core::RegistryAction::Remove(vec![record(2)])];
 
     r.start_writing(remove());
-    let stale = r
-        .writing
-        .as_mut()
-        .expect("in flight")
-        .done()
-        .await
-        .expect("outcome");
+    let stale = landed(&mut r).await;
     assert_eq!(r.take_written(stale).map_err(|e| e.kind()), Ok(false));
     assert_eq!(held_version(&r).as_deref(), Some("12"));
 
     r.start_writing(remove());
     r.held_back = true;
-    let newer = r
-        .writing
-        .as_mut()
-        .expect("in flight")
-        .done()
-        .await
-        .expect("outcome");
+    let newer = landed(&mut r).await;
     assert_eq!(r.take_written(newer).map_err(|e| e.kind()), Ok(true));
     assert_eq!(held_version(&r).as_deref(), Some("13"));
 }
