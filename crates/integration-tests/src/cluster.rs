@@ -54,6 +54,32 @@ fn run_cmd(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The command etcd and the apiserver are started under: their netns, and
+/// with `GPS_CONTROL_PLANE_NICE=<n>` (-20 to 19) `nice -n <n>`, which every
+/// thread they start inherits. A bench knob: on a 2-core test bed the control
+/// plane competes for CPU with every geth, where a cluster gives it CPUs of
+/// its own.
+fn control_plane_prefix(netns: Option<&str>) -> Result<Vec<String>> {
+    let mut prefix: Vec<String> = match netns {
+        Some(ns) => ["ip", "netns", "exec", ns].map(str::to_owned).to_vec(),
+        None => Vec::new(),
+    };
+    if let Ok(n) = std::env::var("GPS_CONTROL_PLANE_NICE") {
+        let n: i8 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (-20..=19).contains(n))
+            .ok_or_else(|| {
+                Error::Setup(format!(
+                    "GPS_CONTROL_PLANE_NICE={n}: not a nice value (a whole number from -20 to 19)"
+                ))
+            })?;
+        prefix.extend(["nice".to_owned(), "-n".to_owned(), n.to_string()]);
+    }
+    Ok(prefix)
+}
+
 /// Starts etcd with its data in `dir/etcd`, on `ports` (client, peer).
 fn spawn_etcd(
     ctx: &TestContext,
@@ -64,10 +90,13 @@ fn spawn_etcd(
     let client_url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let data = dir.join("etcd").to_string_lossy().into_owned();
-    Proc::spawn(
+    Proc::spawn_with(
         ctx,
         "etcd",
-        netns,
+        &control_plane_prefix(netns)?
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &testbed().bin("etcd"),
         [
             "--name",
@@ -240,10 +269,13 @@ impl Cluster {
             ]);
         }
         let netns = self.node.as_ref().map(|n| n.netns.clone());
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_with(
             &self.ctx,
             "kube-apiserver",
-            netns.as_deref(),
+            &control_plane_prefix(netns.as_deref())?
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
             &tb.bin("kube-apiserver"),
             args,
             &[],
