@@ -96,9 +96,6 @@ pub(crate) struct InFlight {
     /// meanwhile (so it plans no second upsert and dials by this record's
     /// time, as the other members will see it).
     pub(crate) own: Option<peer_registry::MemberRecord>,
-    /// The write is a [`PeerRegistry::create`]: `own` stands for this pod's
-    /// record only where the registry shows none (a stored one is kept).
-    pub(crate) create_only: bool,
 }
 
 impl InFlight {
@@ -169,7 +166,13 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 
     /// Spawns `actions`, in order, as the writes in flight.
     pub(crate) fn start_writing(&mut self, actions: Vec<core::RegistryAction>) {
-        let writer = self.writer();
+        let writer = Writer {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            hooks: self.s.hooks.clone(),
+            pod: self.s.pod.clone(),
+        };
         let own = actions.iter().find_map(|a| match a {
             core::RegistryAction::Upsert(rec) => Some(rec.clone()),
             _ => None,
@@ -196,48 +199,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 result,
             }
         });
-        self.writing = Some(InFlight {
-            task,
-            own,
-            create_only: false,
-        });
-    }
-
-    /// Spawns a [`PeerRegistry::create`] of this pod's `record` as the write
-    /// in flight: a start registers while its first read of the registry is
-    /// on its way, instead of after it.
-    pub(crate) fn start_creating(&mut self, record: peer_registry::MemberRecord) {
-        let writer = self.writer();
-        let mut me = self.me.clone();
-        let own = record.clone();
-        let task = tokio::spawn(async move {
-            let (snaps, result) = match writer.create(record, &mut me).await {
-                Ok(snap) => (Vec::from_iter(snap), Ok(())),
-                Err(e) => (Vec::new(), Err(e)),
-            };
-            Written {
-                wrote_own: !snaps.is_empty(),
-                snaps,
-                me,
-                result,
-            }
-        });
-        self.writing = Some(InFlight {
-            task,
-            own: Some(own),
-            create_only: true,
-        });
-    }
-
-    /// What the writes in flight use.
-    fn writer(&self) -> Writer<R> {
-        Writer {
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
-            hooks: self.s.hooks.clone(),
-            pod: self.s.pod.clone(),
-        }
+        self.writing = Some(InFlight { task, own });
     }
 
     /// Takes in the writes that landed (their snapshots, this pod's record).
@@ -317,56 +279,32 @@ impl<R: PeerRegistry> Writer<R> {
                 ("remove", self.registry.remove(recs).await)
             }
         };
-        let snap = res.map_err(|e| self.failed(op, e))?;
-        self.metrics
-            .registry_writes
-            .get_or_create(&Metrics::kind(op))
-            .inc();
-        if upsert {
-            self.took_own_record(&snap, me);
+        match res {
+            Ok(snap) => {
+                self.metrics
+                    .registry_writes
+                    .get_or_create(&Metrics::kind(op))
+                    .inc();
+                if upsert {
+                    self.took_own_record(&snap, me);
+                }
+                Ok(snap)
+            }
+            Err(e) => {
+                self.metrics
+                    .registry_errors
+                    .get_or_create(&Metrics::kind(e.kind()))
+                    .inc();
+                self.health.registry_synced.store(false, Ordering::Relaxed);
+                warn!(error = %e, "registry {op} failed; will retry");
+                if !matches!(e, peer_registry::Error::Conflict { .. }) {
+                    self.hooks.notice(Notice::RegistryUnwritable {
+                        error: e.to_string(),
+                    });
+                }
+                Err(PassError::RegistryWrite { op, source: e })
+            }
         }
-        Ok(snap)
-    }
-
-    /// A [`PeerRegistry::create`] of this pod's `record`; returns the
-    /// snapshot it produced, none when the pod has a record (then the
-    /// pass's upsert decides what to change).
-    async fn create(
-        &self,
-        record: peer_registry::MemberRecord,
-        me: &mut Option<peer_registry::MemberRecord>,
-    ) -> Result<Option<peer_registry::Snapshot>, PassError> {
-        info!(pod = %record.pod, node = %record.node_id.short(), enode = %record.enode,
-              "registering self while the registry is read");
-        let snap = self
-            .registry
-            .create(record)
-            .await
-            .map_err(|e| self.failed("create", e))?;
-        if let Some(snap) = &snap {
-            self.metrics
-                .registry_writes
-                .get_or_create(&Metrics::kind("create"))
-                .inc();
-            self.took_own_record(snap, me);
-        }
-        Ok(snap)
-    }
-
-    /// Counts, logs and notices a failed registry `op`.
-    fn failed(&self, op: &'static str, e: peer_registry::Error) -> PassError {
-        self.metrics
-            .registry_errors
-            .get_or_create(&Metrics::kind(e.kind()))
-            .inc();
-        self.health.registry_synced.store(false, Ordering::Relaxed);
-        warn!(error = %e, "registry {op} failed; will retry");
-        if !matches!(e, peer_registry::Error::Conflict { .. }) {
-            self.hooks.notice(Notice::RegistryUnwritable {
-                error: e.to_string(),
-            });
-        }
-        PassError::RegistryWrite { op, source: e }
     }
 
     /// Notes this pod's record as an upsert left it, with a notice when it is

@@ -119,7 +119,7 @@ async fn one(n: usize, v: &Variant, paths: &[Path], roll: usize, tag: &str, out:
 
 fn print(results: &Results, rows: &[Row]) {
     println!(
-        "\n{:<58} {:<4} {:<20} {:>10} {:>9} {:>22} {:>7} {:>6} {:>12}",
+        "\n{:<58} {:<4} {:<20} {:>10} {:>9} {:>22} {:>7} {:>6} {:>12} {:>14} {:>6}",
         "path",
         "N",
         "variant",
@@ -128,9 +128,11 @@ fn print(results: &Results, rows: &[Row]) {
         "geth full mesh (runs)",
         "x floor",
         "target",
-        "sidecar CPU"
+        "sidecar CPU",
+        "ctl-plane CPU",
+        "busy"
     );
-    println!("{}", "-".repeat(158));
+    println!("{}", "-".repeat(180));
     for ((path, n), variants) in results {
         let floor = variants
             .iter()
@@ -168,8 +170,22 @@ fn print(results: &Results, rows: &[Row]) {
             } else {
                 format!("{:.1} ms", median(cpu).as_secs_f64() * 1e3)
             };
+            let control_plane = runs
+                .iter()
+                .filter_map(|s| s.control_plane_cpu)
+                .collect::<Vec<_>>();
+            let control_plane = if control_plane.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.0} ms", median(control_plane).as_secs_f64() * 1e3)
+            };
+            let mut busy: Vec<f64> = runs.iter().filter_map(|s| s.busy).collect();
+            busy.sort_by(f64::total_cmp);
+            let busy = busy
+                .get(busy.len() / 2)
+                .map_or("-".into(), |b| format!("{:.0} %", b * 100.0));
             println!(
-                "{:<58} {:<4} {:<20} {:>10} {:>9} {:>22} {:>7} {:>6} {:>12}",
+                "{:<58} {:<4} {:<20} {:>10} {:>9} {:>22} {:>7} {:>6} {:>12} {:>14} {:>6}",
                 path.describe(),
                 n,
                 name,
@@ -182,12 +198,16 @@ fn print(results: &Results, rows: &[Row]) {
                 } else {
                     format!("{:.2}", path.target())
                 },
-                cpu
+                cpu,
+                control_plane,
+                busy
             );
         }
     }
     println!(
-        "(times in s; sidecar CPU: per pod from its start to full mesh; for a replaced pod, all sidecars' CPU for one replacement)"
+        "(times in s; sidecar CPU: per pod from its start to full mesh; for a replaced pod, all sidecars' CPU for one replacement; \
+         ctl-plane CPU: the apiserver's and etcd's over the run, from about its t0 to the full mesh; busy: the share of both \
+         cores busy over that window)"
     );
     if !rows.is_empty() {
         let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10);

@@ -166,6 +166,63 @@ pub(crate) struct Stages {
     pub(crate) mesh: Duration,
     /// Sidecar CPU per pod from its start to the full mesh.
     pub(crate) sidecar_cpu: Option<Duration>,
+    /// The control plane's CPU (apiserver and etcd) over the run's window.
+    pub(crate) control_plane_cpu: Option<Duration>,
+    /// The share of both cores busy (anything) over the run's window.
+    pub(crate) busy: Option<f64>,
+}
+
+/// The CPU the test bed uses over one run's window (from about its t0 to
+/// the full mesh): the control plane's, and how busy the machine is.
+pub(crate) struct Window {
+    control_plane: f64,
+    busy: u64,
+    total: u64,
+}
+
+impl Window {
+    /// Opens the window now.
+    pub(crate) fn open(m: &Mesh) -> Self {
+        let (busy, total) = machine_ticks();
+        Self {
+            control_plane: cpu_of(&control_plane_pids(m)),
+            busy,
+            total,
+        }
+    }
+
+    /// Closes the window now, noting what it saw in `s`.
+    pub(crate) fn close(self, m: &Mesh, s: &mut Stages) {
+        let (busy, total) = machine_ticks();
+        let cp = (cpu_of(&control_plane_pids(m)) - self.control_plane).max(0.0);
+        s.control_plane_cpu = Some(Duration::from_secs_f64(cp));
+        s.busy = Some((busy - self.busy) as f64 / (total - self.total).max(1) as f64);
+    }
+}
+
+fn control_plane_pids(m: &Mesh) -> Vec<u32> {
+    m.cluster
+        .apiserver_pid()
+        .into_iter()
+        .chain([m.cluster.etcd_pid()])
+        .collect()
+}
+
+/// The machine's busy and total CPU ticks so far, all cores (`/proc/stat`;
+/// idle and iowait are not busy).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 /// Whether the stages before geth's full mesh are polled (`MESH_STAGES`, on
@@ -233,6 +290,6 @@ pub(crate) async fn stages(
         registered,
         desired,
         mesh,
-        sidecar_cpu: None,
+        ..Stages::default()
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use integration_tests::{Mesh, MeshOptions, NodeSpec, eventually};
 
 use crate::measure::{
-    POLL_LIMIT, Stages, cpu_of, hand_over, ipc_answers, last_link, others, sidecar_pids, stages,
-    track_links,
+    POLL_LIMIT, Stages, Window, cpu_of, hand_over, ipc_answers, last_link, others, sidecar_pids,
+    stages, track_links,
 };
 
 /// What forms the mesh in a run.
@@ -118,8 +118,9 @@ pub(crate) async fn settled(m: &mut Mesh, variant: &Variant) -> Stages {
         .iter()
         .map(|&i| track_links(m.net.node(i).ipc_path().to_owned(), others(m, &all, i)))
         .collect();
+    let window = Window::open(m);
     let t0 = Instant::now();
-    match variant {
+    let mut s = match variant {
         Variant::Floor => {
             let enodes: Vec<String> = all.iter().map(|&i| m.net.node(i).enode()).collect();
             let calls = all
@@ -139,7 +140,9 @@ pub(crate) async fn settled(m: &mut Mesh, variant: &Variant) -> Stages {
             s.sidecar_cpu = Some(Duration::from_secs_f64(cpu_of(&sidecar_pids(m)) / n as f64));
             s
         }
-    }
+    };
+    window.close(m, &mut s);
+    s
 }
 
 /// Path B: every geth stopped; the sidecars (if any) running and serving;
@@ -189,6 +192,8 @@ pub(crate) async fn started(m: &mut Mesh, variant: &Variant) -> Stages {
         links.push(link);
     }
     let t0 = last_ipc.unwrap();
+    // From about t0: every IPC socket has answered.
+    let window = Window::open(m);
     let mut s = if sidecars {
         stages(m, &all, t0, links).await
     } else {
@@ -202,6 +207,7 @@ pub(crate) async fn started(m: &mut Mesh, variant: &Variant) -> Stages {
         let used = cpu_of(&sidecar_pids(m));
         s.sidecar_cpu = Some(Duration::from_secs_f64(used / n as f64));
     }
+    window.close(m, &mut s);
     for i in 0..n {
         m.net.node_mut(i).wait_ready().await.unwrap();
     }
@@ -250,6 +256,7 @@ pub(crate) async fn replace(m: &mut Mesh, variant: &Variant, i: usize) -> Stages
     m.net.node_mut(i).spawn().unwrap();
     let ipc = m.net.node(i).ipc_path().to_owned();
     let t0 = ipc_answers(ipc.clone()).await;
+    let window = Window::open(m);
     links.push(track_links(ipc.clone(), others(m, &all, i)));
     if !sidecars {
         hand_over(&ipc, &enodes).await;
@@ -257,10 +264,12 @@ pub(crate) async fn replace(m: &mut Mesh, variant: &Variant, i: usize) -> Stages
     let mesh = last_link(links, t0).await - t0;
     let sidecar_cpu =
         sidecars.then(|| Duration::from_secs_f64(cpu_of(&sidecar_pids(m)) - cpu_before));
-    m.net.node_mut(i).wait_ready().await.unwrap();
-    Stages {
+    let mut s = Stages {
         mesh,
         sidecar_cpu,
         ..Stages::default()
-    }
+    };
+    window.close(m, &mut s);
+    m.net.node_mut(i).wait_ready().await.unwrap();
+    s
 }

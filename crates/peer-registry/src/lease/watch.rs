@@ -49,8 +49,6 @@ pub(super) struct Shared {
     pub(super) publisher: Option<String>,
     pub(super) view: Arc<Mutex<View>>,
     pub(super) generation: Arc<AtomicU64>,
-    /// Woken when this watch, the latest, has listed.
-    pub(super) listed: Arc<tokio::sync::Notify>,
 }
 
 impl WatchState {
@@ -82,7 +80,6 @@ impl WatchState {
         self.view.synced = true;
         if self.current() {
             *lock(&self.shared.view) = self.view.clone();
-            self.shared.listed.notify_waiters();
         }
         self.schedule_publish();
         Some(Ok(snapshot_of(&self.shared.configmap, &self.view)))

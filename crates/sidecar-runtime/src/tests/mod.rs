@@ -25,7 +25,6 @@ use crate::runner::{GethState, Runner};
 use crate::settings::Settings;
 use crate::triggers::{Watch, WatchItems};
 
-mod early;
 mod geth;
 mod peers;
 mod recheck;
@@ -87,7 +86,6 @@ fn registry(snap: Snapshot) -> MockPeerRegistry {
     let read = snap.clone();
     reg.expect_snapshot().returning(move || Ok(read.clone()));
     reg.expect_upsert().returning(move |_| Ok(snap.clone()));
-    reg.expect_create().returning(|_| Ok(None));
     reg
 }
 

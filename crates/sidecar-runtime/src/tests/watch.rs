@@ -104,8 +104,8 @@ async fn a_watch_event_older_than_the_snapshot_held_is_stale() {
     }
 }
 
-/// geth whose third `admin_nodeInfo` waits for `gate`: the second pass held
-/// open (the start's early registration asks first, then the first pass).
+/// geth whose second `admin_nodeInfo` waits for `gate`: the second pass
+/// held open.
 struct GatedGeth {
     inner: MockAdminApi,
     gate: tokio::sync::Semaphore,
@@ -115,7 +115,7 @@ struct GatedGeth {
 #[async_trait::async_trait]
 impl AdminApi for GatedGeth {
     async fn node_info(&self) -> geth_ipc::Result<NodeInfo> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 2 {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
             let _permit = self.gate.acquire().await;
         }
         self.inner.node_info().await
@@ -218,9 +218,6 @@ async fn the_first_pass_registers_from_the_watchs_list_without_a_registry_read_o
     listed.members.remove("geth-0");
     let mut reg = MockPeerRegistry::new();
     reg.expect_snapshot().times(0);
-    // A registry that does not create (the trait's default): the start's
-    // create writes nothing.
-    reg.expect_create().returning(|_| Ok(None));
     let registered = Arc::new(tokio::sync::Notify::new());
     let upserted = registered.clone();
     let after = snapshot("11");
