@@ -56,10 +56,12 @@ pub fn reachable_poll(down_for: Duration) -> Duration {
 /// (geth up but failing calls) never resolves it: the caller's own retry
 /// timer covers that.
 pub async fn socket_accepts_again(path: &Path, down_since: tokio::time::Instant) {
+    // The watch is set up before the socket is tried: a socket created in
+    // between still wakes it (set up after, it would be seen a second late).
+    let mut watch = DirWatch::new(path);
     if ipc::accepts(path).await {
         return std::future::pending::<()>().await;
     }
-    let mut watch = DirWatch::new(path);
     loop {
         let created = match watch.as_mut() {
             Some(w) => {
@@ -85,6 +87,11 @@ pub async fn socket_accepts_again(path: &Path, down_since: tokio::time::Instant)
         }
         if watch.as_ref().is_none_or(DirWatch::ended) {
             watch = DirWatch::new(path);
+            // As at the start: a socket created before this watch was set
+            // up wakes nothing, so it is tried now.
+            if watch.is_some() && ipc::accepts(path).await {
+                return;
+            }
         }
     }
 }

@@ -175,7 +175,12 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
     }
 
     /// The engine's plan for this pass, its problems and removals logged.
-    fn plan(&mut self, now: jiff::Timestamp, me: &core::SelfIdentity, pods: &Pods) -> core::Plan {
+    pub(crate) fn plan(
+        &mut self,
+        now: jiff::Timestamp,
+        me: &core::SelfIdentity,
+        pods: &Pods,
+    ) -> core::Plan {
         // While this pod's upsert is in flight, the engine is shown its record
         // as ours: it plans no second upsert and decides who dials first by
         // the time the other members will see on it.
@@ -194,7 +199,8 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             ..self.tracker.observation(now, me, pods.pods.as_ref())
         };
         let mut plan = core::plan(&self.s.engine, &obs);
-        if self.writing.is_some() && !plan.registry.is_empty() {
+        let held_back = self.writing.is_some() && !plan.registry.is_empty();
+        if held_back {
             // Planned again by the pass after the writes in flight land.
             debug!(
                 writes = plan.registry.len(),
@@ -218,7 +224,26 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 info!(problem = %gone, "problem resolved");
             }
         }
-        for removal in &plan.report.removals {
+        self.report_removals(&plan.report, held_back);
+        plan
+    }
+
+    /// Logs (WARN, with the evidence) and notices the removals a plan makes;
+    /// those `held_back` behind a write in flight only at DEBUG: the pass
+    /// after it lands plans them again, and reports them then.
+    fn report_removals(&self, report: &core::Report, held_back: bool) {
+        if held_back {
+            for removal in &report.removals {
+                debug!(pod = %removal.record.pod, evidence = %removal.reason,
+                       "removal waits for the registry write in flight");
+            }
+            for (enode, why) in &report.legacy_removals {
+                debug!(enode = %enode, evidence = %why,
+                       "legacy removal waits for the registry write in flight");
+            }
+            return;
+        }
+        for removal in &report.removals {
             warn!(
                 pod = %removal.record.pod,
                 node = %removal.record.node_id.short(),
@@ -230,10 +255,9 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 evidence: removal.reason.to_string(),
             });
         }
-        for (enode, why) in &plan.report.legacy_removals {
+        for (enode, why) in &report.legacy_removals {
             warn!(enode = %enode, evidence = %why, "legacy member {why}: removing it");
         }
-        plan
     }
 
     /// Pod evidence from the pod source, when there is one and it is current.

@@ -214,6 +214,16 @@ fn count(
     family.get_or_create(&Metrics::kind(kind)).get()
 }
 
+/// Hooks that keep every notice.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<crate::notice::Notice>>);
+
+impl crate::ports::Hooks for Recorded {
+    fn notice(&self, notice: crate::notice::Notice) {
+        self.0.lock().expect("lock").push(notice);
+    }
+}
+
 /// Polls `what` every 5 ms until it holds, for at most 10 s.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

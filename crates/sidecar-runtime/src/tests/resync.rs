@@ -55,16 +55,6 @@ async fn a_resync_read_that_never_answers_does_not_hold_the_pass() {
     assert_eq!(unavailable, 1, "the unanswered read is counted");
 }
 
-/// Hooks that keep every notice.
-#[derive(Default)]
-struct Recorded(std::sync::Mutex<Vec<crate::notice::Notice>>);
-
-impl crate::ports::Hooks for Recorded {
-    fn notice(&self, notice: crate::notice::Notice) {
-        self.0.lock().expect("lock").push(notice);
-    }
-}
-
 /// A read whose version is below one already taken in (etcd restored or
 /// wiped): the operator gets a Warning Event naming both versions, and the
 /// watch is opened anew. A read that moves forward tells nothing.

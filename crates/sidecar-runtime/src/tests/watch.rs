@@ -300,3 +300,64 @@ async fn a_write_older_than_the_snapshot_held_makes_no_pass_due() {
     assert_eq!(r.take_written(newer).map_err(|e| e.kind()), Ok(true));
     assert_eq!(held_version(&r).as_deref(), Some("13"));
 }
+
+/// A removal the engine plans while a registry write is in flight waits for
+/// it, and is not reported meanwhile: no MemberRemoved notice (a Kubernetes
+/// Event) and no WARN for a removal not made. The pass after the write lands
+/// plans it again, makes it and reports it once.
+#[tokio::test]
+async fn a_removal_held_back_behind_a_write_in_flight_is_reported_only_when_made() {
+    let hooks = Arc::new(Recorded::default());
+    let mut s = settings(pod_ip());
+    s.hooks = hooks.clone();
+    // geth-2's pod was seen deleted (pod evidence): removed at once.
+    let mut snap = snapshot("11");
+    if let Some(rec) = snap.members.get_mut("geth-2") {
+        rec.pod_uid = Some("uid-2".into());
+    }
+    let mut landed = snap.clone();
+    landed.resource_version = Some("12".into());
+    let mut reg = MockPeerRegistry::new();
+    reg.expect_upsert().returning(move |_| Ok(landed.clone()));
+    let mut r = runner_with(MockAdminApi::new(), reg, s, Arc::new(Metrics::new()));
+    r.on_snapshot(snap);
+    let pod = |ip: &str| core::PodObservation {
+        uid: None,
+        ip: Some(ip.into()),
+    };
+    let pods = crate::pass::Pods {
+        pods: Some(BTreeMap::from([
+            ("geth-0".to_owned(), pod("10.0.0.1")),
+            ("geth-1".to_owned(), pod("10.0.0.2")),
+        ])),
+        gone: BTreeMap::from([("geth-2".to_owned(), "uid-2".to_owned())]),
+    };
+    let me = core::SelfIdentity {
+        pod: "geth-0".into(),
+        node_id: enode(0).node_id(),
+        advertised: enode(0),
+        pod_uid: None,
+        pod_ip: Some("10.0.0.1".into()),
+        sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let removed = |h: &Recorded| {
+        h.0.lock()
+            .expect("lock")
+            .iter()
+            .filter(|n| matches!(n, crate::notice::Notice::MemberRemoved { pod, .. } if pod == "geth-2"))
+            .count()
+    };
+
+    r.start_writing(vec![core::RegistryAction::Upsert(record(0))]);
+    let held = r.plan(jiff::Timestamp::now(), &me, &pods);
+    assert!(held.registry.is_empty(), "held back: {held:?}");
+    assert_eq!(removed(&hooks), 0, "no notice for a removal not made");
+
+    r.finish_writing(Duration::from_secs(1)).await;
+    let made = r.plan(jiff::Timestamp::now(), &me, &pods);
+    assert!(
+        matches!(&made.registry[..], [core::RegistryAction::Remove(recs)] if recs[0].pod == "geth-2"),
+        "planned again once the write landed: {made:?}"
+    );
+    assert_eq!(removed(&hooks), 1, "reported once, when made");
+}
