@@ -203,6 +203,54 @@ pub async fn conditional_removal_keeps_a_re_registered_member(h: &dyn Harness) -
     Ok(())
 }
 
+/// A [`PeerRegistry::create`] registers a pod that has no record; one for a
+/// pod that has a record (its sidecar restarted, on another address) keeps
+/// the stored record as it is, registration time included, and its snapshot,
+/// if any, shows the stored one. A registry that does not create (the
+/// trait's default) passes by writing nothing.
+pub async fn create_keeps_a_stored_record(h: &dyn Harness) -> Outcome {
+    let (first, restarted) = (h.client(), h.client());
+    let rec = record("conf-created", 1)?;
+    let created = first.create(rec.clone()).await.map_err(|e| e.to_string())?;
+    let stored = h.client().snapshot().await.map_err(|e| e.to_string())?;
+    let Some(created) = created else {
+        ensure!(
+            stored.members.is_empty(),
+            "a create that returned nothing wrote {:?}",
+            pods(&stored)
+        );
+        return Ok(());
+    };
+    for (what, snap) in [("the create's snapshot", &created), ("a read", &stored)] {
+        let held = snap.members.get("conf-created");
+        ensure!(
+            held.is_some_and(|m| m.same_registration(&rec)),
+            "{what} does not hold the created record: {held:?}"
+        );
+    }
+    let mut again = record("conf-created", 1)?;
+    again.registered_at = rec.registered_at + jiff::SignedDuration::from_secs(60);
+    again.pod_ip = Some("10.77.99.98".into());
+    again.enode = again
+        .enode
+        .with_host("10.77.99.98".parse().map_err(|e| format!("{e}"))?);
+    let kept = restarted.create(again).await.map_err(|e| e.to_string())?;
+    let stored = h.client().snapshot().await.map_err(|e| e.to_string())?;
+    for (what, snap) in [
+        ("the second create's snapshot", kept.as_ref()),
+        ("a read", Some(&stored)),
+    ] {
+        let Some(snap) = snap else { continue };
+        let held = snap.members.get("conf-created");
+        ensure!(
+            held.is_some_and(|m| m.same_registration(&rec)
+                && m.registered_at.as_second() == rec.registered_at.as_second()),
+            "{what}: a create changed the stored record: {held:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Keys the registry does not own, written by a third party, survive
 /// registrations and removals byte for byte.
 pub async fn unknown_keys_are_preserved(h: &dyn Harness) -> Outcome {
@@ -365,6 +413,9 @@ where
     conditional_removal_keeps_a_re_registered_member(&fresh().await?)
         .await
         .map_err(name("conditional_removal_keeps_a_re_registered_member"))?;
+    create_keeps_a_stored_record(&fresh().await?)
+        .await
+        .map_err(name("create_keeps_a_stored_record"))?;
     unknown_keys_are_preserved(&fresh().await?)
         .await
         .map_err(name("unknown_keys_are_preserved"))?;

@@ -20,7 +20,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tracing::info;
 
 use crate::configmap::{ConfigMapRegistry, RetryPolicy, validate};
 use crate::error::{Error, Result};
@@ -93,6 +92,12 @@ pub struct LeaseRegistry {
     generation: Arc<AtomicU64>,
     /// Set after the first upsert: later ones read the Lease before writing.
     registered: AtomicBool,
+    /// Woken when the latest watch has listed (a registration's snapshot
+    /// waits for it rather than reading the registry a second time), when a
+    /// read filled the view, and when the latest watch is dropped.
+    listed: Arc<tokio::sync::Notify>,
+    /// The latest watch stream is open (being listed and followed).
+    watching: Arc<AtomicBool>,
 }
 
 /// The name of pod `pod`'s Lease in registry `registry`.
@@ -121,6 +126,8 @@ impl LeaseRegistry {
             view: Arc::default(),
             generation: Arc::default(),
             registered: AtomicBool::new(false),
+            listed: Arc::default(),
+            watching: Arc::default(),
         }
     }
 
@@ -162,6 +169,8 @@ impl LeaseRegistry {
             publisher: self.publisher.clone(),
             view: Arc::clone(&self.view),
             generation: Arc::clone(&self.generation),
+            listed: Arc::clone(&self.listed),
+            watching: Arc::clone(&self.watching),
         }
     }
 
@@ -205,12 +214,15 @@ impl PeerRegistry for LeaseRegistry {
         }
         view.configmap = configmap;
         let snap = snapshot_of(&self.configmap, &view);
-        let mut latest = lock(&self.view);
-        if !latest.synced {
-            view.synced = false;
-            view.read = true;
-            *latest = view;
+        {
+            let mut latest = lock(&self.view);
+            if !latest.synced {
+                view.synced = false;
+                view.read = true;
+                *latest = view;
+            }
         }
+        self.listed.notify_waiters();
         Ok(snap)
     }
 
@@ -218,38 +230,20 @@ impl PeerRegistry for LeaseRegistry {
         validate(&record)?;
         let written = self.write_lease(&record).await?;
         self.registered.store(true, Ordering::Relaxed);
-        // A fleet switching from the ConfigMap layout: the Lease supersedes
-        // this pod's record there.
-        // The ConfigMap as this pass read it (the latest view), else a GET:
-        // in a burst of N registrations, N extra GETs would double the load.
-        let cached = {
-            let view = lock(&self.view);
-            (view.synced || view.read).then(|| view.configmap.clone())
+        self.after_registering(&record, written).await
+    }
+
+    /// One create of the pod's Lease; `None` when it has one (a 409 tells
+    /// no more, and the stored record is left as it is).
+    async fn create(&self, record: MemberRecord) -> Result<Option<Snapshot>> {
+        validate(&record)?;
+        let Some(written) = self.create_lease(&record).await? else {
+            return Ok(None);
         };
-        let mut configmap = match cached {
-            Some(cm) => cm,
-            None => self.configmap.object().await?,
-        };
-        let in_configmap = self.configmap.observe(configmap.as_ref());
-        if let Some(old) = in_configmap.members.get(&record.pod) {
-            info!(pod = %record.pod, "the pod's record moves from the registry configmap to its lease");
-            PeerRegistry::remove(&*self.configmap, vec![old.clone()]).await?;
-            configmap = self.configmap.object().await?;
-        }
-        self.after_write(
-            |view| {
-                // The ConfigMap as read: external peers, legacy entries.
-                if let Some(cm) = &configmap {
-                    view.revision = view.revision.max(revision(&cm.metadata));
-                }
-                view.configmap = configmap;
-                if let Some(lease) = &written {
-                    view.put(self.name(), lease);
-                }
-            },
-            true,
-        )
-        .await
+        self.registered.store(true, Ordering::Relaxed);
+        self.after_registering(&record, Some(written))
+            .await
+            .map(Some)
     }
 
     async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
@@ -285,6 +279,7 @@ impl PeerRegistry for LeaseRegistry {
         // back): what an older one saw is no base for the next write's
         // snapshot; until this one lists, that is a fresh read.
         *lock(&self.view) = View::default();
+        self.watching.store(true, Ordering::Relaxed);
         let leases = watcher(
             self.api.clone(),
             watcher::Config::default().labels(&self.selector()),

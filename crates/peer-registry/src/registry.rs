@@ -27,6 +27,28 @@ pub trait PeerRegistry: Send + Sync + 'static {
     /// cause a write), so at steady state an upsert makes no write at all.
     async fn upsert(&self, record: MemberRecord) -> Result<Snapshot>;
 
+    /// Registers `record` only when its pod has no record, without a read of
+    /// the registry before it: a starting member's registration overlaps its
+    /// first read instead of following it. A stored record is never changed
+    /// (a restarted member keeps its registration time; its next
+    /// [`upsert`](Self::upsert) decides what to update).
+    ///
+    /// Returns a snapshot that holds the pod's record (the new one, or the
+    /// stored one when the registry read it anyway: the ConfigMap layout's
+    /// compare-and-swap reads the object), or `None` when nothing was
+    /// written and no snapshot read: the pod has a record (the lease
+    /// layout's create says no more), or the registry cannot create without
+    /// a read (the default, which does nothing). The ConfigMap layout's
+    /// create is a compare-and-swap whatever its [`WriteProtocol`](crate::WriteProtocol)
+    /// (one write per start).
+    ///
+    /// A wrapper of another registry should forward it; a mock used by a
+    /// runner expects it (a start makes one).
+    async fn create(&self, record: MemberRecord) -> Result<Option<Snapshot>> {
+        let _ = record;
+        Ok(None)
+    }
+
     /// Removes each given record, only if the stored record for that pod is still
     /// the [same registration](MemberRecord::same_registration). Compare-and-swap
     /// loop. Returns the snapshot as written, or as read when there was nothing

@@ -90,7 +90,7 @@ mod tracker;
 pub use apply::{apply, apply_registry};
 pub use cidr::{Cidr, CidrError};
 pub use config::{Config, ConfigError};
-pub use engine::{ProbeTarget, plan, probe_targets};
+pub use engine::{ProbeTarget, own_record, plan, probe_targets};
 pub use observation::{Confirmation, Observation, PeerObservation, PodObservation, SelfIdentity};
 pub use plan::{
     GethAction, PeerRef, Plan, Problem, RegistryAction, Removal, RemovalReason, Report,

@@ -121,6 +121,9 @@ pub struct Tracker {
     registrations_seen: BTreeMap<NodeId, Timestamp>,
     registrations_landed: BTreeMap<NodeId, Timestamp>,
     registrations_listed: BTreeSet<NodeId>,
+    /// This node's registration, sent before the registry's first read
+    /// ([`Tracker::on_registration_sent`]), and when.
+    sent_before_read: Option<(NodeId, Timestamp)>,
     probed_at: Option<Timestamp>,
     resolved: BTreeMap<NodeId, Vec<IpAddr>>,
     confirmations: BTreeMap<NodeId, Confirmation>,
@@ -206,6 +209,22 @@ impl Tracker {
         true
     }
 
+    /// This node (`node_id`) sent its registration at `at`, before the
+    /// registry's first read arrived (a start's create, made while the watch
+    /// lists). The first read then counts as learned late where it is: this
+    /// node's record is noted as landed at `at` (the earliest it can have
+    /// landed, from which the other members' dial grace runs), and the other
+    /// members of that read as landed when it is taken in and listed. So
+    /// when the read comes more than a grace after the create, this node,
+    /// the newer of each such pair, leaves the first dial to the other side
+    /// instead of dialling as it does: two dials at once make geth drop both
+    /// links and redial ~35 s later.
+    pub fn on_registration_sent(&mut self, node_id: NodeId, at: Timestamp) {
+        if self.snapshot.is_none() {
+            self.sent_before_read = Some((node_id, at));
+        }
+    }
+
     /// A snapshot read from the registry. A read is authoritative: it
     /// replaces the snapshot held whatever their versions (unlike a watch
     /// item, which may lag our own write). A version lower than the highest
@@ -252,6 +271,22 @@ impl Tracker {
     /// is unknown.
     fn note_new_registrations(&mut self, now: Timestamp, snap: &Snapshot, listed: bool) {
         let held = self.snapshot.as_ref();
+        // A registration sent before the first read: ours counts as landed
+        // when sent (whether or not this read holds it yet), the others of
+        // the first read as learned now, from a list.
+        let sent_own = self.sent_before_read.map(|(own, _)| own);
+        if let Some((own, sent)) = self.sent_before_read {
+            self.registrations_landed.insert(own, sent);
+            if held.is_none() {
+                for record in snap.members.values().filter(|r| r.node_id != own) {
+                    self.registrations_landed.insert(record.node_id, now);
+                    self.registrations_listed.insert(record.node_id);
+                }
+            }
+            if snap.members.values().any(|r| r.node_id == own) {
+                self.sent_before_read = None;
+            }
+        }
         for (pod, record) in &snap.members {
             let known = held
                 .and_then(|h| h.members.get(pod))
@@ -259,7 +294,7 @@ impl Tracker {
             if !known || !self.registrations_seen.contains_key(&record.node_id) {
                 self.registrations_seen.insert(record.node_id, now);
             }
-            if !known && held.is_some() {
+            if !known && held.is_some() && sent_own != Some(record.node_id) {
                 self.registrations_landed.insert(record.node_id, now);
                 if listed {
                     self.registrations_listed.insert(record.node_id);
@@ -294,7 +329,10 @@ impl Tracker {
             .retain(|id, _| member(id) || legacy(id));
         self.resolved.retain(|id, _| known.contains(id));
         self.confirmations.retain(|id, _| known.contains(id));
-        self.registrations_landed.retain(|id, _| member(id));
+        // Ours, sent before the first read, is kept until a read shows it.
+        let sent = self.sent_before_read.map(|(own, _)| own);
+        self.registrations_landed
+            .retain(|id, _| member(id) || sent == Some(*id));
         self.registrations_listed.retain(member);
         self.unreachable_since.retain(|id, _| known.contains(id));
         self.unusable.retain(|id, _| known.contains(id));

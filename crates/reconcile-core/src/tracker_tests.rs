@@ -167,6 +167,51 @@ fn registrations_of_a_watchs_list_are_landed_and_listed_later_ones_landed_only()
 }
 
 #[test]
+fn a_registration_sent_before_the_first_read_makes_that_read_learned_late() {
+    let (me, a, b) = (enode(3, 3), enode(1, 1), enode(2, 2));
+    let mut t = Tracker::new();
+    t.on_registration_sent(me.node_id(), at(1));
+    t.on_snapshot(
+        at(4),
+        snapshot([
+            record("me", &me, at(1)),
+            record("a", &a, at(0)),
+            record("b", &b, at(0)),
+        ]),
+    );
+    assert_eq!(t.registrations_landed.get(&me.node_id()), Some(&at(1)));
+    for peer in [&a, &b] {
+        assert_eq!(t.registrations_landed.get(&peer.node_id()), Some(&at(4)));
+        assert!(t.registrations_listed.contains(&peer.node_id()));
+    }
+    assert!(!t.registrations_listed.contains(&me.node_id()));
+    // A first read without our record yet: ours still counts as landed
+    // when sent, also once a later read shows it.
+    let mut t = Tracker::new();
+    t.on_registration_sent(me.node_id(), at(1));
+    t.on_snapshot(at(4), snapshot([record("a", &a, at(0))]));
+    assert_eq!(t.registrations_landed.get(&me.node_id()), Some(&at(1)));
+    assert!(t.registrations_listed.contains(&a.node_id()));
+    t.on_snapshot(
+        at(5),
+        snapshot([record("a", &a, at(0)), record("me", &me, at(1))]),
+    );
+    assert_eq!(t.registrations_landed.get(&me.node_id()), Some(&at(1)));
+    // Without a registration sent first, a first read notes no landing.
+    let mut t = Tracker::new();
+    t.on_snapshot(at(4), snapshot([record("a", &a, at(0))]));
+    assert!(t.registrations_landed.is_empty());
+    // Sent once a snapshot is held: nothing changes.
+    t.on_registration_sent(me.node_id(), at(5));
+    t.on_snapshot(
+        at(6),
+        snapshot([record("a", &a, at(0)), record("me", &me, at(5))]),
+    );
+    assert_eq!(t.registrations_landed.get(&me.node_id()), Some(&at(6)));
+    assert!(!t.registrations_listed.contains(&a.node_id()));
+}
+
+#[test]
 fn a_departed_member_leaves_nothing_behind_in_the_per_member_maps() {
     let (a, b) = (enode(1, 1), enode(2, 2));
     let mut t = Tracker::new();

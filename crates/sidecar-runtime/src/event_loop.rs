@@ -68,12 +68,24 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         // The first pass reads the registry from the watch's list: one list
         // per start, and the watch follows the registry from before this pod
         // registers. A watch with nothing to say within FIRST_LIST_WAIT leaves
-        // the first pass to read the registry itself.
-        let first = tokio::select! {
-            biased;
-            _ = &mut shutdown => return,
-            item = watch.stream.next() => Some(item),
-            () = tokio::time::sleep(FIRST_LIST_WAIT) => None,
+        // the first pass to read the registry itself. Meanwhile this pod
+        // registers (a create, which keeps a record the pod has): the list
+        // and the write overlap instead of following each other.
+        let first = {
+            let early = self.register_early();
+            tokio::pin!(early);
+            let list_wait = tokio::time::sleep(FIRST_LIST_WAIT);
+            tokio::pin!(list_wait);
+            let mut early_done = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => return,
+                    item = watch.stream.next() => break Some(item),
+                    () = &mut early, if !early_done => early_done = true,
+                    () = &mut list_wait => break None,
+                }
+            }
         };
         if let Some(item) = first {
             let mut items = WatchItems::default();

@@ -96,6 +96,9 @@ pub(crate) struct InFlight {
     /// meanwhile (so it plans no second upsert and dials by this record's
     /// time, as the other members will see it).
     pub(crate) own: Option<peer_registry::MemberRecord>,
+    /// The write is a [`PeerRegistry::create`]: `own` stands for this pod's
+    /// record only where the registry shows none (a stored one is kept).
+    pub(crate) create_only: bool,
 }
 
 impl InFlight {
@@ -111,6 +114,11 @@ pub(crate) struct Written {
     snaps: Vec<peer_registry::Snapshot>,
     me: Option<peer_registry::MemberRecord>,
     wrote_own: bool,
+    /// A pass is due whatever was taken in: a start's create that wrote
+    /// nothing (the pod had a record, or the registry does not create),
+    /// whose first pass took the create as this pod's record and so
+    /// planned no upsert.
+    due: bool,
     result: Result<(), PassError>,
 }
 
@@ -166,13 +174,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
 
     /// Spawns `actions`, in order, as the writes in flight.
     pub(crate) fn start_writing(&mut self, actions: Vec<core::RegistryAction>) {
-        let writer = Writer {
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
-            hooks: self.s.hooks.clone(),
-            pod: self.s.pod.clone(),
-        };
+        let writer = self.writer();
         let own = actions.iter().find_map(|a| match a {
             core::RegistryAction::Upsert(rec) => Some(rec.clone()),
             _ => None,
@@ -196,10 +198,53 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
                 snaps,
                 me,
                 wrote_own,
+                due: false,
                 result,
             }
         });
-        self.writing = Some(InFlight { task, own });
+        self.writing = Some(InFlight {
+            task,
+            own,
+            create_only: false,
+        });
+    }
+
+    /// Spawns a [`PeerRegistry::create`] of this pod's `record` as the write
+    /// in flight: a start registers while its first read of the registry is
+    /// on its way, instead of after it.
+    pub(crate) fn start_creating(&mut self, record: peer_registry::MemberRecord) {
+        let writer = self.writer();
+        let mut me = self.me.clone();
+        let own = record.clone();
+        let task = tokio::spawn(async move {
+            let (snaps, created, result) = match writer.create(record, &mut me).await {
+                Ok((snap, created)) => (Vec::from_iter(snap), created, Ok(())),
+                Err(e) => (Vec::new(), false, Err(e)),
+            };
+            Written {
+                wrote_own: created,
+                due: !created && result.is_ok(),
+                snaps,
+                me,
+                result,
+            }
+        });
+        self.writing = Some(InFlight {
+            task,
+            own: Some(own),
+            create_only: true,
+        });
+    }
+
+    /// What the writes in flight use.
+    fn writer(&self) -> Writer<R> {
+        Writer {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            hooks: self.s.hooks.clone(),
+            pod: self.s.pod.clone(),
+        }
     }
 
     /// Takes in the writes that landed (their snapshots, this pod's record).
@@ -218,7 +263,7 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
             taken |= self.on_snapshot(snap);
         }
         let held_back = std::mem::take(&mut self.held_back);
-        written.result.map(|()| taken || held_back)
+        written.result.map(|()| taken || held_back || written.due)
     }
 
     /// Waits up to `limit` for the writes in flight and takes them in; gives
@@ -279,32 +324,63 @@ impl<R: PeerRegistry> Writer<R> {
                 ("remove", self.registry.remove(recs).await)
             }
         };
-        match res {
-            Ok(snap) => {
-                self.metrics
-                    .registry_writes
-                    .get_or_create(&Metrics::kind(op))
-                    .inc();
-                if upsert {
-                    self.took_own_record(&snap, me);
-                }
-                Ok(snap)
-            }
-            Err(e) => {
-                self.metrics
-                    .registry_errors
-                    .get_or_create(&Metrics::kind(e.kind()))
-                    .inc();
-                self.health.registry_synced.store(false, Ordering::Relaxed);
-                warn!(error = %e, "registry {op} failed; will retry");
-                if !matches!(e, peer_registry::Error::Conflict { .. }) {
-                    self.hooks.notice(Notice::RegistryUnwritable {
-                        error: e.to_string(),
-                    });
-                }
-                Err(PassError::RegistryWrite { op, source: e })
-            }
+        let snap = res.map_err(|e| self.failed(op, e))?;
+        self.metrics
+            .registry_writes
+            .get_or_create(&Metrics::kind(op))
+            .inc();
+        if upsert {
+            self.took_own_record(&snap, me);
         }
+        Ok(snap)
+    }
+
+    /// A [`PeerRegistry::create`] of this pod's `record`; returns the
+    /// snapshot it produced (if any) and whether it holds `record` (the
+    /// create wrote it). A record the pod already had is left to the pass's
+    /// upsert, which decides what to change: it is not taken as this pod's
+    /// record here, nor counted or announced as a registration.
+    async fn create(
+        &self,
+        record: peer_registry::MemberRecord,
+        me: &mut Option<peer_registry::MemberRecord>,
+    ) -> Result<(Option<peer_registry::Snapshot>, bool), PassError> {
+        info!(pod = %record.pod, node = %record.node_id.short(), enode = %record.enode,
+              "registering self while the registry is read");
+        let snap = self
+            .registry
+            .create(record.clone())
+            .await
+            .map_err(|e| self.failed("create", e))?;
+        let created = snap.as_ref().is_some_and(|s| {
+            s.members.get(&record.pod).is_some_and(|held| {
+                held.same_registration(&record) && held.registered_at == record.registered_at
+            })
+        });
+        if let (Some(snap), true) = (&snap, created) {
+            self.metrics
+                .registry_writes
+                .get_or_create(&Metrics::kind("create"))
+                .inc();
+            self.took_own_record(snap, me);
+        }
+        Ok((snap, created))
+    }
+
+    /// Counts, logs and notices a failed registry `op`.
+    fn failed(&self, op: &'static str, e: peer_registry::Error) -> PassError {
+        self.metrics
+            .registry_errors
+            .get_or_create(&Metrics::kind(e.kind()))
+            .inc();
+        self.health.registry_synced.store(false, Ordering::Relaxed);
+        warn!(error = %e, "registry {op} failed; will retry");
+        if !matches!(e, peer_registry::Error::Conflict { .. }) {
+            self.hooks.notice(Notice::RegistryUnwritable {
+                error: e.to_string(),
+            });
+        }
+        PassError::RegistryWrite { op, source: e }
     }
 
     /// Notes this pod's record as an upsert left it, with a notice when it is

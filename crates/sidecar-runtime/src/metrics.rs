@@ -123,7 +123,7 @@ impl Metrics {
         );
         m.registry.register(
             "registry_writes",
-            "Registry writes (upsert, remove)",
+            "Registry writes (create, upsert, remove)",
             m.registry_writes.clone(),
         );
         m.registry.register(

@@ -32,6 +32,11 @@ pub(crate) struct Pods {
     pub(crate) gone: BTreeMap<String, String>,
 }
 
+/// How long a start waits for geth's node info to register while the
+/// registry is read (geth answers in well under a millisecond; a geth still
+/// starting is left to the first pass).
+const EARLY_GETH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long a pass waits for a registry read while it holds a snapshot
 /// (the resync's read): past that it goes on with the snapshot held.
 const HELD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -46,20 +51,51 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         let pods = self.pod_evidence().await;
         self.resolve_members().await;
         let now = self.s.clock.now();
-        let me = core::SelfIdentity {
-            pod: self.s.pod.clone(),
-            node_id,
-            advertised,
-            pod_uid: self.s.pod_uid.clone(),
-            pod_ip: self.s.pod_ip.clone(),
-            sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
-        };
+        let me = self.self_identity(node_id, advertised);
         let plan = self.plan(now, &me, &pods);
         self.last_me = Some(me);
         self.last_pods = pods;
         let result = self.execute(&plan, now).await;
         self.publish(&plan.report, now, started, result.is_ok());
         result
+    }
+
+    /// This node as the engine sees it, with geth's `node_id` and the enode
+    /// it advertises.
+    fn self_identity(&self, node_id: geth_ipc::NodeId, advertised: Enode) -> core::SelfIdentity {
+        core::SelfIdentity {
+            pod: self.s.pod.clone(),
+            node_id,
+            advertised,
+            pod_uid: self.s.pod_uid.clone(),
+            pod_ip: self.s.pod_ip.clone(),
+            sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// At start, before the registry's first read arrives: when geth
+    /// answers at once, starts a [`PeerRegistry::create`] of this pod's
+    /// record, so the registration overlaps the read instead of following
+    /// it (the lease layout creates the Lease; a pod that has a record
+    /// keeps it, and the first pass decides what to update). Anything
+    /// wrong (geth not up yet, no usable address) is left to the first
+    /// pass, which reports it.
+    pub(crate) async fn register_early(&mut self) {
+        let Ok(Ok(info)) = tokio::time::timeout(EARLY_GETH_WAIT, self.geth.node_info()).await
+        else {
+            return;
+        };
+        let Ok(advertised) = self.s.advertise.advertised(&info, self.s.p2p_port) else {
+            return;
+        };
+        let me = self.self_identity(info.id, advertised);
+        let now = self.s.clock.now();
+        if let Ok(record) = core::own_record(&me, None, now) {
+            // The list may come later than the create lands: who dials
+            // first is then decided as for a list learned late.
+            self.tracker.on_registration_sent(record.node_id, now);
+            self.start_creating(record);
+        }
     }
 
     /// Reads geth (node info, connection generation, peers) and, when no
@@ -184,15 +220,18 @@ impl<G: AdminApi, R: PeerRegistry> Runner<G, R> {
         // While this pod's upsert is in flight, the engine is shown its record
         // as ours: it plans no second upsert and decides who dials first by
         // the time the other members will see on it.
-        let with_own = self
-            .writing
-            .as_ref()
-            .and_then(|w| w.own.as_ref())
-            .and_then(|own| {
-                let mut snap = self.tracker.snapshot()?.clone();
-                snap.members.insert(own.pod.clone(), own.clone());
-                Some(snap)
-            });
+        // A create stands in only where the registry shows no record (a
+        // stored one is kept by it).
+        let with_own = self.writing.as_ref().and_then(|w| {
+            let own = w.own.as_ref()?;
+            let held = self.tracker.snapshot()?;
+            if w.create_only && held.members.contains_key(&own.pod) {
+                return None;
+            }
+            let mut snap = held.clone();
+            snap.members.insert(own.pod.clone(), own.clone());
+            Some(snap)
+        });
         let obs = core::Observation {
             pods_gone: &pods.gone,
             registry: with_own.as_ref().or(self.tracker.snapshot()),

@@ -267,6 +267,22 @@ impl<S: Store> Core<S> {
         self.cas_upsert(&record).await
     }
 
+    /// [`PeerRegistry::create`](crate::PeerRegistry::create): a compare-and-swap that adds `record` when
+    /// its pod has none, and otherwise writes nothing. Either way the object
+    /// read (or written) is the snapshot.
+    pub(super) async fn create(&self, record: MemberRecord) -> Result<Option<Snapshot>> {
+        validate(&record)?;
+        self.modify("create", |snap| {
+            (!snap.members.contains_key(&record.pod)).then(|| {
+                let mut members = snap.members.clone();
+                members.insert(record.pod.clone(), record.clone());
+                members
+            })
+        })
+        .await
+        .map(Some)
+    }
+
     pub(super) async fn cas_upsert(&self, record: &MemberRecord) -> Result<Snapshot> {
         self.cas_upsert_attempts(record, self.retry.max_attempts, None)
             .await

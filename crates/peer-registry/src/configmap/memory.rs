@@ -475,6 +475,10 @@ impl PeerRegistry for MemoryRegistry {
         self.core.upsert(record).await
     }
 
+    async fn create(&self, record: MemberRecord) -> Result<Option<Snapshot>> {
+        self.core.create(record).await
+    }
+
     async fn remove(&self, expected: Vec<MemberRecord>) -> Result<Snapshot> {
         self.core.remove(expected).await
     }

@@ -4,7 +4,7 @@
 //! once both have listed and on each change after.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -49,6 +49,21 @@ pub(super) struct Shared {
     pub(super) publisher: Option<String>,
     pub(super) view: Arc<Mutex<View>>,
     pub(super) generation: Arc<AtomicU64>,
+    /// Woken when this watch, the latest, has listed or is dropped.
+    pub(super) listed: Arc<tokio::sync::Notify>,
+    /// Whether the latest watch is open: cleared when it is dropped.
+    pub(super) watching: Arc<AtomicBool>,
+}
+
+impl Drop for WatchState {
+    /// The latest watch dropped: nothing lists any more, so a registration
+    /// waiting for its list reads the registry instead.
+    fn drop(&mut self) {
+        if self.current() {
+            self.shared.watching.store(false, Ordering::Relaxed);
+            self.shared.listed.notify_waiters();
+        }
+    }
 }
 
 impl WatchState {
@@ -80,6 +95,7 @@ impl WatchState {
         self.view.synced = true;
         if self.current() {
             *lock(&self.shared.view) = self.view.clone();
+            self.shared.listed.notify_waiters();
         }
         self.schedule_publish();
         Some(Ok(snapshot_of(&self.shared.configmap, &self.view)))

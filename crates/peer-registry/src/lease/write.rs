@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
-use tracing::debug;
+use tracing::{debug, info};
 
-use super::view::{View, decode_lease, lock, snapshot_of};
+use super::view::{View, decode_lease, lock, revision, snapshot_of};
 use super::{LeaseRegistry, MEMBER_ANNOTATION, REGISTRY_LABEL, lease_name};
 use crate::configmap::is_transient;
 use crate::error::{Error, Result};
@@ -22,6 +22,9 @@ use crate::registry::PeerRegistry;
 /// Transient errors (429, 5xx, a refused connection) one call retries
 /// before it gives up.
 const TRANSIENT_RETRIES: u32 = 8;
+/// How long a write's snapshot waits for the watch's list before it reads
+/// the registry itself.
+const LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl LeaseRegistry {
     /// The Lease that holds `record`.
@@ -139,6 +142,100 @@ impl LeaseRegistry {
         match view {
             Some(view) => Ok(snapshot_of(&self.configmap, &view)),
             None => self.snapshot().await,
+        }
+    }
+
+    /// Until the latest watch has listed (or a read filled the view), for
+    /// at most [`LIST_WAIT`]; at once when no watch stream is open (none
+    /// was, or it was dropped: nothing would list). A member
+    /// registers while its watch lists (see [`PeerRegistry::create`]): its
+    /// write's snapshot is then the watch's list with the write applied,
+    /// not a second read of every Lease.
+    pub(super) async fn wait_listed(&self) {
+        let deadline = tokio::time::Instant::now() + LIST_WAIT;
+        loop {
+            let listed = self.listed.notified();
+            tokio::pin!(listed);
+            // Registered before the view is looked at: a list that lands
+            // (or a watch dropped) in between still wakes it.
+            listed.as_mut().enable();
+            if !self.watching.load(Ordering::Relaxed) {
+                return;
+            }
+            {
+                let view = lock(&self.view);
+                if view.synced || view.read {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, listed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// After this pod's Lease was written (`written`, none when it was
+    /// kept): a record of the pod in the ConfigMap (a fleet switching from
+    /// the ConfigMap layout) is removed, superseded by the Lease; returns
+    /// the snapshot that holds the write.
+    pub(super) async fn after_registering(
+        &self,
+        record: &MemberRecord,
+        written: Option<Lease>,
+    ) -> Result<Snapshot> {
+        // The ConfigMap as the watch listed it (the latest view), else a
+        // GET: in a burst of N registrations, N extra GETs would double the
+        // load.
+        self.wait_listed().await;
+        let cached = {
+            let view = lock(&self.view);
+            (view.synced || view.read).then(|| view.configmap.clone())
+        };
+        let mut configmap = match cached {
+            Some(cm) => cm,
+            None => self.configmap.object().await?,
+        };
+        let in_configmap = self.configmap.observe(configmap.as_ref());
+        if let Some(old) = in_configmap.members.get(&record.pod) {
+            info!(pod = %record.pod, "the pod's record moves from the registry configmap to its lease");
+            PeerRegistry::remove(&*self.configmap, vec![old.clone()]).await?;
+            configmap = self.configmap.object().await?;
+        }
+        self.after_write(
+            |view| {
+                // The ConfigMap as read: external peers, legacy entries.
+                if let Some(cm) = &configmap {
+                    view.revision = view.revision.max(revision(&cm.metadata));
+                }
+                view.configmap = configmap;
+                if let Some(lease) = &written {
+                    view.put(self.name(), lease);
+                }
+            },
+            true,
+        )
+        .await
+    }
+
+    /// Creates `record`'s Lease; `None` when the pod has one (left as
+    /// stored).
+    pub(super) async fn create_lease(&self, record: &MemberRecord) -> Result<Option<Lease>> {
+        let name = lease_name(self.name(), &record.pod);
+        let (mut attempt, mut transient) = (0, 0);
+        loop {
+            attempt += 1;
+            match self
+                .api
+                .create(&PostParams::default(), &self.lease(record))
+                .await
+            {
+                Ok(written) => return Ok(Some(written)),
+                Err(kube::Error::Api(s)) if s.is_already_exists() => return Ok(None),
+                Err(e) => {
+                    self.retry_after(e, "create", &name, attempt, &mut transient)
+                        .await?;
+                }
+            }
         }
     }
 

@@ -19,6 +19,7 @@ mod register;
 mod report;
 
 pub use probe::{ProbeTarget, probe_targets};
+pub use register::own_record;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

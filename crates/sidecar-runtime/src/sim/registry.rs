@@ -93,6 +93,28 @@ impl PeerRegistry for SimRegistry {
         res
     }
 
+    async fn create(&self, record: MemberRecord) -> peer_registry::Result<Option<Snapshot>> {
+        self.outage("create")?;
+        let held = peer_registry::schema::decode(&self.store.data(), None)
+            .members
+            .contains_key(&record.pod);
+        let res = self.inner.create(record.clone()).await;
+        if res.is_ok() && !held {
+            self.publish();
+        }
+        self.note(format!(
+            "create {} {} -> {}",
+            record.pod,
+            record.enode,
+            match &res {
+                Ok(_) if held => "kept the stored record",
+                Ok(_) => "ok",
+                Err(_) => "error",
+            }
+        ));
+        res
+    }
+
     async fn remove(&self, expected: Vec<MemberRecord>) -> peer_registry::Result<Snapshot> {
         self.outage("update")?;
         let members: Vec<NodeId> = peer_registry::schema::decode(&self.store.data(), None)

@@ -25,6 +25,7 @@ use crate::runner::{GethState, Runner};
 use crate::settings::Settings;
 use crate::triggers::{Watch, WatchItems};
 
+mod early;
 mod geth;
 mod peers;
 mod recheck;
@@ -86,6 +87,7 @@ fn registry(snap: Snapshot) -> MockPeerRegistry {
     let read = snap.clone();
     reg.expect_snapshot().returning(move || Ok(read.clone()));
     reg.expect_upsert().returning(move |_| Ok(snap.clone()));
+    reg.expect_create().returning(|_| Ok(None));
     reg
 }
 

@@ -57,6 +57,7 @@ async fn a_pass_runs_as_soon_as_geths_socket_accepts_not_at_the_next_retry() {
         done.notify_one();
         Ok(empty.clone())
     });
+    reg.expect_create().returning(|_| Ok(None));
     reg.expect_watch()
         .returning(|| futures::stream::pending().boxed());
 
