@@ -161,24 +161,17 @@ fn print(results: &Results, rows: &[Row]) {
             let ratio = floor.map_or("-".into(), |f| {
                 format!("{:.2}", mesh.as_secs_f64() / f.as_secs_f64())
             });
-            let cpu = runs
-                .iter()
-                .filter_map(|s| s.sidecar_cpu)
-                .collect::<Vec<_>>();
-            let cpu = if cpu.is_empty() {
-                "-".into()
-            } else {
-                format!("{:.1} ms", median(cpu).as_secs_f64() * 1e3)
+            // The median of a CPU figure in ms, with `decimals`; "-" when no run has it.
+            let cpu_ms = |f: fn(&measure::Stages) -> Option<Duration>, decimals: usize| {
+                let v: Vec<Duration> = runs.iter().filter_map(f).collect();
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    format!("{:.decimals$} ms", median(v).as_secs_f64() * 1e3)
+                }
             };
-            let control_plane = runs
-                .iter()
-                .filter_map(|s| s.control_plane_cpu)
-                .collect::<Vec<_>>();
-            let control_plane = if control_plane.is_empty() {
-                "-".into()
-            } else {
-                format!("{:.0} ms", median(control_plane).as_secs_f64() * 1e3)
-            };
+            let cpu = cpu_ms(|s| s.sidecar_cpu, 1);
+            let control_plane = cpu_ms(|s| s.control_plane_cpu, 0);
             let mut busy: Vec<f64> = runs.iter().filter_map(|s| s.busy).collect();
             busy.sort_by(f64::total_cmp);
             let busy = busy

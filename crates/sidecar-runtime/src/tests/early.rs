@@ -32,35 +32,31 @@ fn holding(snap: &Snapshot, record: MemberRecord) -> Snapshot {
     snap
 }
 
-/// geth-0's runner on `reg`, geth answering at once.
-fn started(
-    reg: MockPeerRegistry,
-    metrics: &Arc<Metrics>,
-) -> Runner<MockAdminApi, MockPeerRegistry> {
-    let mut g = geth("10.0.0.1");
-    g.expect_add_peer().returning(|_| Ok(true));
-    g.expect_peer_events()
-        .returning(|| Err(geth_ipc::Error::ConnectionLost));
-    runner_with(g, reg, settings(pod_ip()), metrics.clone())
-}
+/// The upserts a registry was asked for.
+type Upserts = Arc<Mutex<Vec<MemberRecord>>>;
 
-/// A new pod registers while its watch lists: the create goes out before
-/// the list arrives (the watch here holds its list until then), the first
-/// pass takes the record in flight as ours and plans no upsert, and the
-/// create's snapshot is held once it lands. No read of its own either.
-#[tokio::test]
-async fn a_new_pod_registers_while_its_watch_lists() {
-    let mut listed = snapshot("10");
-    listed.members.remove("geth-0");
+/// A registry whose watch lists `listed` only once the start's create was
+/// made (which `create` answers), that is never read otherwise, and whose
+/// upserts are kept in the returned list (each answered with version 11).
+fn gated(
+    listed: Snapshot,
+    create: impl Fn(MemberRecord) -> peer_registry::Result<Option<Snapshot>> + Send + 'static,
+) -> (MockPeerRegistry, Upserts) {
     let (made, list_sent) = futures::channel::oneshot::channel();
     let made = Mutex::new(Some(made));
     let mut reg = MockPeerRegistry::new();
     reg.expect_snapshot().times(0);
-    let after = snapshot("11");
     reg.expect_create().times(1).returning(move |rec| {
-        assert_eq!(rec.pod, "geth-0");
+        let answer = create(rec);
         fire(&made);
-        Ok(Some(holding(&after, rec)))
+        answer
+    });
+    let upserted = Upserts::default();
+    let seen = upserted.clone();
+    let after = snapshot("11");
+    reg.expect_upsert().returning(move |rec| {
+        seen.lock().expect("lock").push(rec);
+        Ok(after.clone())
     });
     let gate = Mutex::new(Some(list_sent));
     reg.expect_watch().times(1).returning(move || {
@@ -71,8 +67,46 @@ async fn a_new_pod_registers_while_its_watch_lists() {
             .expect("one watch");
         list_after(rx, listed.clone())
     });
+    (reg, upserted)
+}
+
+/// geth as node 0, answering at once, every dial counted in `dials`.
+fn geth_up(dials: Arc<AtomicU64>) -> MockAdminApi {
+    let mut g = geth("10.0.0.1");
+    g.expect_add_peer().returning(move |_| {
+        dials.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    });
+    g.expect_peer_events()
+        .returning(|| Err(geth_ipc::Error::ConnectionLost));
+    g
+}
+
+/// The registry as it stands before geth-0 registers.
+fn without_geth_0() -> Snapshot {
+    let mut listed = snapshot("10");
+    listed.members.remove("geth-0");
+    listed
+}
+
+/// A new pod registers while its watch lists: the create goes out before
+/// the list arrives (the watch here holds its list until then), the first
+/// pass takes the record in flight as ours and plans no upsert, and the
+/// create's snapshot is held once it lands. No read of its own either.
+#[tokio::test]
+async fn a_new_pod_registers_while_its_watch_lists() {
+    let after = snapshot("11");
+    let (reg, _) = gated(without_geth_0(), move |rec| {
+        assert_eq!(rec.pod, "geth-0");
+        Ok(Some(holding(&after, rec)))
+    });
     let metrics = Arc::new(Metrics::new());
-    let mut r = started(reg, &metrics);
+    let mut r = runner_with(
+        geth_up(Arc::default()),
+        reg,
+        settings(pod_ip()),
+        metrics.clone(),
+    );
     let held = metrics.clone();
     r.event_loop(until("the create's pass", move || {
         held.reconciles.get() >= 2
@@ -116,40 +150,15 @@ async fn restarted_pod(create_returns_the_read: bool) {
         rec.enode = rec.enode.with_host("10.0.0.9".parse().expect("ip"));
         rec.pod_ip = Some("10.0.0.9".into());
     }
-    let (made, list_sent) = futures::channel::oneshot::channel();
-    let made = Mutex::new(Some(made));
-    let mut reg = MockPeerRegistry::new();
-    reg.expect_snapshot().times(0);
     let read = listed.clone();
-    reg.expect_create().times(1).returning(move |_| {
-        fire(&made);
+    let (reg, upserted) = gated(listed, move |_| {
         Ok(create_returns_the_read.then(|| read.clone()))
     });
-    let upserted = Arc::new(Mutex::new(Vec::new()));
-    let seen = upserted.clone();
-    let after = snapshot("11");
-    reg.expect_upsert().returning(move |rec| {
-        seen.lock().expect("lock").push(rec);
-        Ok(after.clone())
-    });
-    let gate = Mutex::new(Some(list_sent));
-    reg.expect_watch().times(1).returning(move || {
-        let rx = gate
-            .lock()
-            .ok()
-            .and_then(|mut g| g.take())
-            .expect("one watch");
-        list_after(rx, listed.clone())
-    });
     let hooks = Arc::new(Recorded::default());
-    let mut g = geth("10.0.0.1");
-    g.expect_add_peer().returning(|_| Ok(true));
-    g.expect_peer_events()
-        .returning(|| Err(geth_ipc::Error::ConnectionLost));
     let mut s = settings(pod_ip());
     s.hooks = hooks.clone();
     let metrics = Arc::new(Metrics::new());
-    let mut r = runner_with(g, reg, s, metrics.clone());
+    let mut r = runner_with(geth_up(Arc::default()), reg, s, metrics.clone());
     let written = upserted.clone();
     r.event_loop(until("the upsert", move || {
         !written.lock().expect("lock").is_empty()
@@ -184,42 +193,13 @@ async fn restarted_pod(create_returns_the_read: bool) {
 /// registers the pod, at once and not at the next resync.
 #[tokio::test]
 async fn a_create_that_wrote_nothing_is_followed_by_the_registration_at_once() {
-    let mut listed = snapshot("10");
-    listed.members.remove("geth-0");
-    let (made, list_sent) = futures::channel::oneshot::channel();
-    let made = Mutex::new(Some(made));
-    let mut reg = MockPeerRegistry::new();
-    reg.expect_snapshot().times(0);
-    reg.expect_create().times(1).returning(move |_| {
-        fire(&made);
-        Ok(None)
-    });
-    let upserted = Arc::new(Mutex::new(Vec::new()));
-    let seen = upserted.clone();
-    let after = snapshot("11");
-    reg.expect_upsert().returning(move |rec| {
-        seen.lock().expect("lock").push(rec);
-        Ok(after.clone())
-    });
-    let gate = Mutex::new(Some(list_sent));
-    reg.expect_watch().times(1).returning(move || {
-        let rx = gate
-            .lock()
-            .ok()
-            .and_then(|mut g| g.take())
-            .expect("one watch");
-        list_after(rx, listed.clone())
-    });
-    let mut g = geth("10.0.0.1");
-    g.expect_add_peer().returning(|_| Ok(true));
-    g.expect_peer_events()
-        .returning(|| Err(geth_ipc::Error::ConnectionLost));
+    let (reg, upserted) = gated(without_geth_0(), |_| Ok(None));
     // Nothing but the create's outcome makes a pass here.
     let mut quiet = settings(pod_ip());
     quiet.resync = Duration::from_secs(3600);
     quiet.probe_interval = Duration::from_secs(3600);
     let metrics = Arc::new(Metrics::new());
-    let mut r = runner_with(g, reg, quiet, metrics.clone());
+    let mut r = runner_with(geth_up(Arc::default()), reg, quiet, metrics.clone());
     let written = upserted.clone();
     r.event_loop(until("the registration", move || {
         !written.lock().expect("lock").is_empty()
@@ -246,42 +226,18 @@ impl crate::ports::Clock for Ahead {
 /// dials at once make geth drop both links for ~35 s).
 #[tokio::test]
 async fn a_list_that_comes_long_after_the_create_leaves_the_first_dial_to_the_others() {
-    let mut listed = snapshot("10");
-    listed.members.remove("geth-0");
     let clock = Arc::new(Ahead(0.into()));
-    let (made, list_sent) = futures::channel::oneshot::channel();
-    let made = Mutex::new(Some(made));
     let later = clock.clone();
-    let mut reg = MockPeerRegistry::new();
-    reg.expect_snapshot().times(0);
     let after = snapshot("11");
-    reg.expect_create().times(1).returning(move |rec| {
+    let (reg, _) = gated(without_geth_0(), move |rec| {
         later.0.store(5, Ordering::Relaxed);
-        fire(&made);
         Ok(Some(holding(&after, rec)))
     });
-    let gate = Mutex::new(Some(list_sent));
-    reg.expect_watch().times(1).returning(move || {
-        let rx = gate
-            .lock()
-            .ok()
-            .and_then(|mut g| g.take())
-            .expect("one watch");
-        list_after(rx, listed.clone())
-    });
     let dialled = Arc::new(AtomicU64::new(0));
-    let dials = dialled.clone();
-    let mut g = geth("10.0.0.1");
-    g.expect_add_peer().returning(move |_| {
-        dials.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
-    });
-    g.expect_peer_events()
-        .returning(|| Err(geth_ipc::Error::ConnectionLost));
     let mut s = settings(pod_ip());
     s.clock = clock;
     let metrics = Arc::new(Metrics::new());
-    let mut r = runner_with(g, reg, s, metrics.clone());
+    let mut r = runner_with(geth_up(dialled.clone()), reg, s, metrics.clone());
     let passes = metrics.clone();
     r.event_loop(until("the create's pass", move || {
         passes.reconciles.get() >= 2

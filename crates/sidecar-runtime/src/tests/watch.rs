@@ -25,19 +25,24 @@ fn a_watch_that_reports_no_registry_while_one_is_held_makes_the_next_pass_read_i
     assert_eq!(held_version(&r).as_deref(), Some("10"));
 }
 
-/// The registrations the runner's tracker shows the engine as landed while it
-/// followed the registry, and those of them that came in a watch's list.
-fn landed_and_listed<G: AdminApi>(
-    r: &Runner<G, MockPeerRegistry>,
-) -> (BTreeMap<NodeId, jiff::Timestamp>, BTreeSet<NodeId>) {
-    let me = core::SelfIdentity {
+/// geth-0 (this node) as the engine sees it, at 10.0.0.1.
+fn me() -> core::SelfIdentity {
+    core::SelfIdentity {
         pod: "geth-0".into(),
         node_id: enode(0).node_id(),
         advertised: enode(0),
         pod_uid: None,
         pod_ip: Some("10.0.0.1".into()),
         sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
+    }
+}
+
+/// The registrations the runner's tracker shows the engine as landed while it
+/// followed the registry, and those of them that came in a watch's list.
+fn landed_and_listed<G: AdminApi>(
+    r: &Runner<G, MockPeerRegistry>,
+) -> (BTreeMap<NodeId, jiff::Timestamp>, BTreeSet<NodeId>) {
+    let me = me();
     let obs = r.tracker.observation(jiff::Timestamp::now(), &me, None);
     (
         obs.registrations_landed.clone(),
@@ -336,14 +341,7 @@ async fn a_removal_held_back_behind_a_write_in_flight_is_reported_only_when_made
         ])),
         gone: BTreeMap::from([("geth-2".to_owned(), "uid-2".to_owned())]),
     };
-    let me = core::SelfIdentity {
-        pod: "geth-0".into(),
-        node_id: enode(0).node_id(),
-        advertised: enode(0),
-        pod_uid: None,
-        pod_ip: Some("10.0.0.1".into()),
-        sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
+    let me = me();
     let removed = |h: &Recorded| {
         h.0.lock()
             .expect("lock")
